@@ -1,0 +1,135 @@
+//! Write sluice data scripts in Rust.
+//!
+//! A data script turns one raw device message into outputs: telemetry,
+//! attributes, events, alerts and status signals. With this crate a script is
+//! one function plus the [`script!`] macro; build it with
+//! `cargo build --release --target wasm32-wasip2` and sluice runs the
+//! resulting `.wasm` component.
+//!
+//! A whole script, for payloads like `{"temp": 21.5, "hum": 40}`:
+//!
+//! ```
+//! use sluice_guest::prelude::*;
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Reading {
+//!     temp: f64,
+//!     hum: Option<f64>,
+//! }
+//!
+//! pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
+//!     let reading: Reading = message.json()?;
+//!     let mut outputs = vec![Output::telemetry(
+//!         Fields::new()
+//!             .with("temperature", reading.temp)
+//!             .with("humidity", reading.hum),
+//!     )];
+//!     if let Some(limit) = param_as::<f64>("temp_max")? {
+//!         if reading.temp > limit {
+//!             outputs.push(Output::alert(
+//!                 Severity::Warning,
+//!                 "Temperature high",
+//!                 format!("{} °C is above {limit} °C", reading.temp),
+//!             ));
+//!         }
+//!     }
+//!     Ok(outputs)
+//! }
+//!
+//! sluice_guest::script!(parse);
+//! # fn main() {
+//! #     let message = Message::new("sensor-1", br#"{"temp": 21.5}"#.to_vec());
+//! #     let outputs = parse(&message).unwrap();
+//! #     assert_eq!(outputs.len(), 1);
+//! # }
+//! ```
+//!
+//! Off WebAssembly (in `cargo test` or a benchmark) the same function runs
+//! natively: the host functions ([`log`], state, [`param`]) are then served
+//! by an in-process stand-in that `sluice_guest::native` lets tests configure.
+//!
+//! Parts:
+//! - [`bindings`]: the types generated from the WIT world `sluice:script/script`;
+//! - [`value`]: [`Value`] conversions and the [`Fields`] builder;
+//! - [`output`]: constructors for [`Output`] and [`ScriptError`];
+//! - [`message`]: payload helpers on [`Message`] (JSON, text, binary, state);
+//! - [`binary`]: a big/little-endian [`Reader`] and hex/base64 helpers;
+//! - [`host`]: [`log`], per-device state and [`param`];
+//! - `native`: the stand-in host used off WebAssembly (not built for it).
+
+pub mod binary;
+pub mod host;
+pub mod message;
+#[cfg(not(target_arch = "wasm32"))]
+pub mod native;
+pub mod output;
+pub mod value;
+
+/// Types and functions generated from the WIT world `sluice:script/script`.
+#[allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "sluice:script/script@0.1.0",
+        pub_export_macro: true,
+        export_macro_name: "export_script",
+        default_bindings_module: "sluice_guest::bindings",
+        additional_derives: [PartialEq],
+    });
+}
+
+pub use binary::Reader;
+pub use bindings::sluice::script::host::LogLevel;
+pub use bindings::sluice::script::types::{
+    Alert, Event, Field, Message, Output, OutputKind, ScriptError, Severity, SourceKind,
+    StateError, Value,
+};
+pub use host::{log, param, param_as};
+pub use value::Fields;
+
+/// Everything a script usually needs, in one `use`.
+pub mod prelude {
+    pub use crate::binary::{Reader, base64_decode, hex_decode, hex_encode};
+    pub use crate::host::{log, param, param_as};
+    pub use crate::{
+        Fields, LogLevel, Message, Output, OutputKind, ScriptError, Severity, SourceKind, Value,
+    };
+}
+
+/// Exports `parse` as the script's entry point.
+///
+/// `parse` must be a function `fn(&Message) -> Result<Vec<Output>, ScriptError>`.
+/// On WebAssembly the macro exports both `parse` and `parse-batch` of the WIT
+/// world; natively it expands to nothing, so the same crate can be tested and
+/// benchmarked as ordinary Rust.
+#[macro_export]
+macro_rules! script {
+    ($parse:path) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            struct SluiceScript;
+
+            impl $crate::bindings::Guest for SluiceScript {
+                fn parse(
+                    message: $crate::Message,
+                ) -> ::core::result::Result<::std::vec::Vec<$crate::Output>, $crate::ScriptError>
+                {
+                    $crate::host::run(&message, $parse)
+                }
+
+                fn parse_batch(
+                    messages: ::std::vec::Vec<$crate::Message>,
+                ) -> ::std::vec::Vec<
+                    ::core::result::Result<::std::vec::Vec<$crate::Output>, $crate::ScriptError>,
+                > {
+                    messages
+                        .iter()
+                        .map(|message| $crate::host::run(message, $parse))
+                        .collect()
+                }
+            }
+
+    $crate::bindings::export_script!(SluiceScript with_types_in $crate::bindings);
+        };
+    };
+}

@@ -1,0 +1,326 @@
+//! `sluice script test | check | new`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+use crate::message::{RawMessage, SourceKind, now_ms};
+use crate::script::build::{BuildOutput, build_scripts, is_cargo_dir};
+use crate::script::fixture::{CaseReport, DEFAULT_DEVICE, Fixtures};
+use crate::script::scaffold::scaffold;
+use crate::script::{EngineOptions, ScriptEngine, ScriptSettings};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum ScriptCommand {
+    /// Run a script on one input and print its outputs as JSON.
+    Test(TestArgs),
+    /// Run the `<name>.examples.json` fixtures of a script, a directory of
+    /// scripts, or a cargo workspace of script crates (built first).
+    Check(CheckArgs),
+    /// Create a Rust script crate that builds and passes `check` as generated.
+    New(NewArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct EngineArgs {
+    /// Do not keep compiled scripts on disk.
+    #[arg(long)]
+    no_cache: bool,
+    /// Where compiled scripts are kept.
+    #[arg(long, env = "SLUICE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl EngineArgs {
+    fn engine(&self) -> anyhow::Result<ScriptEngine> {
+        Ok(ScriptEngine::new(&EngineOptions {
+            cache: !self.no_cache,
+            cache_dir: self.cache_dir.clone(),
+            ..EngineOptions::default()
+        })?)
+    }
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TestArgs {
+    /// The script component (`.wasm`).
+    script: PathBuf,
+    /// The payload: a file, or `-` for stdin.
+    #[arg(long, short)]
+    input: PathBuf,
+    /// The input is hex digits (spaces allowed), not raw bytes.
+    #[arg(long)]
+    hex: bool,
+    /// The message's topic.
+    #[arg(long, default_value = "")]
+    topic: String,
+    /// The message's device id.
+    #[arg(long, default_value = DEFAULT_DEVICE)]
+    device: String,
+    /// The product name (default: the file name without `.wasm`).
+    #[arg(long)]
+    product: Option<String>,
+    /// A product parameter, `key=value`; repeatable.
+    #[arg(long = "param", value_parser = parse_param)]
+    params: Vec<(String, String)>,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// A script (`.wasm`), a directory of scripts, or a cargo workspace or
+    /// crate of Rust scripts.
+    path: PathBuf,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct NewArgs {
+    /// The script's name, which is also its product name (`door-sensor`).
+    name: String,
+    /// The directory to create it in: a script workspace, which the crate joins.
+    #[arg(long, default_value = "scripts")]
+    dir: PathBuf,
+    /// Path to sluice's `guest-sdk`, for a standalone crate outside a script workspace.
+    #[arg(long)]
+    sdk: Option<PathBuf>,
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected key=value, got {text:?}"))
+}
+
+pub(crate) fn run(command: ScriptCommand) -> ExitCode {
+    let result = match command {
+        ScriptCommand::Test(args) => test(&args),
+        ScriptCommand::Check(args) => check(&args),
+        ScriptCommand::New(args) => new(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            super::report(&error);
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn product_of(path: &Path) -> String {
+    path.file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
+    let mut input = Vec::new();
+    if args.input == Path::new("-") {
+        std::io::stdin()
+            .read_to_end(&mut input)
+            .context("cannot read stdin")?;
+    } else {
+        input = std::fs::read(&args.input)
+            .with_context(|| format!("cannot read input {}", args.input.display()))?;
+    }
+    if args.hex {
+        let digits: String = String::from_utf8_lossy(&input).split_whitespace().collect();
+        input = hex::decode(&digits).context("--hex input is not hex digits")?;
+    }
+    let product = args
+        .product
+        .clone()
+        .unwrap_or_else(|| product_of(&args.script));
+    let settings = ScriptSettings {
+        params: args.params.iter().cloned().collect(),
+        ..ScriptSettings::default()
+    };
+    let script = args
+        .engine
+        .engine()?
+        .load_file(&product, &args.script, settings)?;
+    let mut instance = script.instantiate()?;
+    let message = RawMessage {
+        device_id: args.device.clone(),
+        product,
+        topic: args.topic.clone(),
+        payload: input,
+        received_at: now_ms(),
+        source: SourceKind::Internal,
+    };
+    match instance.parse(&message) {
+        Ok(outputs) => {
+            println!("{}", serde_json::to_string_pretty(&outputs)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// A script to check: its product name, component and fixture file.
+struct Target {
+    product: String,
+    wasm: PathBuf,
+    fixtures: PathBuf,
+}
+
+fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
+    let targets = check_targets(&args.path)?;
+    let engine = args.engine.engine()?;
+    let (mut examples, mut failed, mut broken) = (0usize, 0usize, 0usize);
+    for target in &targets {
+        match check_one(&engine, target) {
+            Ok((label, reports)) => {
+                println!("{label} ({} examples)", reports.len());
+                for report in &reports {
+                    print_case(report);
+                }
+                examples += reports.len();
+                failed += reports.iter().filter(|r| !r.passed()).count();
+            }
+            Err(error) => {
+                println!("{}: {error:#}", target.product);
+                broken += 1;
+            }
+        }
+    }
+    println!(
+        "{} script(s), {examples} example(s): {} passed, {failed} failed{}",
+        targets.len(),
+        examples - failed,
+        if broken > 0 {
+            format!(", {broken} script(s) did not load")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if failed == 0 && broken == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_case(report: &CaseReport) {
+    if report.passed() {
+        println!("  ok    {}", report.name);
+    } else {
+        println!("  FAIL  {}", report.name);
+        for line in &report.failures {
+            println!("        {line}");
+        }
+    }
+}
+
+fn check_one(engine: &ScriptEngine, target: &Target) -> anyhow::Result<(String, Vec<CaseReport>)> {
+    let fixtures = Fixtures::load(&target.fixtures)?;
+    let settings = ScriptSettings {
+        params: fixtures.params.clone(),
+        ..ScriptSettings::default()
+    };
+    let script = engine.load_file(&target.product, &target.wasm, settings)?;
+    let mut instance = script.instantiate()?;
+    let reports = fixtures.run(&mut instance, &target.product);
+    Ok((script.id().to_string(), reports))
+}
+
+/// The scripts `path` names, each with its fixture file.
+fn check_targets(path: &Path) -> anyhow::Result<Vec<Target>> {
+    if path.is_file() {
+        let fixtures = Fixtures::path_for(path);
+        if !fixtures.is_file() {
+            bail!(
+                "{} has no fixtures: expected {}",
+                path.display(),
+                fixtures.display()
+            );
+        }
+        return Ok(vec![Target {
+            product: product_of(path),
+            wasm: path.to_path_buf(),
+            fixtures,
+        }]);
+    }
+    if is_cargo_dir(path) {
+        eprintln!("building the scripts in {} ...", path.display());
+        let built = build_scripts(path, None, BuildOutput::Show)?;
+        let mut targets = Vec::new();
+        for script in built {
+            let fixtures = script
+                .crate_dir
+                .join(format!("{}.examples.json", script.name));
+            if fixtures.is_file() {
+                targets.push(Target {
+                    product: script.name,
+                    wasm: script.wasm,
+                    fixtures,
+                });
+            } else {
+                eprintln!(
+                    "{}: no fixtures at {}, skipped",
+                    script.name,
+                    fixtures.display()
+                );
+            }
+        }
+        return Ok(targets);
+    }
+    let mut targets = Vec::new();
+    let entries =
+        std::fs::read_dir(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut wasm_files: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wasm"))
+        .collect();
+    wasm_files.sort();
+    for wasm in wasm_files {
+        let fixtures = Fixtures::path_for(&wasm);
+        if fixtures.is_file() {
+            targets.push(Target {
+                product: product_of(&wasm),
+                wasm,
+                fixtures,
+            });
+        } else {
+            eprintln!("{}: no fixtures, skipped", wasm.display());
+        }
+    }
+    if targets.is_empty() {
+        bail!("{} holds no scripts with fixtures", path.display());
+    }
+    Ok(targets)
+}
+
+fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
+    let made = scaffold(&args.dir, &args.name, args.sdk.as_deref())?;
+    for file in &made.files {
+        println!("created {}", file.display());
+    }
+    if made.joined_workspace {
+        println!(
+            "added {} to the workspace {}",
+            args.name,
+            args.dir.join("Cargo.toml").display()
+        );
+    }
+    println!(
+        "next: sluice script check {}",
+        if made.joined_workspace {
+            args.dir.display()
+        } else {
+            made.crate_dir.display()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,195 @@
+//! Building Rust data scripts: runs cargo for a script crate or workspace
+//! and finds the components it produced.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::Deserialize;
+
+/// The target Rust scripts are built for.
+pub const TARGET: &str = "wasm32-wasip2";
+
+/// One script crate and the component built from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuiltScript {
+    /// The package name, used as the product name (`json-sensor`).
+    pub name: String,
+    /// The crate's directory (where `<name>.examples.json` lives).
+    pub crate_dir: PathBuf,
+    /// The built component.
+    pub wasm: PathBuf,
+}
+
+/// Building failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// cargo could not be started.
+    #[error("cannot run cargo: {0}")]
+    Cargo(std::io::Error),
+    /// `cargo metadata` failed or printed something unexpected.
+    #[error("cannot read the cargo metadata of {dir}: {reason}")]
+    Metadata {
+        /// The directory.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The build failed; cargo's output says why.
+    #[error("building the scripts in {dir} failed:\n{output}")]
+    Failed {
+        /// The directory.
+        dir: PathBuf,
+        /// What cargo printed (when it was captured).
+        output: String,
+    },
+    /// No crate in the directory builds a library (a component).
+    #[error("{0} has no script crates (a package with a `cdylib` library)")]
+    NoScripts(PathBuf),
+}
+
+/// Where cargo's output goes while it builds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildOutput {
+    /// Passed through to this process's stderr: the user sees progress.
+    Show,
+    /// Captured, and returned in the error if the build fails.
+    Capture,
+}
+
+/// Builds every script crate of the cargo package or workspace in `dir`
+/// (release profile, `wasm32-wasip2`), into `target_dir` when given.
+pub fn build_scripts(
+    dir: &Path,
+    target_dir: Option<&Path>,
+    output: BuildOutput,
+) -> Result<Vec<BuiltScript>, BuildError> {
+    // cargo runs inside `dir`, so every path it is given must be absolute.
+    let absolute = |p: &Path| std::path::absolute(p).map_err(BuildError::Cargo);
+    let dir = &absolute(dir)?;
+    let target_dir = target_dir.map(absolute).transpose()?;
+    let target_dir = target_dir.as_deref();
+    let manifest = dir.join("Cargo.toml");
+    let metadata = metadata(&manifest, target_dir)?;
+    let scripts: Vec<(String, PathBuf, String)> = metadata
+        .packages
+        .iter()
+        .filter(|p| metadata.workspace_members.contains(&p.id))
+        .filter_map(|p| {
+            let lib = p
+                .targets
+                .iter()
+                .find(|t| t.crate_types.iter().any(|c| c == "cdylib"))?;
+            let crate_dir = Path::new(&p.manifest_path).parent()?.to_path_buf();
+            Some((p.name.clone(), crate_dir, lib.name.replace('-', "_")))
+        })
+        .collect();
+    if scripts.is_empty() {
+        return Err(BuildError::NoScripts(dir.to_path_buf()));
+    }
+
+    let mut cargo = cargo(dir, target_dir);
+    cargo
+        .args(["build", "--release", "--target", TARGET, "--manifest-path"])
+        .arg(&manifest);
+    for (name, _, _) in &scripts {
+        cargo.args(["--package", name]);
+    }
+    let (succeeded, printed) = match output {
+        BuildOutput::Show => (
+            cargo.status().map_err(BuildError::Cargo)?.success(),
+            String::new(),
+        ),
+        BuildOutput::Capture => {
+            let out = cargo.output().map_err(BuildError::Cargo)?;
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+    if !succeeded {
+        return Err(BuildError::Failed {
+            dir: dir.to_path_buf(),
+            output: printed,
+        });
+    }
+
+    let out_dir = Path::new(&metadata.target_directory)
+        .join(TARGET)
+        .join("release");
+    Ok(scripts
+        .into_iter()
+        .map(|(name, crate_dir, lib)| BuiltScript {
+            name,
+            crate_dir,
+            wasm: out_dir.join(format!("{lib}.wasm")),
+        })
+        .collect())
+}
+
+/// Whether `dir` holds a cargo package or workspace.
+pub fn is_cargo_dir(dir: &Path) -> bool {
+    dir.join("Cargo.toml").is_file()
+}
+
+/// `cargo`, run in `dir` so that rustup picks the toolchain (and its
+/// `wasm32-wasip2` target) from the nearest `rust-toolchain.toml`.
+fn cargo(dir: &Path, target_dir: Option<&Path>) -> Command {
+    let mut cargo = Command::new("cargo");
+    cargo.current_dir(dir);
+    // A build started from inside another cargo command (tests, build
+    // scripts) must not inherit that command's target settings.
+    cargo.env_remove("CARGO_BUILD_TARGET");
+    if let Some(dir) = target_dir {
+        cargo.env("CARGO_TARGET_DIR", dir);
+    }
+    cargo.stdin(Stdio::null());
+    cargo
+}
+
+#[derive(Deserialize)]
+struct Metadata {
+    packages: Vec<Package>,
+    workspace_members: Vec<String>,
+    target_directory: String,
+}
+
+#[derive(Deserialize)]
+struct Package {
+    id: String,
+    name: String,
+    manifest_path: String,
+    targets: Vec<Target>,
+}
+
+#[derive(Deserialize)]
+struct Target {
+    name: String,
+    crate_types: Vec<String>,
+}
+
+fn metadata(manifest: &Path, target_dir: Option<&Path>) -> Result<Metadata, BuildError> {
+    let dir = manifest.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let out = cargo(&dir, target_dir)
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--manifest-path",
+        ])
+        .arg(manifest)
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(BuildError::Cargo)?;
+    if !out.status.success() {
+        return Err(BuildError::Metadata {
+            dir,
+            reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| BuildError::Metadata {
+        dir,
+        reason: e.to_string(),
+    })
+}

@@ -1,0 +1,495 @@
+//! A loaded script and its instances: one per worker and product, reused
+//! across messages, rebuilt after a trap.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Func, InstancePre, TypedFunc};
+use wasmtime::{Store, Trap, WasmBacktrace};
+
+use super::bindings;
+use super::engine::{LoadInfo, ScriptEngine, ScriptSettings};
+use super::error::{ScriptError, ScriptId};
+use super::host::{HostState, Params};
+use super::limits::{Limits, MemoryExceeded};
+use super::output::{Output, OutputViolation, convert_outputs};
+use super::state::DeviceState;
+use crate::message::RawMessage;
+
+type ParseParams<'a> = (&'a RawMessage,);
+type ParseResults = (Result<Vec<bindings::Output>, bindings::ScriptError>,);
+type BatchParams<'a> = (&'a [RawMessage],);
+type BatchResults = (Vec<Result<Vec<bindings::Output>, bindings::ScriptError>>,);
+
+/// A product's compiled and linked script at one version. Cheap to clone;
+/// every worker instantiates its own [`ScriptInstance`] from it.
+#[derive(Clone)]
+pub struct Script {
+    inner: Arc<ScriptInner>,
+}
+
+struct ScriptInner {
+    engine: ScriptEngine,
+    id: ScriptId,
+    pre: InstancePre<HostState>,
+    limits: Limits,
+    params: Arc<Params>,
+    info: LoadInfo,
+    stats: ScriptStats,
+}
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Script")
+            .field("id", &self.inner.id)
+            .field("limits", &self.inner.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counters of one script version across all its instances.
+#[derive(Debug, Default)]
+pub struct ScriptStats {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    traps: AtomicU64,
+    nanos: AtomicU64,
+    instantiations: AtomicU64,
+}
+
+/// A snapshot of [`ScriptStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct StatsSnapshot {
+    /// Messages parsed.
+    pub calls: u64,
+    /// Messages that failed (including traps).
+    pub errors: u64,
+    /// Failures that trapped (panics, timeouts, memory).
+    pub traps: u64,
+    /// Time spent in calls, in nanoseconds.
+    pub nanos: u64,
+    /// Instances started.
+    pub instantiations: u64,
+}
+
+impl ScriptStats {
+    fn record(&self, messages: u64, failed: u64, trapped: u64, elapsed: Duration) {
+        self.calls.fetch_add(messages, Ordering::Relaxed);
+        if failed > 0 {
+            self.errors.fetch_add(failed, Ordering::Relaxed);
+        }
+        if trapped > 0 {
+            self.traps.fetch_add(trapped, Ordering::Relaxed);
+        }
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            calls: self.calls.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            traps: self.traps.load(Ordering::Relaxed),
+            nanos: self.nanos.load(Ordering::Relaxed),
+            instantiations: self.instantiations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Script {
+    pub(crate) fn new(
+        engine: ScriptEngine,
+        id: ScriptId,
+        pre: InstancePre<HostState>,
+        settings: ScriptSettings,
+        info: LoadInfo,
+    ) -> Self {
+        Script {
+            inner: Arc::new(ScriptInner {
+                engine,
+                id,
+                pre,
+                limits: settings.limits,
+                params: Arc::new(settings.params),
+                info,
+                stats: ScriptStats::default(),
+            }),
+        }
+    }
+
+    /// Product and version.
+    pub fn id(&self) -> &ScriptId {
+        &self.inner.id
+    }
+
+    /// The per-call limits.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.limits
+    }
+
+    /// How it was loaded.
+    pub fn info(&self) -> &LoadInfo {
+        &self.inner.info
+    }
+
+    /// Counters across all instances of this version.
+    pub fn stats(&self) -> &ScriptStats {
+        &self.inner.stats
+    }
+
+    /// Starts an instance with no per-device state yet.
+    pub fn instantiate(&self) -> Result<ScriptInstance, ScriptError> {
+        let limits = &self.inner.limits;
+        let state = DeviceState::new(limits.state_bytes(), limits.state_devices);
+        let mut instance = ScriptInstance {
+            script: self.clone(),
+            live: None,
+            parked: Some(state),
+        };
+        instance.live()?;
+        Ok(instance)
+    }
+}
+
+/// A running instance of a script, owned by one worker.
+///
+/// It is reused across messages; a call that traps (panic, deadline, memory
+/// cap) poisons the instance, so it is dropped and the next call starts a
+/// fresh one. Per-device state survives that, minus the trapped call's writes.
+pub struct ScriptInstance {
+    script: Script,
+    live: Option<Live>,
+    /// The per-device state while no instance is live.
+    parked: Option<DeviceState>,
+}
+
+struct Live {
+    store: Store<HostState>,
+    parse: Func,
+    parse_batch: Func,
+}
+
+impl std::fmt::Debug for ScriptInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScriptInstance")
+            .field("script", &self.script.inner.id)
+            .field("live", &self.live.is_some())
+            .finish()
+    }
+}
+
+impl ScriptInstance {
+    /// The script this instance runs.
+    pub fn script(&self) -> &Script {
+        &self.script
+    }
+
+    /// Switches to another version of the product's script, keeping the
+    /// per-device state. The new version's instance starts on the next call.
+    pub fn upgrade(&mut self, script: Script) {
+        let state = self.take_state();
+        self.script = script;
+        self.parked = Some(state);
+    }
+
+    /// Parses one message.
+    pub fn parse(&mut self, message: &RawMessage) -> Result<Vec<Output>, ScriptError> {
+        let started = Instant::now();
+        let result = self.call_parse(message);
+        let (failed, trapped) = match &result {
+            Ok(_) => (0, 0),
+            Err(e) => (1, u64::from(e.discards_instance())),
+        };
+        self.script
+            .inner
+            .stats
+            .record(1, failed, trapped, started.elapsed());
+        result
+    }
+
+    /// Parses several messages in one call into the script; result `i`
+    /// belongs to `messages[i]`. Results are the same as calling
+    /// [`ScriptInstance::parse`] on each: when the batch traps, the
+    /// messages are retried one by one so only the guilty one fails.
+    pub fn parse_batch(
+        &mut self,
+        messages: &[RawMessage],
+    ) -> Vec<Result<Vec<Output>, ScriptError>> {
+        if messages.len() <= 1 {
+            return messages.iter().map(|m| self.parse(m)).collect();
+        }
+        let started = Instant::now();
+        match self.call_batch(messages) {
+            Ok(results) => {
+                let failed = results.iter().filter(|r| r.is_err()).count() as u64;
+                self.script
+                    .inner
+                    .stats
+                    .record(messages.len() as u64, failed, 0, started.elapsed());
+                results
+            }
+            Err(trap) => {
+                tracing::debug!(script = %self.script.inner.id, error = %trap, "batch trapped; retrying its messages one by one");
+                messages.iter().map(|m| self.parse(m)).collect()
+            }
+        }
+    }
+
+    fn call_parse(&mut self, message: &RawMessage) -> Result<Vec<Output>, ScriptError> {
+        let deadline = self.script.inner.limits.deadline;
+        let live = self.begin_call(deadline)?;
+        // SAFETY: `live.parse` was type-checked against exactly these
+        // parameter and result types in `ScriptInstance::live`.
+        let parse =
+            unsafe { TypedFunc::<ParseParams<'_>, ParseResults>::new_unchecked(live.parse) };
+        match parse.call(&mut live.store, (message,)) {
+            Ok((result,)) => {
+                live.store.data_mut().state.commit();
+                self.finish(result)
+            }
+            Err(error) => Err(self.trapped(error, deadline)),
+        }
+    }
+
+    /// A batch call; `Err` only when the call trapped.
+    fn call_batch(
+        &mut self,
+        messages: &[RawMessage],
+    ) -> Result<Vec<Result<Vec<Output>, ScriptError>>, ScriptError> {
+        let deadline = self
+            .script
+            .inner
+            .limits
+            .deadline
+            .saturating_mul(u32::try_from(messages.len()).unwrap_or(u32::MAX));
+        let live = self.begin_call(deadline)?;
+        // SAFETY: type-checked in `ScriptInstance::live`, as for `parse`.
+        let batch =
+            unsafe { TypedFunc::<BatchParams<'_>, BatchResults>::new_unchecked(live.parse_batch) };
+        match batch.call(&mut live.store, (messages,)) {
+            Ok((results,)) => {
+                live.store.data_mut().state.commit();
+                if results.len() != messages.len() {
+                    let reason = format!(
+                        "parse-batch returned {} results for {} messages",
+                        results.len(),
+                        messages.len()
+                    );
+                    return Ok(messages
+                        .iter()
+                        .map(|_| {
+                            Err(ScriptError::BadOutput {
+                                script: self.script.inner.id.clone(),
+                                index: 0,
+                                reason: reason.clone(),
+                            })
+                        })
+                        .collect());
+                }
+                Ok(results.into_iter().map(|r| self.finish(r)).collect())
+            }
+            Err(error) => Err(self.trapped(error, deadline)),
+        }
+    }
+
+    /// The live instance, armed with `deadline` and a fresh log budget.
+    fn begin_call(&mut self, deadline: Duration) -> Result<&mut Live, ScriptError> {
+        let ticks = self.script.inner.engine.ticks(deadline);
+        let log_lines = self.script.inner.limits.log_lines;
+        let live = self.live()?;
+        live.store.set_epoch_deadline(ticks);
+        live.store.data_mut().log.begin(log_lines);
+        Ok(live)
+    }
+
+    /// Checks and converts what one message's call returned.
+    fn finish(
+        &self,
+        result: Result<Vec<bindings::Output>, bindings::ScriptError>,
+    ) -> Result<Vec<Output>, ScriptError> {
+        let script = &self.script.inner;
+        let raw = result.map_err(|e| ScriptError::Rejected {
+            script: script.id.clone(),
+            code: e.code,
+            message: e.message,
+        })?;
+        let max_bytes = script.limits.output_bytes();
+        let max_count = script.limits.max_outputs;
+        convert_outputs(raw, max_bytes, max_count).map_err(|violation| match violation {
+            OutputViolation::Bad { index, reason } => ScriptError::BadOutput {
+                script: script.id.clone(),
+                index,
+                reason,
+            },
+            OutputViolation::TooLarge { size, count } => ScriptError::OutputTooLarge {
+                script: script.id.clone(),
+                size,
+                count,
+                limit: max_bytes,
+                max_count,
+            },
+        })
+    }
+
+    /// Turns a trap into its typed error and drops the poisoned instance.
+    fn trapped(&mut self, error: wasmtime::Error, deadline: Duration) -> ScriptError {
+        let panic = self
+            .live
+            .as_mut()
+            .and_then(|l| l.store.data_mut().log.last_error.take());
+        self.discard();
+        classify_trap(self.script.inner.id.clone(), error, deadline, panic)
+    }
+
+    fn take_state(&mut self) -> DeviceState {
+        if let Some(live) = self.live.take() {
+            let mut host = live.store.into_data();
+            host.state.rollback();
+            return host.state;
+        }
+        self.parked.take().unwrap_or_default()
+    }
+
+    fn discard(&mut self) {
+        let state = self.take_state();
+        self.parked = Some(state);
+    }
+
+    /// The live instance, starting one when there is none.
+    fn live(&mut self) -> Result<&mut Live, ScriptError> {
+        if self.live.is_none() {
+            let state = self.parked.take().unwrap_or_default();
+            match start(&self.script, state) {
+                Ok(live) => self.live = Some(live),
+                Err((error, state)) => {
+                    self.parked = Some(state);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(self.live.as_mut().expect("an instance was just started"))
+    }
+}
+
+/// Starts an instance; on failure hands the per-device state back.
+fn start(script: &Script, state: DeviceState) -> Result<Live, (ScriptError, DeviceState)> {
+    let inner = &script.inner;
+    let host = HostState::new(inner.id.clone(), inner.params.clone(), &inner.limits, state);
+    let mut store = Store::new(inner.engine.wasmtime(), host);
+    store.limiter(|host| &mut host.limiter);
+    store.set_epoch_deadline(inner.engine.ticks(inner.limits.deadline));
+    inner.stats.instantiations.fetch_add(1, Ordering::Relaxed);
+    let instance = match inner.pre.instantiate(&mut store) {
+        Ok(instance) => instance,
+        Err(error) => {
+            let reason = match error.downcast_ref::<MemoryExceeded>() {
+                Some(m) => format!(
+                    "its initial memory of {} bytes is over the limit of {} bytes",
+                    m.requested, m.limit
+                ),
+                None => format!("{error:#}"),
+            };
+            let state = store.into_data().state;
+            return Err((
+                ScriptError::Instantiate {
+                    script: inner.id.clone(),
+                    reason,
+                },
+                state,
+            ));
+        }
+    };
+    let export = |store: &mut Store<HostState>, name: &str| -> Result<Func, String> {
+        instance
+            .get_func(&mut *store, name)
+            .ok_or_else(|| format!("it does not export `{name}`"))
+    };
+    let checked = (|| {
+        let parse = export(&mut store, "parse")?;
+        parse
+            .typed::<ParseParams<'_>, ParseResults>(&store)
+            .map_err(|e| format!("its `parse` has the wrong type: {e:#}"))?;
+        let parse_batch = export(&mut store, "parse-batch")?;
+        parse_batch
+            .typed::<BatchParams<'_>, BatchResults>(&store)
+            .map_err(|e| format!("its `parse-batch` has the wrong type: {e:#}"))?;
+        Ok::<_, String>((parse, parse_batch))
+    })();
+    match checked {
+        Ok((parse, parse_batch)) => Ok(Live {
+            store,
+            parse,
+            parse_batch,
+        }),
+        Err(reason) => {
+            let state = store.into_data().state;
+            Err((
+                ScriptError::Link {
+                    script: inner.id.clone(),
+                    reason,
+                },
+                state,
+            ))
+        }
+    }
+}
+
+/// Names the limit or fault behind a failed call.
+fn classify_trap(
+    script: ScriptId,
+    error: wasmtime::Error,
+    deadline: Duration,
+    panic: Option<String>,
+) -> ScriptError {
+    if let Some(m) = error.downcast_ref::<MemoryExceeded>() {
+        return ScriptError::MemoryExceeded {
+            script,
+            current: m.current,
+            requested: m.requested,
+            limit: m.limit,
+        };
+    }
+    if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return ScriptError::Timeout {
+            script,
+            limit: deadline,
+        };
+    }
+    let trap = match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => format!("{:#}", error.root_cause()),
+    };
+    let backtrace = error
+        .downcast_ref::<WasmBacktrace>()
+        .map(summarise_backtrace)
+        .unwrap_or_default();
+    ScriptError::Trap {
+        script,
+        trap,
+        panic: panic.map(|p| p.replace('\n', " ")),
+        backtrace,
+    }
+}
+
+/// The innermost frames of a guest backtrace, innermost first.
+fn summarise_backtrace(backtrace: &WasmBacktrace) -> String {
+    const FRAMES: usize = 8;
+    let frames = backtrace.frames();
+    let mut text: Vec<String> = frames
+        .iter()
+        .take(FRAMES)
+        .map(|frame| {
+            let function = frame.func_name().map_or_else(
+                || format!("function #{}", frame.func_index()),
+                |name| name.to_owned(),
+            );
+            format!("{}!{function}", frame.module().name().unwrap_or("<module>"))
+        })
+        .collect();
+    if frames.len() > FRAMES {
+        text.push(format!("… {} more", frames.len() - FRAMES));
+    }
+    text.join(" <- ")
+}

@@ -1,0 +1,23 @@
+//! Data scripts: the engine that compiles and sandboxes them, their
+//! instances, limits, outputs and fixtures.
+
+mod bindings;
+pub mod build;
+mod cache;
+mod engine;
+mod error;
+pub mod fixture;
+mod host;
+mod instance;
+mod limits;
+mod output;
+pub mod scaffold;
+mod state;
+
+pub use cache::{CacheOutcome, default_cache_dir};
+pub use engine::{EngineError, EngineOptions, LoadInfo, ScriptEngine, ScriptSettings};
+pub use error::{ScriptError, ScriptId};
+pub use host::Params;
+pub use instance::{Script, ScriptInstance, ScriptStats, StatsSnapshot};
+pub use limits::Limits;
+pub use output::{Fields, Output, OutputKind, Severity};

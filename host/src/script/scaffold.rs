@@ -1,0 +1,312 @@
+//! `sluice script new`: a Rust script crate that builds and passes its
+//! fixtures as generated.
+
+use std::path::{Path, PathBuf};
+
+use toml_edit::{Array, DocumentMut, Item, Value};
+
+/// Scaffolding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ScaffoldError {
+    /// The name cannot be a product or crate name.
+    #[error("script name {0:?} must start with a lower-case letter and hold only a-z, 0-9 and '-'")]
+    BadName(String),
+    /// Something is already there.
+    #[error("{0} already exists")]
+    Exists(PathBuf),
+    /// Writing failed.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The workspace manifest could not be updated.
+    #[error("cannot add the script to the workspace {path}: {reason}")]
+    Workspace {
+        /// The manifest.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A standalone crate needs to know where the SDK is.
+    #[error(
+        "{0} is not a script workspace; pass --sdk <path to sluice's guest-sdk> to create a standalone script crate"
+    )]
+    NoSdk(PathBuf),
+}
+
+/// How the new crate finds `sluice-guest`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Sdk {
+    /// From `[workspace.dependencies]` of the workspace in the parent directory.
+    Workspace,
+    /// From a path; the crate gets a workspace and build settings of its own.
+    Path(PathBuf),
+}
+
+/// What was created.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scaffolded {
+    /// The crate directory.
+    pub crate_dir: PathBuf,
+    /// The files written.
+    pub files: Vec<PathBuf>,
+    /// Whether the crate was added to a workspace's members.
+    pub joined_workspace: bool,
+}
+
+/// Creates `<parent>/<name>/` with a script that turns a JSON object of
+/// readings into telemetry, its fixtures and a native unit test. In a script
+/// workspace (a `Cargo.toml` with `[workspace.dependencies] sluice-guest`)
+/// the crate joins it; elsewhere `sdk` must say where the SDK is.
+pub fn scaffold(
+    parent: &Path,
+    name: &str,
+    sdk: Option<&Path>,
+) -> Result<Scaffolded, ScaffoldError> {
+    let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        return Err(ScaffoldError::BadName(name.to_owned()));
+    }
+    let crate_dir = parent.join(name);
+    if crate_dir.exists() {
+        return Err(ScaffoldError::Exists(crate_dir));
+    }
+    let workspace_manifest = parent.join("Cargo.toml");
+    let sdk = match sdk {
+        Some(path) => Sdk::Path(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())),
+        None if is_script_workspace(&workspace_manifest) => Sdk::Workspace,
+        None => return Err(ScaffoldError::NoSdk(parent.to_path_buf())),
+    };
+
+    let mut files = Vec::new();
+    let mut write = |relative: &str, text: String| -> Result<(), ScaffoldError> {
+        let path = crate_dir.join(relative);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| ScaffoldError::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        std::fs::write(&path, text).map_err(|source| ScaffoldError::Write {
+            path: path.clone(),
+            source,
+        })?;
+        files.push(path);
+        Ok(())
+    };
+    write("Cargo.toml", manifest(name, &sdk))?;
+    write("src/lib.rs", LIB_RS.replace("{name}", name))?;
+    write(&format!("{name}.examples.json"), EXAMPLES_JSON.to_owned())?;
+    if let Sdk::Path(_) = sdk {
+        write(
+            ".cargo/config.toml",
+            "[build]\ntarget = \"wasm32-wasip2\"\n".to_owned(),
+        )?;
+    }
+    let joined_workspace = sdk == Sdk::Workspace;
+    if joined_workspace {
+        add_member(&workspace_manifest, name)?;
+    }
+    Ok(Scaffolded {
+        crate_dir,
+        files,
+        joined_workspace,
+    })
+}
+
+fn is_script_workspace(manifest: &Path) -> bool {
+    std::fs::read_to_string(manifest)
+        .ok()
+        .and_then(|text| text.parse::<DocumentMut>().ok())
+        .is_some_and(|doc| {
+            doc["workspace"]["dependencies"]
+                .get("sluice-guest")
+                .is_some()
+        })
+}
+
+fn add_member(manifest: &Path, name: &str) -> Result<(), ScaffoldError> {
+    let fail = |reason: String| ScaffoldError::Workspace {
+        path: manifest.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(manifest).map_err(|e| fail(e.to_string()))?;
+    let mut doc: DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| fail(e.to_string()))?;
+    let members = doc["workspace"]
+        .as_table_like_mut()
+        .ok_or_else(|| fail("it has no [workspace] table".into()))?
+        .entry("members")
+        .or_insert(Item::Value(Value::Array(Array::new())));
+    let array = members
+        .as_array_mut()
+        .ok_or_else(|| fail("workspace.members is not an array".into()))?;
+    if !array.iter().any(|m| m.as_str() == Some(name)) {
+        array.push(name);
+    }
+    std::fs::write(manifest, doc.to_string()).map_err(|e| fail(e.to_string()))
+}
+
+fn manifest(name: &str, sdk: &Sdk) -> String {
+    match sdk {
+        Sdk::Workspace => format!(
+            r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+sluice-guest.workspace = true
+"#
+        ),
+        Sdk::Path(path) => format!(
+            r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+publish = false
+
+[lib]
+crate-type = ["cdylib", "rlib"]
+
+[dependencies]
+sluice-guest = {{ path = {path:?} }}
+
+# A script crate of its own; `.cargo/config.toml` builds it for wasm32-wasip2.
+[workspace]
+
+[profile.release]
+opt-level = 3
+lto = true
+codegen-units = 1
+panic = "abort"
+strip = "debuginfo"
+"#,
+            path = path.display().to_string()
+        ),
+    }
+}
+
+const LIB_RS: &str = r##"//! `{name}`: a JSON object of readings → telemetry.
+//!
+//! Input payload: `{"temperature": 21.5, "humidity": 40}`
+//!
+//! Output: `[{"type": "telemetry", "fields": {"temperature": 21.5, "humidity": 40}}]`
+//!
+//! Build with `cargo build --release --target wasm32-wasip2`, check with
+//! `sluice script check <this directory's workspace>`.
+
+use sluice_guest::prelude::*;
+
+/// Parses one message.
+pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
+    let fields: Fields = message.json()?;
+    if fields.is_empty() {
+        return Err(ScriptError::new("no-readings", "the payload holds no readings"));
+    }
+    Ok(vec![Output::telemetry(fields)])
+}
+
+sluice_guest::script!(parse);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_become_telemetry() {
+        let message = Message::new("device-1", br#"{"temperature": 21.5}"#.to_vec());
+        let outputs = parse(&message).unwrap();
+        assert_eq!(outputs, vec![Output::telemetry(Fields::new().with("temperature", 21.5))]);
+    }
+}
+"##;
+
+const EXAMPLES_JSON: &str = r#"{
+  "examples": [
+    {
+      "name": "a reading becomes telemetry",
+      "payload": {"temperature": 21.5, "humidity": 40},
+      "expect": [{"type": "telemetry", "fields": {"temperature": 21.5, "humidity": 40}}]
+    },
+    {
+      "name": "a payload that is not JSON is refused",
+      "payload_text": "hello",
+      "expect_error": {"code": "invalid-json"}
+    },
+    {
+      "name": "an empty object is refused",
+      "payload": {},
+      "expect_error": {"code": "no-readings", "message": "no readings"}
+    }
+  ]
+}
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_must_suit_crates_and_products() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["", "Upper", "1st", "under_score", "sp ace"] {
+            assert!(
+                matches!(
+                    scaffold(dir.path(), bad, None),
+                    Err(ScaffoldError::BadName(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_workspace_gains_the_member() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Cargo.toml"),
+            "[workspace]\nmembers = [\"a\"]\n\n[workspace.dependencies]\nsluice-guest = { path = \"../sdk\" }\n",
+        )
+        .unwrap();
+        let made = scaffold(dir.path(), "door-sensor", None).unwrap();
+        assert!(made.joined_workspace);
+        let manifest = std::fs::read_to_string(dir.path().join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(r#"members = ["a", "door-sensor"]"#),
+            "{manifest}"
+        );
+        assert!(made.crate_dir.join("door-sensor.examples.json").is_file());
+        assert!(matches!(
+            scaffold(dir.path(), "door-sensor", None),
+            Err(ScaffoldError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn outside_a_workspace_the_sdk_path_is_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            scaffold(dir.path(), "x", None),
+            Err(ScaffoldError::NoSdk(_))
+        ));
+        let made = scaffold(dir.path(), "x", Some(Path::new("/opt/sluice/guest-sdk"))).unwrap();
+        let manifest = std::fs::read_to_string(made.crate_dir.join("Cargo.toml")).unwrap();
+        assert!(
+            manifest.contains(r#"sluice-guest = { path = "/opt/sluice/guest-sdk" }"#),
+            "{manifest}"
+        );
+        assert!(made.crate_dir.join(".cargo/config.toml").is_file());
+    }
+}

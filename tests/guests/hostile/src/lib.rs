@@ -1,0 +1,100 @@
+//! A script that misbehaves in the way its payload names, and behaves when
+//! the payload is `ok`: the engine's limits are tested against it.
+
+use std::hint::black_box;
+
+use sluice_guest::prelude::*;
+use sluice_guest::{Field, OutputKind};
+
+pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
+    match message.text()? {
+        "ok" => Ok(vec![Output::telemetry(Fields::new().with("ok", true))]),
+        "loop" => loop {
+            black_box(());
+        },
+        "alloc" => {
+            let mut hoard = Vec::new();
+            loop {
+                hoard.push(black_box(vec![7u8; 1 << 20]));
+            }
+        }
+        "panic" => panic!("hostile script panics on purpose"),
+        "stack" => Ok(vec![Output::telemetry(
+            Fields::new().with("depth", recurse(black_box(1))),
+        )]),
+        "huge" => {
+            // 64 outputs of 64 KiB each: 4 MiB of text.
+            let blob = "x".repeat(64 << 10);
+            Ok((0..64)
+                .map(|i| Output::telemetry(Fields::new().with(format!("blob{i}"), blob.clone())))
+                .collect())
+        }
+        "many" => Ok((0..5000)
+            .map(|i| Output::telemetry(Fields::new().with("i", i)))
+            .collect()),
+        "nan" => Ok(vec![Output::telemetry(Fields::new().with("t", f64::NAN))]),
+        "bad-json" => Ok(vec![Output::telemetry(vec![Field {
+            key: "nested".into(),
+            value: Value::Json("{not json".into()),
+        }])]),
+        "empty-key" => Ok(vec![Output::telemetry(Fields::new().with("", 1))]),
+        "empty-event" => Ok(vec![Output {
+            device_id: None,
+            timestamp: None,
+            kind: OutputKind::Event(sluice_guest::Event {
+                name: String::new(),
+                fields: vec![],
+            }),
+        }]),
+        "fs" => match std::fs::read("/etc/passwd") {
+            Ok(bytes) => Err(ScriptError::new(
+                "escaped",
+                format!("read {} bytes of /etc/passwd", bytes.len()),
+            )),
+            Err(error) => Err(ScriptError::new("fs-denied", error.to_string())),
+        },
+        "env" => Ok(vec![Output::telemetry(
+            Fields::new()
+                .with("vars", std::env::vars().count() as i64)
+                .with("args", std::env::args().count() as i64),
+        )]),
+        "state-big" => {
+            message.set_state(&vec![1u8; 1 << 20])?;
+            Ok(vec![])
+        }
+        "state-then-panic" => {
+            message.set_state(b"written before the panic")?;
+            panic!("after writing state");
+        }
+        "state-read" => Ok(vec![Output::telemetry(
+            Fields::new().with(
+                "state",
+                message
+                    .state()
+                    .map(|s| String::from_utf8_lossy(&s).into_owned()),
+            ),
+        )]),
+        "log-spam" => {
+            for i in 0..10_000 {
+                log(LogLevel::Info, &format!("line {i}"));
+            }
+            Ok(vec![])
+        }
+        other => Err(ScriptError::new(
+            "unknown-mode",
+            format!("no mode {other:?}"),
+        )),
+    }
+}
+
+/// Recurses until the stack runs out (the depth check never stops it).
+fn recurse(depth: i64) -> i64 {
+    let frame = black_box([depth; 64]);
+    if frame[0] < 0 {
+        0
+    } else {
+        recurse(frame[0] + 1) + frame[63]
+    }
+}
+
+sluice_guest::script!(parse);
