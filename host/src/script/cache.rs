@@ -55,14 +55,16 @@ impl ArtifactCache {
         wasm: &[u8],
     ) -> wasmtime::Result<(Component, CacheOutcome)> {
         let path = self.path_for(sha256);
-        if path.exists() {
+        // Read into memory rather than map the file: another process may
+        // replace or trim the cache while this one runs.
+        if let Ok(artifact) = std::fs::read(&path) {
             // SAFETY: files named `<sha256>-<engine key>.cwasm` in this
             // directory are written only below, from
             // `Engine::precompile_component` of an engine with the same
             // compatibility hash; the directory is documented as trusted.
-            // wasmtime still checks the artifact's version and settings and
-            // fails cleanly on a mismatch.
-            match unsafe { Component::deserialize_file(engine, &path) } {
+            // wasmtime still checks the artifact's header, version and
+            // settings and fails cleanly on a mismatch or a truncated file.
+            match unsafe { Component::deserialize(engine, &artifact) } {
                 Ok(component) => return Ok((component, CacheOutcome::Hit)),
                 Err(error) => {
                     tracing::warn!(path = %path.display(), %error, "compiled script in the cache does not load; recompiling");

@@ -9,6 +9,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::{LogLevel, StateError, host_api, sluice};
 use super::error::ScriptId;
+use super::instance::ScriptStats;
 use super::limits::{Limits, MemoryLimiter};
 use super::state::DeviceState;
 
@@ -27,6 +28,7 @@ pub(crate) struct HostState {
     pub(crate) params: Arc<Params>,
     pub(crate) state: DeviceState,
     pub(crate) log: CallLog,
+    stats: Arc<ScriptStats>,
 }
 
 /// Log lines of the running call.
@@ -34,8 +36,6 @@ pub(crate) struct HostState {
 pub(crate) struct CallLog {
     lines: u32,
     limit: u32,
-    /// Lines dropped over the per-call budget since the instance started.
-    pub(crate) dropped: u64,
     /// The last error-level line of the running call (a Rust script's panic
     /// message arrives this way just before it traps).
     pub(crate) last_error: Option<String>,
@@ -56,6 +56,7 @@ impl HostState {
         params: Arc<Params>,
         limits: &Limits,
         state: DeviceState,
+        stats: Arc<ScriptStats>,
     ) -> Self {
         HostState {
             // No preopened directories, no environment, no arguments, no
@@ -68,6 +69,7 @@ impl HostState {
             params,
             state,
             log: CallLog::default(),
+            stats,
         }
     }
 }
@@ -106,7 +108,7 @@ impl host_api::Host for HostState {
             self.log.last_error = Some(message.clone());
         }
         if self.log.lines >= self.log.limit {
-            self.log.dropped += 1;
+            self.stats.log_dropped();
             return;
         }
         self.log.lines += 1;

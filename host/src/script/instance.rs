@@ -36,7 +36,7 @@ struct ScriptInner {
     limits: Limits,
     params: Arc<Params>,
     info: LoadInfo,
-    stats: ScriptStats,
+    stats: Arc<ScriptStats>,
 }
 
 impl std::fmt::Debug for Script {
@@ -56,6 +56,7 @@ pub struct ScriptStats {
     traps: AtomicU64,
     nanos: AtomicU64,
     instantiations: AtomicU64,
+    logs_dropped: AtomicU64,
 }
 
 /// A snapshot of [`ScriptStats`].
@@ -71,6 +72,8 @@ pub struct StatsSnapshot {
     pub nanos: u64,
     /// Instances started.
     pub instantiations: u64,
+    /// Log lines dropped over the per-call budget.
+    pub logs_dropped: u64,
 }
 
 impl ScriptStats {
@@ -86,6 +89,10 @@ impl ScriptStats {
         self.nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
+    pub(crate) fn log_dropped(&self) {
+        self.logs_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -94,6 +101,7 @@ impl ScriptStats {
             traps: self.traps.load(Ordering::Relaxed),
             nanos: self.nanos.load(Ordering::Relaxed),
             instantiations: self.instantiations.load(Ordering::Relaxed),
+            logs_dropped: self.logs_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -114,7 +122,7 @@ impl Script {
                 limits: settings.limits,
                 params: Arc::new(settings.params),
                 info,
-                stats: ScriptStats::default(),
+                stats: Arc::default(),
             }),
         }
     }
@@ -376,7 +384,13 @@ impl ScriptInstance {
 /// Starts an instance; on failure hands the per-device state back.
 fn start(script: &Script, state: DeviceState) -> Result<Live, (ScriptError, DeviceState)> {
     let inner = &script.inner;
-    let host = HostState::new(inner.id.clone(), inner.params.clone(), &inner.limits, state);
+    let host = HostState::new(
+        inner.id.clone(),
+        inner.params.clone(),
+        &inner.limits,
+        state,
+        inner.stats.clone(),
+    );
     let mut store = Store::new(inner.engine.wasmtime(), host);
     store.limiter(|host| &mut host.limiter);
     store.set_epoch_deadline(inner.engine.ticks(inner.limits.deadline));
