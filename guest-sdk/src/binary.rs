@@ -131,7 +131,7 @@ pub fn hex_encode(bytes: &[u8]) -> String {
 /// error code `invalid-hex`.
 pub fn hex_decode(text: &str) -> Result<Vec<u8>, ScriptError> {
     let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 {
+    if !digits.len().is_multiple_of(2) {
         return Err(ScriptError::new(
             "invalid-hex",
             format!("hex text has an odd number of digits ({})", digits.len()),

@@ -66,7 +66,12 @@ pub mod output;
 pub mod value;
 
 /// Types and functions generated from the WIT world `sluice:script/script`.
-#[allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+#[allow(
+    missing_docs,
+    unreachable_pub,
+    missing_debug_implementations,
+    clippy::too_many_arguments
+)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",

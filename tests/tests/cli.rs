@@ -121,11 +121,13 @@ fn script_check_passes_every_example_script_from_source() {
 /// A runtime scripts directory: `<product>.wasm` beside `<product>.examples.json`.
 fn runtime_dir(dir: &Path) {
     for script in example_scripts() {
-        std::fs::copy(&script.wasm, dir.join(format!("{}.wasm", script.name))).unwrap();
+        std::fs::copy(&script.wasm, dir.join(format!("{}.wasm", script.name)))
+            .expect("copy the script");
         let fixtures = script
             .crate_dir
             .join(format!("{}.examples.json", script.name));
-        std::fs::copy(fixtures, dir.join(format!("{}.examples.json", script.name))).unwrap();
+        std::fs::copy(fixtures, dir.join(format!("{}.examples.json", script.name)))
+            .expect("copy the fixtures");
     }
 }
 

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasData, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ProfilingStrategy,
+};
 use wasmtime_wasi::WasiView;
 use wasmtime_wasi::cli::{WasiCli, WasiCliView};
 use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
@@ -40,6 +42,9 @@ pub struct EngineOptions {
     /// Resolution of the per-call deadline clock.
     #[serde(with = "humantime_serde")]
     pub deadline_tick: Duration,
+    /// Write `/tmp/perf-<pid>.map` so `perf` can name the functions of
+    /// compiled scripts (for profiling scripts; small cost at load time).
+    pub perf_map: bool,
 }
 
 impl Default for EngineOptions {
@@ -50,6 +55,7 @@ impl Default for EngineOptions {
             pooling: false,
             pool_instances: 256,
             deadline_tick: Duration::from_millis(1),
+            perf_map: false,
         }
     }
 }
@@ -107,6 +113,9 @@ impl ScriptEngine {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.epoch_interruption(true);
+        if options.perf_map {
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
         if options.pooling {
             let mut pool = PoolingAllocationConfig::new();
             pool.total_component_instances(options.pool_instances)

@@ -238,12 +238,12 @@ impl Example {
                         expected.code
                     ));
                 }
-                if let Some(part) = &expected.message {
-                    if !message.contains(part.as_str()) {
-                        diffs.push(format!(
-                            "error message: expected it to contain {part:?}, got {message:?}"
-                        ));
-                    }
+                if let Some(part) = &expected.message
+                    && !message.contains(part.as_str())
+                {
+                    diffs.push(format!(
+                        "error message: expected it to contain {part:?}, got {message:?}"
+                    ));
                 }
                 diffs
             }

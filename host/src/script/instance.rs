@@ -368,22 +368,17 @@ impl ScriptInstance {
     /// The live instance, starting one when there is none.
     fn live(&mut self) -> Result<&mut Live, ScriptError> {
         if self.live.is_none() {
-            let state = self.parked.take().unwrap_or_default();
-            match start(&self.script, state) {
-                Ok(live) => self.live = Some(live),
-                Err((error, state)) => {
-                    self.parked = Some(state);
-                    return Err(error);
-                }
-            }
+            self.live = Some(start(&self.script, &mut self.parked)?);
         }
         Ok(self.live.as_mut().expect("an instance was just started"))
     }
 }
 
-/// Starts an instance; on failure hands the per-device state back.
-fn start(script: &Script, state: DeviceState) -> Result<Live, (ScriptError, DeviceState)> {
+/// Starts an instance with the `parked` per-device state; on failure the
+/// state is parked again.
+fn start(script: &Script, parked: &mut Option<DeviceState>) -> Result<Live, ScriptError> {
     let inner = &script.inner;
+    let state = parked.take().unwrap_or_default();
     let host = HostState::new(
         inner.id.clone(),
         inner.params.clone(),
@@ -405,14 +400,11 @@ fn start(script: &Script, state: DeviceState) -> Result<Live, (ScriptError, Devi
                 ),
                 None => format!("{error:#}"),
             };
-            let state = store.into_data().state;
-            return Err((
-                ScriptError::Instantiate {
-                    script: inner.id.clone(),
-                    reason,
-                },
-                state,
-            ));
+            *parked = Some(store.into_data().state);
+            return Err(ScriptError::Instantiate {
+                script: inner.id.clone(),
+                reason,
+            });
         }
     };
     let export = |store: &mut Store<HostState>, name: &str| -> Result<Func, String> {
@@ -438,14 +430,11 @@ fn start(script: &Script, state: DeviceState) -> Result<Live, (ScriptError, Devi
             parse_batch,
         }),
         Err(reason) => {
-            let state = store.into_data().state;
-            Err((
-                ScriptError::Link {
-                    script: inner.id.clone(),
-                    reason,
-                },
-                state,
-            ))
+            *parked = Some(store.into_data().state);
+            Err(ScriptError::Link {
+                script: inner.id.clone(),
+                reason,
+            })
         }
     }
 }

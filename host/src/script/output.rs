@@ -5,9 +5,7 @@ use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize, Serializer};
 
 use super::bindings;
-
-/// Field values by name, in the order the script gave them.
-pub type Fields = serde_json::Map<String, serde_json::Value>;
+use super::fields::Fields;
 
 /// How serious an alert is, lowest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -246,16 +244,18 @@ fn convert(output: bindings::Output) -> Result<Output, String> {
 }
 
 fn convert_fields(fields: Vec<bindings::Field>) -> Result<Fields, String> {
-    let mut map = Fields::with_capacity(fields.len());
-    for field in fields {
-        if field.key.is_empty() {
-            return Err("a field has an empty key".into());
-        }
-        let value =
-            to_json(field.value).map_err(|reason| format!("field {:?}: {reason}", field.key))?;
-        map.insert(field.key, value);
-    }
-    Ok(map)
+    let pairs = fields
+        .into_iter()
+        .map(|field| {
+            if field.key.is_empty() {
+                return Err("a field has an empty key".to_owned());
+            }
+            let value = to_json(field.value)
+                .map_err(|reason| format!("field {:?}: {reason}", field.key))?;
+            Ok((field.key, value))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Fields::from_pairs(pairs))
 }
 
 /// A script's typed value as JSON.

@@ -192,7 +192,7 @@ fn decode_frame(frame: &[u8]) -> Result<Output, ScriptError> {
 /// A datalog poll reply: 11-byte records of external value, SHT
 /// temperature, humidity, flags and Unix time.
 fn decode_datalog(frame: &[u8]) -> Result<Vec<Output>, ScriptError> {
-    if frame.len() % FRAME_LEN != 0 {
+    if !frame.len().is_multiple_of(FRAME_LEN) {
         return Err(ScriptError::new(
             "bad-datalog",
             format!(

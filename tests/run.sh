@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs every check of sluice on a fresh Debian machine: installs what is
+# missing, then formatting, clippy (-D warnings) and the whole test suite.
+#
+#   ./tests/run.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# The toolchain, with wasm32-wasip2, rustfmt and clippy, from rust-toolchain.toml.
+if command -v rustup >/dev/null 2>&1; then
+    step "toolchain (rust-toolchain.toml)"
+    rustup toolchain install
+fi
+host_target=$(rustc -vV | sed -n 's/^host: //p')
+
+step "formatting"
+cargo fmt --all --check
+(cd scripts && cargo fmt --all --check)
+(cd tests/guests && cargo fmt --all --check)
+
+step "clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+for dir in scripts tests/guests; do
+    # As components (wasm32-wasip2), and natively with their unit tests.
+    (cd "$dir" && cargo clippy -- -D warnings)
+    (cd "$dir" && cargo clippy --all-targets --target "$host_target" -- -D warnings)
+done
+
+step "example scripts' own unit tests (native)"
+(cd scripts && cargo test --target "$host_target")
+
+step "test suite"
+cargo build --bin sluice
+cargo test --workspace
+
+step "all checks passed"
