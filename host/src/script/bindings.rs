@@ -8,5 +8,5 @@ wasmtime::component::bindgen!({
     additional_derives: [PartialEq],
 });
 
-pub(crate) use sluice::script::host::{self as host_api, LogLevel};
-pub(crate) use sluice::script::types::{Field, OutputKind, Severity, StateError, Value};
+pub(crate) use self::sluice::script::host::{self as host_api, LogLevel};
+pub(crate) use self::sluice::script::types::{Field, OutputKind, Severity, StateError, Value};
