@@ -1,14 +1,37 @@
 //! sluice: a WebAssembly-extensible stream processor for IoT device data.
 //!
-//! Devices send raw payloads; each product's data script (a WebAssembly
-//! component) turns them into telemetry, attributes, events, alerts and
-//! status signals. The crate follows the data:
+//! A message follows the modules in order:
 //!
-//! - [`message`]: the raw message as it arrived;
-//! - [`script`]: the script engine (compile, cache, link, sandbox, limits),
-//!   script instances, outputs and fixtures;
-//! - [`cli`]: the `sluice` command line.
+//! - [`source`]: MQTT, Kafka and HTTP ingest turn bytes into a
+//!   [`message::RawMessage`] (or a status signal);
+//! - [`route`]: topic templates name the product and device;
+//! - [`pipeline`]: envelopes are sharded by device to script workers,
+//!   whose effects reach the bus in batches; timers expire deadlines;
+//! - [`script`]: the sandboxed engine runs the product's data script
+//!   (compile, cache, limits, instances, outputs, fixtures);
+//! - [`status`]: status modes and a tracker sized for a million devices;
+//! - [`latest`]: each device's last values;
+//! - [`bus`]: publication to watched devices only, in-process or through
+//!   Redis, and the shared state behind it;
+//! - [`deadletter`] and [`records`]: what failed, and what succeeded, kept
+//!   for later;
+//! - [`gateway`]: the HTTP API (axum);
+//! - [`config`], [`devices`], [`metrics`], [`server`] and [`cli`]: setting
+//!   up, wiring together and running it.
 
+pub mod bus;
 pub mod cli;
+pub mod config;
+pub mod deadletter;
+pub mod devices;
+pub mod gateway;
+pub mod latest;
 pub mod message;
+pub mod metrics;
+pub mod pipeline;
+pub mod records;
+pub mod route;
 pub mod script;
+pub mod server;
+pub mod source;
+pub mod status;

@@ -1,6 +1,7 @@
 //! The `sluice` command line: argument parsing and dispatch. Each command
 //! lives in its own file and returns an exit code.
 
+mod run;
 mod script;
 
 use std::process::ExitCode;
@@ -30,6 +31,10 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the stream processor.
+    Run(run::RunArgs),
+    /// Validate a configuration file, its device registry and its scripts.
+    Check(run::CheckArgs),
     /// Work with data scripts: run one on an input, check fixtures, create one.
     #[command(subcommand)]
     Script(script::ScriptCommand),
@@ -39,10 +44,13 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
-        Command::Script(_) => "warn",
+        Command::Run(_) => "info",
+        Command::Check(_) | Command::Script(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     match cli.command {
+        Command::Run(args) => run::run(&args),
+        Command::Check(args) => run::check(&args),
         Command::Script(command) => script::run(command),
     }
 }

@@ -12,6 +12,7 @@ mod host;
 mod instance;
 mod limits;
 mod output;
+mod registry;
 pub mod scaffold;
 mod state;
 
@@ -23,3 +24,4 @@ pub use host::Params;
 pub use instance::{Script, ScriptInstance, ScriptStats, StatsSnapshot};
 pub use limits::Limits;
 pub use output::{Output, OutputKind, Severity};
+pub use registry::{Product, ScriptRegistry, load_product};

@@ -1,0 +1,114 @@
+//! The in-process bus: one sluice process, no Redis. Publications go to
+//! subscribers in the same process; state lives in the process.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::broadcast;
+
+use super::{Bus, BusError, Deadline, Publication, StatusChange};
+use crate::deadletter::{DeadLetter, DeadLetterRing};
+use crate::latest::{Delta, Snapshot};
+use crate::status::{DeviceStatus, StatusSource};
+
+/// How many publications an in-process subscriber may lag behind before it
+/// misses some (it is told how many).
+const SUBSCRIBER_BACKLOG: usize = 4096;
+
+/// The embedded bus.
+#[derive(Debug)]
+pub struct MemoryBus {
+    publications: broadcast::Sender<Arc<Publication>>,
+    dead_letters: DeadLetterRing,
+}
+
+impl MemoryBus {
+    /// A bus keeping up to `dead_letters` dead letters.
+    pub fn new(dead_letters: usize) -> Self {
+        MemoryBus {
+            publications: broadcast::channel(SUBSCRIBER_BACKLOG).0,
+            dead_letters: DeadLetterRing::new(dead_letters),
+        }
+    }
+
+    /// Receives every publication from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Publication>> {
+        self.publications.subscribe()
+    }
+}
+
+#[async_trait]
+impl Bus for MemoryBus {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn shares_deadlines(&self) -> bool {
+        false
+    }
+
+    async fn ping(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn publish(&self, batch: &[Publication]) -> Result<(), BusError> {
+        for publication in batch {
+            // No subscriber is not an error: nobody is watching here.
+            let _ = self.publications.send(Arc::new(publication.clone()));
+        }
+        Ok(())
+    }
+
+    async fn record_transitions(
+        &self,
+        batch: &[StatusChange],
+        watched: &[bool],
+    ) -> Result<Vec<bool>, BusError> {
+        // One process: the local trackers already emit each transition once.
+        let published: Vec<Publication> = batch
+            .iter()
+            .zip(watched)
+            .filter(|(_, w)| **w)
+            .map(|(change, _)| Publication::Status(change.clone()))
+            .collect();
+        self.publish(&published).await?;
+        Ok(vec![true; batch.len()])
+    }
+
+    async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError> {
+        Ok(Vec::new())
+    }
+
+    async fn store_latest(&self, _batch: &[(String, Delta)]) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn load_latest(&self, _device: &str) -> Result<Option<Snapshot>, BusError> {
+        Ok(None)
+    }
+
+    async fn store_deadlines(&self, _batch: &[Deadline]) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    async fn sweep_deadlines(
+        &self,
+        _now_ms: i64,
+        _limit: usize,
+    ) -> Result<Vec<(String, StatusSource)>, BusError> {
+        Ok(Vec::new())
+    }
+
+    async fn add_dead_letters(&self, batch: &[DeadLetter]) -> Result<(), BusError> {
+        self.dead_letters.push(batch.iter().cloned());
+        Ok(())
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+        Ok(self.dead_letters.newest(limit))
+    }
+
+    async fn add_records(&self, _batch: &[String]) -> Result<(), BusError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,103 @@
+//! The bus between processing and the gateways of every instance, and the
+//! shared state behind it. Two implementations of one trait: [`MemoryBus`]
+//! (the embedded default, one process) and [`RedisBus`] (several instances).
+
+mod interest;
+mod memory;
+mod publication;
+mod redis;
+
+use async_trait::async_trait;
+
+pub use interest::Interest;
+pub use memory::MemoryBus;
+pub use publication::{
+    AlertRaised, EventReported, Publication, StatusChange, TelemetryReport, alert_channel,
+    event_channel, status_channel, telemetry_channel,
+};
+pub use redis::{INTEREST_CHANNEL, RedisBus, mirror_interest};
+
+use crate::deadletter::DeadLetter;
+use crate::latest::{Delta, Snapshot};
+use crate::status::{DeviceStatus, StatusSource};
+
+/// The bus could not do what was asked.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    /// The shared store is unreachable or refused the command.
+    #[error("the bus is unavailable: {0}")]
+    Unavailable(String),
+    /// What came back from the store does not parse.
+    #[error("the bus returned bad data: {0}")]
+    Corrupt(String),
+}
+
+/// A deadline shared between instances: the device goes offline at
+/// `at_ms` unless a message refreshes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deadline {
+    /// The device.
+    pub device: String,
+    /// When it expires, ms since the Unix epoch.
+    pub at_ms: i64,
+    /// The source its expiry will carry (`heartbeat_expired` or `timeout_expired`).
+    pub source: StatusSource,
+}
+
+/// Fan-out and shared state. Every method is called from async tasks that
+/// batch work; none is called per message.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// `memory` or `redis`.
+    fn kind(&self) -> &'static str;
+
+    /// Whether deadlines are kept in the bus and swept there (several
+    /// instances), instead of by each instance's own timers.
+    fn shares_deadlines(&self) -> bool;
+
+    /// Checks that the bus answers.
+    async fn ping(&self) -> Result<(), BusError>;
+
+    /// Delivers publications (already filtered by interest) to every
+    /// instance's gateways.
+    async fn publish(&self, batch: &[Publication]) -> Result<(), BusError>;
+
+    /// Records status changes in the shared status table; a change takes
+    /// effect only if the table does not already hold that status, so
+    /// across instances each transition happens once. Changes that take
+    /// effect and are `watched` are published. Returns which took effect.
+    async fn record_transitions(
+        &self,
+        batch: &[StatusChange],
+        watched: &[bool],
+    ) -> Result<Vec<bool>, BusError>;
+
+    /// The shared status table, to start from after a restart.
+    async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError>;
+
+    /// Writes latest-value changes behind.
+    async fn store_latest(&self, batch: &[(String, Delta)]) -> Result<(), BusError>;
+
+    /// The latest values of a device as any instance last wrote them.
+    async fn load_latest(&self, device: &str) -> Result<Option<Snapshot>, BusError>;
+
+    /// Writes shared deadlines behind.
+    async fn store_deadlines(&self, batch: &[Deadline]) -> Result<(), BusError>;
+
+    /// Takes up to `limit` deadlines that passed before `now_ms`; each is
+    /// handed to exactly one caller across all instances.
+    async fn sweep_deadlines(
+        &self,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<(String, StatusSource)>, BusError>;
+
+    /// Keeps dead letters.
+    async fn add_dead_letters(&self, batch: &[DeadLetter]) -> Result<(), BusError>;
+
+    /// The newest dead letters, newest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Appends processed records (JSON) to the records stream, if the bus keeps one.
+    async fn add_records(&self, batch: &[String]) -> Result<(), BusError>;
+}

@@ -1,0 +1,191 @@
+//! What the bus carries, and the channel names and JSON payloads that are
+//! a contract with other systems (dashboards written for the seed
+//! platform read `ws:device:*` and `device:*:status`).
+
+use serde::Serialize;
+
+use crate::script::{Fields, Severity};
+use crate::status::StatusSource;
+
+/// One message on the bus, about one device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Publication {
+    /// A telemetry report.
+    Telemetry(TelemetryReport),
+    /// A status transition.
+    Status(StatusChange),
+    /// An alert raised by a script.
+    Alert(AlertRaised),
+    /// An event reported by a script.
+    Event(EventReported),
+}
+
+/// `ws:device:{device}`: `{"device_id","tenant_id","timestamp","data":{…}}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TelemetryReport {
+    /// The device.
+    pub device_id: String,
+    /// Its tenant (empty when unregistered).
+    pub tenant_id: String,
+    /// When measured, ms since the Unix epoch.
+    pub timestamp: i64,
+    /// The reported values.
+    pub data: Fields,
+}
+
+/// `device:{device}:status`:
+/// `{"device_id","device_name","is_online","timestamp","source"}`;
+/// `is_online` is `1` or `0`, as the seed platform's dashboards expect.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusChange {
+    /// The device.
+    pub device_id: String,
+    /// Its name (the id when unregistered).
+    pub device_name: String,
+    /// `1` online, `0` offline.
+    #[serde(serialize_with = "as_int")]
+    pub is_online: bool,
+    /// When it changed, ms since the Unix epoch.
+    pub timestamp: i64,
+    /// Why: `status_message`, `message`, `heartbeat_expired`, `timeout_expired`.
+    #[serde(serialize_with = "source_name")]
+    pub source: StatusSource,
+}
+
+/// `sluice:alert:{device}`: `{"device_id","tenant_id","timestamp","severity","title","description"}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlertRaised {
+    /// The device.
+    pub device_id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// When raised, ms since the Unix epoch.
+    pub timestamp: i64,
+    /// How serious.
+    pub severity: Severity,
+    /// One line naming the condition.
+    pub title: String,
+    /// What happened.
+    pub description: String,
+}
+
+/// `sluice:event:{device}`: `{"device_id","tenant_id","timestamp","name","data":{…}}`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EventReported {
+    /// The device.
+    pub device_id: String,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// When it happened, ms since the Unix epoch.
+    pub timestamp: i64,
+    /// The event name.
+    pub name: String,
+    /// Its details.
+    pub data: Fields,
+}
+
+fn as_int<S: serde::Serializer>(online: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u8(u8::from(*online))
+}
+
+fn source_name<S: serde::Serializer>(source: &StatusSource, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(source.as_str())
+}
+
+/// The telemetry channel of `device`.
+pub fn telemetry_channel(device: &str) -> String {
+    format!("ws:device:{device}")
+}
+
+/// The status channel of `device`.
+pub fn status_channel(device: &str) -> String {
+    format!("device:{device}:status")
+}
+
+/// The alert channel of `device`.
+pub fn alert_channel(device: &str) -> String {
+    format!("sluice:alert:{device}")
+}
+
+/// The event channel of `device`.
+pub fn event_channel(device: &str) -> String {
+    format!("sluice:event:{device}")
+}
+
+impl Publication {
+    /// The device it is about.
+    pub fn device(&self) -> &str {
+        match self {
+            Publication::Telemetry(t) => &t.device_id,
+            Publication::Status(s) => &s.device_id,
+            Publication::Alert(a) => &a.device_id,
+            Publication::Event(e) => &e.device_id,
+        }
+    }
+
+    /// The channel it goes to.
+    pub fn channel(&self) -> String {
+        let device = self.device();
+        match self {
+            Publication::Telemetry(_) => telemetry_channel(device),
+            Publication::Status(_) => status_channel(device),
+            Publication::Alert(_) => alert_channel(device),
+            Publication::Event(_) => event_channel(device),
+        }
+    }
+
+    /// The contract JSON payload.
+    pub fn payload(&self) -> String {
+        let json = match self {
+            Publication::Telemetry(t) => serde_json::to_string(t),
+            Publication::Status(s) => serde_json::to_string(s),
+            Publication::Alert(a) => serde_json::to_string(a),
+            Publication::Event(e) => serde_json::to_string(e),
+        };
+        json.expect("publications serialise to JSON")
+    }
+
+    /// A short kind name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Publication::Telemetry(_) => "telemetry",
+            Publication::Status(_) => "status",
+            Publication::Alert(_) => "alert",
+            Publication::Event(_) => "event",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn payloads_match_the_contract() {
+        let telemetry = Publication::Telemetry(TelemetryReport {
+            device_id: "th-1".into(),
+            tenant_id: "acme".into(),
+            timestamp: 1_732_262_400_000,
+            data: Fields::new().with("temperature", 21.5).with("ok", true),
+        });
+        assert_eq!(telemetry.channel(), "ws:device:th-1");
+        assert_eq!(
+            telemetry.payload(),
+            r#"{"device_id":"th-1","tenant_id":"acme","timestamp":1732262400000,"data":{"temperature":21.5,"ok":true}}"#
+        );
+        let status = Publication::Status(StatusChange {
+            device_id: "th-1".into(),
+            device_name: "Lab".into(),
+            is_online: true,
+            timestamp: 5,
+            source: StatusSource::HeartbeatExpired,
+        });
+        assert_eq!(status.channel(), "device:th-1:status");
+        let value: serde_json::Value = serde_json::from_str(&status.payload()).unwrap();
+        assert_eq!(
+            value,
+            json!({"device_id": "th-1", "device_name": "Lab", "is_online": 1, "timestamp": 5, "source": "heartbeat_expired"})
+        );
+    }
+}

@@ -1,0 +1,14 @@
+//! Configuration: one TOML file, `${VAR}` expansion, errors that name the
+//! file, the key and what was expected.
+
+mod load;
+mod model;
+mod sources;
+
+pub use load::{ConfigError, load_file, parse_text};
+pub use model::{
+    BusConfig, Config, DeadLetterConfig, KafkaRecordsConfig, LoadedConfig, ProductConfig,
+    RecordsConfig, RedisConfig, RedisStreamConfig, RegistryConfig, RouteConfig, ScriptsConfig,
+    ServerConfig, StatusConfig, WorkersConfig, check_name,
+};
+pub use sources::{HttpIngestConfig, KafkaConfig, MqttConfig, SourcesConfig};

@@ -1,0 +1,428 @@
+//! The configuration tree: one TOML file declares sources, routes,
+//! products, the device registry, the bus, workers and limits.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::load::{ConfigError, load_file};
+use super::sources::SourcesConfig;
+use crate::script::{EngineOptions, Limits, Params};
+use crate::status::StatusMode;
+
+/// The whole configuration of a sluice process.
+///
+/// Every section has defaults that run: an empty file starts sluice with
+/// the in-process bus, HTTP ingest on `127.0.0.1:8080` and the scripts in
+/// `./scripts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The HTTP server: ingest, API, metrics.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Where scripts live and how they are compiled.
+    #[serde(default)]
+    pub scripts: ScriptsConfig,
+    /// Script workers and their queues.
+    #[serde(default)]
+    pub workers: WorkersConfig,
+    /// The fan-out bus; absent means the in-process bus of a single instance.
+    #[serde(default)]
+    pub bus: BusConfig,
+    /// The device registry file.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// Where device messages come from.
+    #[serde(default)]
+    pub sources: SourcesConfig,
+    /// MQTT topic templates that name a message's product and device.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Per-product settings, by product name.
+    #[serde(default)]
+    pub products: BTreeMap<String, ProductConfig>,
+    /// Status detection.
+    #[serde(default)]
+    pub status: StatusConfig,
+    /// The dead-letter store.
+    #[serde(default)]
+    pub deadletter: DeadLetterConfig,
+    /// Optional output of every processed record for storage consumers.
+    #[serde(default)]
+    pub records: RecordsConfig,
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
+}
+
+/// Where scripts live.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScriptsConfig {
+    /// The scripts directory: `<product>.wasm` and `<product>.examples.json`.
+    pub dir: PathBuf,
+    /// Engine settings (compiled-script cache, pooling, deadline clock).
+    #[serde(flatten)]
+    pub engine: EngineOptions,
+}
+
+impl Default for ScriptsConfig {
+    fn default() -> Self {
+        ScriptsConfig {
+            dir: PathBuf::from("scripts"),
+            engine: EngineOptions::default(),
+        }
+    }
+}
+
+/// Script workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkersConfig {
+    /// Worker threads; 0 means one per core.
+    pub count: usize,
+    /// Messages a worker's queue holds before sources must wait.
+    pub queue: usize,
+    /// Messages of one product passed to a script in one call, at most.
+    pub batch: usize,
+    /// How long shutdown waits for queued messages to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        WorkersConfig {
+            count: 0,
+            queue: 1024,
+            batch: 32,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl WorkersConfig {
+    /// The number of workers to start.
+    pub fn effective_count(&self) -> usize {
+        if self.count > 0 {
+            self.count
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
+    }
+}
+
+/// The fan-out bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// Redis, for several instances; absent means in-process.
+    pub redis: Option<RedisConfig>,
+}
+
+/// Redis as the bus: pub/sub fan-out, the shared interest table, latest
+/// values, status, deadlines and dead letters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// How often the interest mirror is rebuilt from `ws:sub:*`.
+    #[serde(default = "defaults::resync", with = "humantime_serde")]
+    pub resync: Duration,
+    /// How often latest values and deadlines are written behind.
+    #[serde(default = "defaults::flush", with = "humantime_serde")]
+    pub flush: Duration,
+    /// How long a command may take before Redis counts as unreachable.
+    #[serde(default = "defaults::timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// The device registry file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// A TOML or JSON file with `[[devices]]`; relative to the config file.
+    pub file: Option<PathBuf>,
+}
+
+/// An MQTT topic template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Segments are literals, `+`, `{product}` or `{device}`, e.g.
+    /// `devices/{product}/{device}/telemetry`.
+    pub topic: String,
+    /// The product, when the topic does not name it.
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
+/// Settings of one product.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ProductConfig {
+    /// The script file; default `<scripts.dir>/<product>.wasm`.
+    #[serde(default)]
+    pub script: Option<PathBuf>,
+    /// How online/offline is decided.
+    #[serde(default)]
+    pub status: StatusMode,
+    /// Parameters the script reads with `param`.
+    #[serde(default)]
+    pub params: Params,
+    /// Per-call limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Status detection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// The MQTT topic of explicit status signals (payload `1` or `0`).
+    pub topic: Option<String>,
+    /// Deadlines are precise to this.
+    #[serde(with = "humantime_serde")]
+    pub tick: Duration,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            topic: Some("devices/status/{device}".into()),
+            tick: Duration::from_millis(100),
+        }
+    }
+}
+
+/// The dead-letter store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// How many dead letters are kept (memory ring, or Redis stream length).
+    pub capacity: usize,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig { capacity: 10_000 }
+    }
+}
+
+/// Output of every processed record, for a database writer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordsConfig {
+    /// A capped Redis stream (needs `[bus.redis]`).
+    pub redis_stream: Option<RedisStreamConfig>,
+    /// A Kafka topic.
+    pub kafka: Option<KafkaRecordsConfig>,
+}
+
+/// A capped Redis stream of records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStreamConfig {
+    /// The stream key.
+    #[serde(default = "defaults::records_key")]
+    pub key: String,
+    /// Approximate maximum length.
+    #[serde(default = "defaults::records_maxlen")]
+    pub maxlen: usize,
+}
+
+/// A Kafka topic of records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaRecordsConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// The topic.
+    pub topic: String,
+    /// Extra librdkafka producer settings.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+}
+
+mod defaults {
+    use std::time::Duration;
+
+    pub(super) fn resync() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(super) fn flush() -> Duration {
+        Duration::from_millis(200)
+    }
+    pub(super) fn timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub(super) fn records_key() -> String {
+        "sluice:records".into()
+    }
+    pub(super) fn records_maxlen() -> usize {
+        1_000_000
+    }
+}
+
+/// A configuration with the file it came from, relative paths resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadedConfig {
+    /// The settings.
+    pub config: Config,
+    /// The file (or `<embedded defaults>`).
+    pub file: PathBuf,
+}
+
+impl Config {
+    /// Reads, expands, checks and resolves `file`.
+    pub fn load(file: &Path) -> Result<LoadedConfig, ConfigError> {
+        let mut config: Config = load_file(file)?;
+        let base = file.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate(file)?;
+        Ok(LoadedConfig {
+            config,
+            file: file.to_path_buf(),
+        })
+    }
+
+    /// The embedded defaults, with scripts in `scripts_dir`.
+    pub fn embedded(scripts_dir: &Path) -> LoadedConfig {
+        let mut config = Config::default();
+        config.scripts.dir = scripts_dir.to_path_buf();
+        config.routes.push(RouteConfig {
+            topic: "devices/{product}/{device}/telemetry".into(),
+            product: None,
+        });
+        LoadedConfig {
+            config,
+            file: PathBuf::from("<embedded defaults>"),
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.scripts.dir);
+        if let Some(dir) = &mut self.scripts.engine.cache_dir {
+            resolve(dir);
+        }
+        if let Some(file) = &mut self.registry.file {
+            resolve(file);
+        }
+        for product in self.products.values_mut() {
+            if let Some(script) = &mut product.script {
+                resolve(script);
+            }
+        }
+    }
+
+    /// The script file of `product`.
+    pub fn script_path(&self, product: &str) -> PathBuf {
+        self.products
+            .get(product)
+            .and_then(|p| p.script.clone())
+            .unwrap_or_else(|| self.scripts.dir.join(format!("{product}.wasm")))
+    }
+
+    /// Checks what serde cannot: names, templates, ranges and combinations.
+    pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let bad = |key: String, reason: String| Err(ConfigError::invalid(file, key, reason));
+        if self.workers.queue == 0 {
+            return bad("workers.queue".into(), "expected at least 1".into());
+        }
+        if self.workers.batch == 0 {
+            return bad("workers.batch".into(), "expected at least 1".into());
+        }
+        for (name, product) in &self.products {
+            if let Err(reason) = check_name(name) {
+                return bad(format!("products.{name}"), reason);
+            }
+            if product
+                .status
+                .deadline()
+                .is_some_and(|d| d < self.status.tick)
+            {
+                return bad(
+                    format!("products.{name}.status"),
+                    format!(
+                        "expected a deadline of at least status.tick ({:?})",
+                        self.status.tick
+                    ),
+                );
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Err(reason) =
+                crate::route::TopicTemplate::parse(&route.topic, route.product.as_deref())
+            {
+                return bad(format!("routes[{i}].topic"), reason);
+            }
+        }
+        if let Some(topic) = &self.status.topic
+            && let Err(reason) = crate::route::TopicTemplate::parse_status(topic)
+        {
+            return bad("status.topic".into(), reason);
+        }
+        if self.status.tick.is_zero() {
+            return bad("status.tick".into(), "expected a positive duration".into());
+        }
+        if self.records.redis_stream.is_some() && self.bus.redis.is_none() {
+            return bad(
+                "records.redis_stream".into(),
+                "a Redis stream needs [bus.redis] to be configured".into(),
+            );
+        }
+        if let Some(redis) = &self.bus.redis
+            && !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://"))
+        {
+            return bad(
+                "bus.redis.url".into(),
+                "expected a redis:// or rediss:// URL".into(),
+            );
+        }
+        self.sources.validate(file)?;
+        if self.deadletter.capacity == 0 {
+            return bad("deadletter.capacity".into(), "expected at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Product and device names: non-empty, no spaces, slashes or wildcards,
+/// so they fit topics, Redis keys and file names.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err("expected a name of 1 to 128 characters".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| c.is_whitespace() || matches!(c, '/' | '+' | '#' | '{' | '}' | '*'))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; names may not contain spaces, '/', '+', '#', '*' or braces"
+        ));
+    }
+    Ok(())
+}

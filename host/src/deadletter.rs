@@ -1,0 +1,172 @@
+//! Dead letters: messages that could not be routed or parsed, kept with
+//! their raw payload so nothing is lost silently.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::message::{RawMessage, SourceKind, now_ms};
+use crate::script::ScriptError;
+
+/// Why a message became a dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// No route, product or device could be found for it.
+    Unroutable,
+    /// Its product has no script loaded.
+    NoScript,
+    /// The script refused it with its own error.
+    ScriptError,
+    /// The script trapped, timed out or hit its memory limit.
+    ScriptTrap,
+    /// The script's outputs broke the contract or the size limits.
+    BadOutput,
+}
+
+impl Reason {
+    /// The name used in JSON and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unroutable => "unroutable",
+            Reason::NoScript => "no_script",
+            Reason::ScriptError => "script_error",
+            Reason::ScriptTrap => "script_trap",
+            Reason::BadOutput => "bad_output",
+        }
+    }
+
+    /// The reason for a script failure.
+    pub fn of(error: &ScriptError) -> Self {
+        match error {
+            ScriptError::Rejected { .. } => Reason::ScriptError,
+            ScriptError::BadOutput { .. } | ScriptError::OutputTooLarge { .. } => Reason::BadOutput,
+            ScriptError::Read { .. } | ScriptError::Compile { .. } | ScriptError::Link { .. } => {
+                Reason::NoScript
+            }
+            ScriptError::Instantiate { .. }
+            | ScriptError::Timeout { .. }
+            | ScriptError::MemoryExceeded { .. }
+            | ScriptError::Trap { .. } => Reason::ScriptTrap,
+        }
+    }
+}
+
+/// A message that could not be processed, with everything needed to replay it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// When it was dead-lettered, ms since the Unix epoch.
+    pub at: i64,
+    /// Why.
+    pub reason: Reason,
+    /// The error, for people.
+    pub error: String,
+    /// How the message arrived.
+    pub source: String,
+    /// Its topic (or path).
+    pub topic: String,
+    /// Its product, when known.
+    pub product: String,
+    /// Its device, when known.
+    pub device_id: String,
+    /// The script version that failed, when a script ran.
+    pub script_version: String,
+    /// The raw payload, base64.
+    pub payload_base64: String,
+    /// When it was received, ms since the Unix epoch.
+    pub received_at: i64,
+}
+
+impl DeadLetter {
+    /// A dead letter for `message`.
+    pub fn of(message: &RawMessage, reason: Reason, error: String, script_version: &str) -> Self {
+        DeadLetter {
+            at: now_ms(),
+            reason,
+            error,
+            source: message.source.as_str().to_owned(),
+            topic: message.topic.clone(),
+            product: message.product.clone(),
+            device_id: message.device_id.clone(),
+            script_version: script_version.to_owned(),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            received_at: message.received_at,
+        }
+    }
+
+    /// A dead letter for input that never became a message.
+    pub fn unroutable(source: SourceKind, topic: &str, payload: &[u8], error: String) -> Self {
+        let now = now_ms();
+        DeadLetter {
+            at: now,
+            reason: Reason::Unroutable,
+            error,
+            source: source.as_str().to_owned(),
+            topic: topic.to_owned(),
+            product: String::new(),
+            device_id: String::new(),
+            script_version: String::new(),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+            received_at: now,
+        }
+    }
+}
+
+/// The newest dead letters in memory, oldest dropped first.
+#[derive(Debug)]
+pub struct DeadLetterRing {
+    capacity: usize,
+    letters: Mutex<VecDeque<DeadLetter>>,
+}
+
+impl DeadLetterRing {
+    /// A ring holding up to `capacity` letters.
+    pub fn new(capacity: usize) -> Self {
+        DeadLetterRing {
+            capacity: capacity.max(1),
+            letters: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Adds letters, dropping the oldest beyond capacity.
+    pub fn push(&self, letters: impl IntoIterator<Item = DeadLetter>) {
+        // Held for a few pushes; never across an await.
+        let mut ring = self
+            .letters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for letter in letters {
+            if ring.len() == self.capacity {
+                ring.pop_front();
+            }
+            ring.push_back(letter);
+        }
+    }
+
+    /// The newest `limit` letters, newest first.
+    pub fn newest(&self, limit: usize) -> Vec<DeadLetter> {
+        let ring = self
+            .letters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ring.iter().rev().take(limit).cloned().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_newest() {
+        let ring = DeadLetterRing::new(3);
+        ring.push((0..5).map(|i| {
+            DeadLetter::unroutable(SourceKind::Mqtt, &format!("t/{i}"), b"x", "no route".into())
+        }));
+        let topics: Vec<String> = ring.newest(10).into_iter().map(|l| l.topic).collect();
+        assert_eq!(topics, ["t/4", "t/3", "t/2"]);
+        assert_eq!(ring.newest(1)[0].payload_base64, "eA==");
+    }
+}

@@ -1,0 +1,165 @@
+//! The HTTP API: dead letters, scripts, a device's status and latest
+//! values, health and metrics.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+
+use super::{AppError, AppState};
+use crate::deadletter::DeadLetter;
+use crate::latest::Snapshot;
+use crate::script::StatsSnapshot;
+
+/// `?limit=` of list endpoints.
+#[derive(Debug, Deserialize)]
+pub(super) struct Limit {
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/deadletter?limit=100`: the newest dead letters, newest first.
+pub(super) async fn dead_letters(
+    State(app): State<AppState>,
+    Query(query): Query<Limit>,
+) -> Result<Json<Vec<DeadLetter>>, AppError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    app.pipeline
+        .bus
+        .dead_letters(limit)
+        .await
+        .map(Json)
+        .map_err(|e| {
+            AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                e.to_string(),
+            )
+        })
+}
+
+/// One product in `GET /api/v1/scripts`.
+#[derive(Debug, Serialize)]
+pub(super) struct ScriptView {
+    /// The product.
+    pub(super) product: String,
+    /// `loaded` or `failed`.
+    pub(super) state: &'static str,
+    /// The script version (content hash), when loaded.
+    pub(super) version: Option<String>,
+    /// The script file.
+    pub(super) path: String,
+    /// Why it failed to load, if it did.
+    pub(super) last_error: Option<String>,
+    /// The product's status mode.
+    pub(super) status_mode: &'static str,
+    /// Call counters of the loaded version.
+    pub(super) stats: Option<StatsSnapshot>,
+    /// Mean time per call in microseconds.
+    pub(super) mean_call_us: Option<f64>,
+}
+
+/// `GET /api/v1/scripts`: every product and its script.
+pub(super) async fn scripts(State(app): State<AppState>) -> Json<Vec<ScriptView>> {
+    Json(
+        app.pipeline
+            .scripts
+            .list()
+            .iter()
+            .map(|product| {
+                let stats = product.script.as_ref().map(|s| s.stats().snapshot());
+                ScriptView {
+                    product: product.name.clone(),
+                    state: if product.script.is_some() {
+                        "loaded"
+                    } else {
+                        "failed"
+                    },
+                    version: product.script.as_ref().map(|s| s.id().version.clone()),
+                    path: product.path.display().to_string(),
+                    last_error: product.error.clone(),
+                    status_mode: product.mode.name(),
+                    mean_call_us: stats
+                        .filter(|s| s.calls > 0)
+                        .map(|s| s.nanos as f64 / s.calls as f64 / 1000.0),
+                    stats,
+                }
+            })
+            .collect(),
+    )
+}
+
+/// `GET /api/v1/devices/{device}`.
+#[derive(Debug, Serialize)]
+pub(super) struct DeviceView {
+    /// The device.
+    pub(super) device_id: String,
+    /// Its name.
+    pub(super) device_name: String,
+    /// `1` online, `0` offline, absent when unknown.
+    pub(super) is_online: Option<u8>,
+    /// Why its status last changed.
+    pub(super) status_source: Option<&'static str>,
+    /// When its status last changed, ms.
+    pub(super) status_since: Option<i64>,
+    /// Its latest values.
+    pub(super) latest: Option<Snapshot>,
+}
+
+/// `GET /api/v1/devices/{device}`: status and latest values.
+pub(super) async fn device(
+    State(app): State<AppState>,
+    Path(device): Path<String>,
+) -> Result<Json<DeviceView>, AppError> {
+    let pipeline = &app.pipeline;
+    let status = pipeline.status.get(&device);
+    let latest = match pipeline.latest.get(&device) {
+        Some(snapshot) => Some(snapshot),
+        None => pipeline.bus.load_latest(&device).await.map_err(|e| {
+            AppError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "bus_unavailable",
+                e.to_string(),
+            )
+        })?,
+    };
+    if status.is_none() && latest.is_none() && pipeline.registry.load().get(&device).is_none() {
+        return Err(AppError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+            format!("no device {device:?} is known"),
+        ));
+    }
+    Ok(Json(DeviceView {
+        device_name: pipeline.name_of(&device),
+        is_online: status.map(|s| u8::from(s.online)),
+        status_source: status.map(|s| s.source.as_str()),
+        status_since: status.map(|s| s.since_ms),
+        device_id: device,
+        latest,
+    }))
+}
+
+/// `GET /health`: the process is up and the bus answers.
+pub(super) async fn health(State(app): State<AppState>) -> impl IntoResponse {
+    match app.pipeline.bus.ping().await {
+        Ok(()) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"status": "ok", "bus": app.pipeline.bus.kind()})),
+        ),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                serde_json::json!({"status": "degraded", "bus": app.pipeline.bus.kind(), "error": error.to_string()}),
+            ),
+        ),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub(super) async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}

@@ -1,0 +1,344 @@
+//! A script worker: an OS thread that owns one queue (one shard of the
+//! devices), keeps one script instance per product, and turns each
+//! message's outputs into latest values, status and effects.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::effects::Effect;
+use super::envelope::{Completion, Envelope, Inbound};
+use super::state::PipelineState;
+use crate::bus::{AlertRaised, EventReported, Publication, StatusChange, TelemetryReport};
+use crate::deadletter::{DeadLetter, Reason};
+use crate::message::{RawMessage, SourceKind, now_ms};
+use crate::records::record_json;
+use crate::script::{Output, OutputKind, ScriptError, ScriptInstance};
+use crate::status::{StatusMode, Transition};
+
+/// One worker thread's state.
+struct Worker {
+    index: usize,
+    state: Arc<PipelineState>,
+    effects: mpsc::Sender<Effect>,
+    instances: HashMap<String, ScriptInstance>,
+    batch: usize,
+    outbox: Vec<Effect>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("index", &self.index)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts worker `index` on its own thread; it ends when its queue closes
+/// and is empty.
+pub fn spawn_worker(
+    index: usize,
+    state: Arc<PipelineState>,
+    effects: mpsc::Sender<Effect>,
+    queue: mpsc::Receiver<Envelope>,
+    batch: usize,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let worker = Worker {
+        index,
+        state,
+        effects,
+        instances: HashMap::new(),
+        batch: batch.max(1),
+        outbox: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name(format!("sluice-worker-{index}"))
+        .spawn(move || worker.run(queue))
+}
+
+impl Worker {
+    fn run(mut self, mut queue: mpsc::Receiver<Envelope>) {
+        tracing::debug!(worker = self.index, "worker started");
+        let mut envelopes = Vec::with_capacity(self.batch);
+        while let Some(first) = queue.blocking_recv() {
+            envelopes.push(first);
+            while envelopes.len() < self.batch {
+                match queue.try_recv() {
+                    Ok(next) => envelopes.push(next),
+                    Err(_) => break,
+                }
+            }
+            metrics::counter!("sluice_worker_messages_total").increment(envelopes.len() as u64);
+            self.process(&mut envelopes);
+            if !self.flush_outbox() {
+                break;
+            }
+        }
+        tracing::debug!(worker = self.index, "worker stopped");
+    }
+
+    /// Hands this batch's effects over; waits while the effects queue is
+    /// full (backpressure). False if the effects task is gone.
+    fn flush_outbox(&mut self) -> bool {
+        for effect in self.outbox.drain(..) {
+            if self.effects.blocking_send(effect).is_err() {
+                tracing::error!(worker = self.index, "effects task is gone; stopping worker");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Processes envelopes in order; consecutive messages of one product
+    /// go to its script in one call.
+    fn process(&mut self, envelopes: &mut Vec<Envelope>) {
+        let mut run: Vec<RawMessage> = Vec::new();
+        let mut done: Vec<Option<Completion>> = Vec::new();
+        for envelope in envelopes.drain(..) {
+            match envelope.inbound {
+                Inbound::Data(message) => {
+                    if run
+                        .last()
+                        .is_some_and(|last| last.product != message.product)
+                    {
+                        self.process_run(&mut run, &mut done);
+                    }
+                    run.push(message);
+                    done.push(envelope.done);
+                }
+                Inbound::Status {
+                    device,
+                    online,
+                    source,
+                } => {
+                    self.process_run(&mut run, &mut done);
+                    self.signal(&device, online, source);
+                    if let Some(done) = envelope.done {
+                        done.complete();
+                    }
+                }
+            }
+        }
+        self.process_run(&mut run, &mut done);
+    }
+
+    /// Parses messages of one product and handles each result in order.
+    fn process_run(&mut self, run: &mut Vec<RawMessage>, done: &mut Vec<Option<Completion>>) {
+        if run.is_empty() {
+            return;
+        }
+        let product = run[0].product.clone();
+        let results = match self.instance(&product) {
+            Ok(instance) if run.len() == 1 => vec![instance.parse(&run[0])],
+            Ok(instance) => instance.parse_batch(run),
+            Err((reason, error)) => {
+                for message in run.iter() {
+                    self.dead_letter(message, reason, error.clone(), "");
+                    self.observe(message, &[]);
+                }
+                run.clear();
+                complete_all(done);
+                return;
+            }
+        };
+        let version = self
+            .instances
+            .get(&product)
+            .map(|i| i.script().id().version.clone())
+            .unwrap_or_default();
+        for (message, result) in run.drain(..).zip(results) {
+            match result {
+                Ok(outputs) => self.apply(&message, outputs, &version),
+                Err(error) => self.failed(&message, &error, &version),
+            }
+        }
+        complete_all(done);
+    }
+
+    /// The instance of `product`'s current script, started or upgraded as needed.
+    fn instance(&mut self, product: &str) -> Result<&mut ScriptInstance, (Reason, String)> {
+        let Some(entry) = self.state.scripts.get(product) else {
+            return Err((Reason::Unroutable, format!("unknown product {product:?}")));
+        };
+        let Some(script) = entry.script.clone() else {
+            let why = entry
+                .error
+                .clone()
+                .unwrap_or_else(|| "no script is loaded".into());
+            return Err((
+                Reason::NoScript,
+                format!("product {product:?} has no script: {why}"),
+            ));
+        };
+        match self.instances.get_mut(product) {
+            Some(instance) => {
+                if instance.script().id() != script.id() {
+                    instance.upgrade(script);
+                }
+            }
+            None => {
+                let instance = script
+                    .instantiate()
+                    .map_err(|e| (Reason::of(&e), e.to_string()))?;
+                self.instances.insert(product.to_owned(), instance);
+            }
+        }
+        Ok(self
+            .instances
+            .get_mut(product)
+            .expect("the instance was just ensured"))
+    }
+
+    /// A message whose script failed: dead letter, and it still shows the
+    /// device is alive.
+    fn failed(&mut self, message: &RawMessage, error: &ScriptError, version: &str) {
+        tracing::debug!(device = %message.device_id, product = %message.product, %error, "message dead-lettered");
+        self.dead_letter(message, Reason::of(error), error.to_string(), version);
+        self.observe(message, &[]);
+    }
+
+    fn dead_letter(&mut self, message: &RawMessage, reason: Reason, error: String, version: &str) {
+        self.outbox.push(Effect::DeadLetter(DeadLetter::of(
+            message, reason, error, version,
+        )));
+    }
+
+    /// Applies a script's outputs: latest values, publications for watched
+    /// devices, records, and status for every device named.
+    fn apply(&mut self, message: &RawMessage, outputs: Vec<Output>, version: &str) {
+        let mut signals: Vec<(String, Option<bool>)> = Vec::new();
+        for output in outputs {
+            let device = output
+                .device_id
+                .clone()
+                .unwrap_or_else(|| message.device_id.clone());
+            let timestamp = output.timestamp.unwrap_or(message.received_at);
+            if self.state.records {
+                let tenant = self.state.tenant_of(&device);
+                self.outbox.push(Effect::Record(record_json(
+                    message, &output, &device, &tenant, version,
+                )));
+            }
+            let watched = self.state.interest.is_watched(&device);
+            let slot = match signals.iter().position(|(d, _)| *d == device) {
+                Some(slot) => slot,
+                None => {
+                    signals.push((device.clone(), None));
+                    signals.len() - 1
+                }
+            };
+            match output.kind {
+                OutputKind::Telemetry { fields } => {
+                    self.state
+                        .latest
+                        .merge_telemetry(&device, &fields, timestamp);
+                    if watched {
+                        self.outbox.push(Effect::Publish(Publication::Telemetry(
+                            TelemetryReport {
+                                tenant_id: self.state.tenant_of(&device),
+                                device_id: device,
+                                timestamp,
+                                data: fields,
+                            },
+                        )));
+                    }
+                }
+                OutputKind::Attributes { fields } => {
+                    self.state.latest.merge_attributes(&device, &fields)
+                }
+                OutputKind::Status { online } => signals[slot].1 = Some(online),
+                OutputKind::Event { name, fields } if watched => {
+                    self.outbox
+                        .push(Effect::Publish(Publication::Event(EventReported {
+                            tenant_id: self.state.tenant_of(&device),
+                            device_id: device,
+                            timestamp,
+                            name,
+                            data: fields,
+                        })));
+                }
+                OutputKind::Alert {
+                    severity,
+                    title,
+                    description,
+                } if watched => {
+                    self.outbox
+                        .push(Effect::Publish(Publication::Alert(AlertRaised {
+                            tenant_id: self.state.tenant_of(&device),
+                            device_id: device,
+                            timestamp,
+                            severity,
+                            title,
+                            description,
+                        })));
+                }
+                OutputKind::Event { .. } | OutputKind::Alert { .. } => {}
+            }
+        }
+        self.observe(message, &signals);
+    }
+
+    /// Status bookkeeping for a message: its own device (with its explicit
+    /// signal, if the script gave one) and every other device its outputs named.
+    fn observe(&mut self, message: &RawMessage, signals: &[(String, Option<bool>)]) {
+        let own = signals
+            .iter()
+            .find(|(d, _)| *d == message.device_id)
+            .and_then(|(_, s)| *s);
+        self.observe_device(&message.device_id, &message.product, own);
+        for (device, signal) in signals.iter().filter(|(d, _)| *d != message.device_id) {
+            let product = self
+                .state
+                .product_of(device)
+                .unwrap_or_else(|| message.product.clone());
+            self.observe_device(device, &product, *signal);
+        }
+    }
+
+    /// An explicit signal from the status topic.
+    fn signal(&mut self, device: &str, online: bool, _source: SourceKind) {
+        let product = self.state.product_of(device).unwrap_or_default();
+        self.observe_device(device, &product, Some(online));
+    }
+
+    fn observe_device(&mut self, device: &str, product: &str, signal: Option<bool>) {
+        let mode = self.state.mode_of(device, product);
+        if mode == StatusMode::Message && signal.is_none() {
+            return;
+        }
+        let wall = now_ms();
+        if let Some(deadlines) = &self.state.deadlines {
+            deadlines.note(device, mode, signal == Some(false), wall);
+        }
+        if let Some(transition) =
+            self.state
+                .status
+                .observe(device, mode, signal, Instant::now(), wall)
+        {
+            self.outbox.push(transition_effect(&self.state, transition));
+        }
+    }
+}
+
+/// The effect of a status transition.
+pub fn transition_effect(state: &PipelineState, transition: Transition) -> Effect {
+    let watched = state.interest.is_watched(&transition.device);
+    Effect::Transition {
+        change: StatusChange {
+            device_name: state.name_of(&transition.device),
+            device_id: transition.device,
+            is_online: transition.online,
+            timestamp: transition.at_ms,
+            source: transition.source,
+        },
+        watched,
+    }
+}
+
+fn complete_all(done: &mut Vec<Option<Completion>>) {
+    for completion in done.drain(..).flatten() {
+        completion.complete();
+    }
+}

@@ -1,0 +1,126 @@
+//! The product table: each product's status mode and its current script,
+//! swapped atomically when a script is (re)loaded.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use super::{Script, ScriptEngine, ScriptSettings};
+use crate::config::Config;
+use crate::status::StatusMode;
+
+/// A product as the pipeline sees it.
+#[derive(Debug, Clone)]
+pub struct Product {
+    /// Its name.
+    pub name: String,
+    /// Its status mode (a registered device may override it).
+    pub mode: StatusMode,
+    /// The script file.
+    pub path: PathBuf,
+    /// The running script; `None` when none could be loaded.
+    pub script: Option<Script>,
+    /// Why the last load failed, if it did.
+    pub error: Option<String>,
+    /// When the last load was attempted.
+    pub checked_at: SystemTime,
+}
+
+/// Every product, swapped as a whole so readers never lock.
+#[derive(Debug, Default)]
+pub struct ScriptRegistry {
+    products: ArcSwap<HashMap<String, Arc<Product>>>,
+}
+
+impl ScriptRegistry {
+    /// Loads the script of every configured product and of every
+    /// `<product>.wasm` in the scripts directory. A script that fails to
+    /// load leaves its product without one (its messages are dead-lettered)
+    /// and the reason in [`Product::error`].
+    pub fn load(engine: &ScriptEngine, config: &Config) -> Self {
+        let mut names: Vec<String> = config.products.keys().cloned().collect();
+        if let Ok(entries) = std::fs::read_dir(&config.scripts.dir) {
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                if path.extension().is_some_and(|x| x == "wasm")
+                    && let Some(stem) = path.file_stem().and_then(|s| s.to_str())
+                    && crate::config::check_name(stem).is_ok()
+                    && !names.iter().any(|n| n == stem)
+                {
+                    names.push(stem.to_owned());
+                }
+            }
+        }
+        let registry = ScriptRegistry::default();
+        for name in names {
+            registry.put(load_product(engine, config, &name));
+        }
+        registry
+    }
+
+    /// The product called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Product>> {
+        self.products.load().get(name).cloned()
+    }
+
+    /// Every product, by name.
+    pub fn list(&self) -> Vec<Arc<Product>> {
+        let mut products: Vec<_> = self.products.load().values().cloned().collect();
+        products.sort_by(|a, b| a.name.cmp(&b.name));
+        products
+    }
+
+    /// Adds or replaces a product.
+    pub fn put(&self, product: Product) {
+        let product = Arc::new(product);
+        self.products.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.insert(product.name.clone(), product.clone());
+            next
+        });
+    }
+
+    /// Removes a product.
+    pub fn remove(&self, name: &str) {
+        self.products.rcu(|current| {
+            let mut next = HashMap::clone(current);
+            next.remove(name);
+            next
+        });
+    }
+}
+
+/// Loads `name`'s script as the configuration says.
+pub fn load_product(engine: &ScriptEngine, config: &Config, name: &str) -> Product {
+    let settings = config.products.get(name);
+    let path = config.script_path(name);
+    let loaded = engine.load_file(
+        name,
+        &path,
+        ScriptSettings {
+            limits: settings.map(|p| p.limits.clone()).unwrap_or_default(),
+            params: settings.map(|p| p.params.clone()).unwrap_or_default(),
+        },
+    );
+    let (script, error) = match loaded {
+        Ok(script) => {
+            tracing::info!(product = name, version = %script.id().version, cache = ?script.info().cache, "script loaded");
+            (Some(script), None)
+        }
+        Err(error) => {
+            tracing::error!(product = name, %error, "script did not load; its messages go to dead letters");
+            (None, Some(error.to_string()))
+        }
+    };
+    Product {
+        name: name.to_owned(),
+        mode: settings.map(|p| p.status).unwrap_or_default(),
+        path,
+        script,
+        error,
+        checked_at: SystemTime::now(),
+    }
+}
