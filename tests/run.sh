@@ -8,6 +8,27 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Servers the end-to-end tests start on ephemeral loopback ports, and what
+# librdkafka's build needs, from Debian's packages when missing.
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
+command -v make >/dev/null 2>&1 || missing+=(make)
+command -v cc >/dev/null 2>&1 || missing+=(gcc)
+if [ ${#missing[@]} -gt 0 ]; then
+    step "installing ${missing[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# Debian's packages may start the services; the tests start their own.
+for service in redis-server mosquitto; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
+        systemctl stop "$service" || true
+    fi
+done
+
 # The toolchain, with wasm32-wasip2, rustfmt and clippy, from rust-toolchain.toml.
 if command -v rustup >/dev/null 2>&1; then
     step "toolchain (rust-toolchain.toml)"

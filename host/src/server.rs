@@ -18,8 +18,8 @@ use crate::devices::DeviceRegistry;
 use crate::gateway::{AppState, app};
 use crate::latest::LatestStore;
 use crate::pipeline::{
-    Effect, Envelope, Ingest, PipelineState, SharedDeadlines, apply_effects, run_status_timers,
-    run_write_behind, spawn_worker,
+    Effect, Envelope, Ingest, PipelineState, SeenDevices, SharedDeadlines, apply_effects,
+    run_status_timers, run_write_behind, spawn_worker,
 };
 use crate::records::{RecordsError, RecordsOutput};
 use crate::route::Router;
@@ -139,6 +139,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         deadlines: shared
             .then(|| SharedDeadlines::new(worker_count, config.status.tick.max(flush * 2))),
         records: records.is_some(),
+        seen: SeenDevices::new(worker_count),
     });
     restore_status(&state).await?;
 

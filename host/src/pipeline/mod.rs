@@ -14,6 +14,6 @@ pub use effects::{Effect, apply_effects};
 pub use envelope::{Completion, Envelope, Inbound};
 pub use ingest::{Closed, Ingest};
 pub use shard::{Sharded, shard_for};
-pub use state::{PipelineState, SharedDeadlines};
+pub use state::{PipelineState, Seen, SeenDevices, SharedDeadlines};
 pub use timers::{run_status_timers, run_write_behind};
 pub use worker::{spawn_worker, transition_effect};

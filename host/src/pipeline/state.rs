@@ -32,6 +32,83 @@ pub struct PipelineState {
     pub deadlines: Option<SharedDeadlines>,
     /// Whether processed records are written.
     pub records: bool,
+    /// Devices that sent messages, registered or not.
+    pub seen: SeenDevices,
+}
+
+/// A device that sent messages here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// The product its messages were routed to.
+    pub product: Arc<str>,
+    /// When its last message arrived, ms since the Unix epoch.
+    pub last_seen_ms: i64,
+}
+
+/// Every device that sent messages to this instance, with its product:
+/// the status topic names only the device, so its mode comes from here
+/// when the registry does not know it.
+#[derive(Debug)]
+pub struct SeenDevices {
+    shards: Sharded<HashMap<String, Seen>>,
+}
+
+impl SeenDevices {
+    /// An empty table in `shards`.
+    pub fn new(shards: usize) -> Self {
+        SeenDevices {
+            shards: Sharded::new(shards, HashMap::new),
+        }
+    }
+
+    /// Notes a message from `device` of `product`.
+    pub fn note(&self, device: &str, product: &str, at_ms: i64) {
+        let mut shard = self.shards.for_device(device);
+        match shard.get_mut(device) {
+            Some(seen) => {
+                if &*seen.product != product {
+                    seen.product = product.into();
+                }
+                seen.last_seen_ms = seen.last_seen_ms.max(at_ms);
+            }
+            None => {
+                shard.insert(
+                    device.to_owned(),
+                    Seen {
+                        product: product.into(),
+                        last_seen_ms: at_ms,
+                    },
+                );
+            }
+        }
+    }
+
+    /// What is known of `device`.
+    pub fn get(&self, device: &str) -> Option<Seen> {
+        self.shards.for_device(device).get(device).cloned()
+    }
+
+    /// How many devices were seen.
+    pub fn len(&self) -> usize {
+        self.shards.each().map(|s| s.len()).sum()
+    }
+
+    /// Whether none was.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every device seen, with what is known of it.
+    pub fn all(&self) -> Vec<(String, Seen)> {
+        self.shards
+            .each()
+            .flat_map(|s| {
+                s.iter()
+                    .map(|(d, seen)| (d.clone(), seen.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
 }
 
 impl std::fmt::Debug for PipelineState {
@@ -75,9 +152,12 @@ impl PipelineState {
             .map_or_else(|| device.to_owned(), |d| d.display_name().to_owned())
     }
 
-    /// The product of a registered device.
+    /// The product of `device`: from the registry, else from its messages.
     pub fn product_of(&self, device: &str) -> Option<String> {
-        self.registry.load().get(device).map(|d| d.product.clone())
+        match self.registry.load().get(device) {
+            Some(registered) => Some(registered.product.clone()),
+            None => self.seen.get(device).map(|s| s.product.to_string()),
+        }
     }
 }
 

@@ -283,6 +283,9 @@ impl Worker {
     /// Status bookkeeping for a message: its own device (with its explicit
     /// signal, if the script gave one) and every other device its outputs named.
     fn observe(&mut self, message: &RawMessage, signals: &[(String, Option<bool>)]) {
+        self.state
+            .seen
+            .note(&message.device_id, &message.product, message.received_at);
         let own = signals
             .iter()
             .find(|(d, _)| *d == message.device_id)

@@ -153,8 +153,9 @@ pub async fn run_kafka(
                                 break;
                             }
                         }
-                        Err(letter) => {
-                            ingest.dead_letter(letter).await;
+                        Err(reason) => {
+                            let payload = message.payload().unwrap_or_default();
+                            ingest.dead_letter(DeadLetter::unroutable(SourceKind::Kafka, &topic, payload, reason)).await;
                             done.complete();
                         }
                     }
@@ -184,6 +185,9 @@ pub async fn run_kafka(
         );
     }
     commit(&consumer, &offsets, CommitMode::Sync);
+    // Leave the group now rather than at the session timeout, so the
+    // partitions move to the other members at once.
+    consumer.unsubscribe();
     health.set_connected(false);
     tracing::info!(brokers = %config.brokers, "Kafka source stopped");
 }
@@ -205,18 +209,16 @@ fn commit(consumer: &StreamConsumer, offsets: &Mutex<Offsets>, mode: CommitMode)
     }
 }
 
-/// The raw message of a record, or its dead letter: the key is the device
-/// id; the product comes from the header, else from the topic map.
-fn route<M: Message>(config: &KafkaConfig, message: &M) -> Result<RawMessage, DeadLetter> {
+/// The raw message of a record, or why it cannot be routed: the key is
+/// the device id; the product comes from the header, else from the topic map.
+fn route<M: Message>(config: &KafkaConfig, message: &M) -> Result<RawMessage, String> {
     let topic = message.topic();
     let payload = message.payload().unwrap_or_default();
-    let unroutable =
-        |reason: String| DeadLetter::unroutable(SourceKind::Kafka, topic, payload, reason);
     let device = match message.key().map(std::str::from_utf8) {
         Some(Ok(key)) if crate::config::check_name(key).is_ok() => key.to_owned(),
-        Some(Ok(key)) => return Err(unroutable(format!("record key {key:?} is not a device id"))),
-        Some(Err(_)) => return Err(unroutable("record key is not UTF-8".into())),
-        None => return Err(unroutable("record has no key (the device id)".into())),
+        Some(Ok(key)) => return Err(format!("record key {key:?} is not a device id")),
+        Some(Err(_)) => return Err("record key is not UTF-8".into()),
+        None => return Err("record has no key (the device id)".into()),
     };
     let from_header = message.headers().and_then(|headers| {
         headers
@@ -229,10 +231,10 @@ fn route<M: Message>(config: &KafkaConfig, message: &M) -> Result<RawMessage, De
     let product = from_header
         .or_else(|| config.topic_products.get(topic).cloned())
         .ok_or_else(|| {
-            unroutable(format!(
+            format!(
                 "no `{}` header and no product for topic {topic:?}",
                 config.product_header
-            ))
+            )
         })?;
     Ok(RawMessage {
         device_id: device,

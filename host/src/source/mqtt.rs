@@ -121,7 +121,13 @@ pub async fn run_mqtt(
                             _ = shutdown.changed() => false,
                         }
                     }
-                    Err(letter) => {
+                    Err(reason) => {
+                        let letter = DeadLetter::unroutable(
+                            SourceKind::Mqtt,
+                            &publish.topic,
+                            &publish.payload,
+                            reason,
+                        );
                         ingest.dead_letter(letter).await;
                         true
                     }
@@ -153,8 +159,8 @@ pub async fn run_mqtt(
     tracing::info!(broker = %config.url, "MQTT source stopped");
 }
 
-/// The envelope for a publish, or the dead letter when it cannot be routed.
-fn envelope(router: &Router, topic: &str, payload: &[u8]) -> Result<Envelope, DeadLetter> {
+/// The envelope for a publish, or why it cannot be routed.
+fn envelope(router: &Router, topic: &str, payload: &[u8]) -> Result<Envelope, String> {
     match router.route(topic, payload) {
         Route::Data { product, device } => Ok(Envelope::new(Inbound::Data(RawMessage {
             device_id: device.to_owned(),
@@ -169,11 +175,6 @@ fn envelope(router: &Router, topic: &str, payload: &[u8]) -> Result<Envelope, De
             online,
             source: SourceKind::Mqtt,
         })),
-        Route::Unroutable(reason) => Err(DeadLetter::unroutable(
-            SourceKind::Mqtt,
-            topic,
-            payload,
-            reason,
-        )),
+        Route::Unroutable(reason) => Err(reason),
     }
 }

@@ -1,0 +1,62 @@
+//! An MQTT client for tests: publishes as a device would.
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+/// A connected MQTT publisher; its event loop runs in a task.
+#[derive(Debug)]
+pub struct Publisher {
+    client: AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Connects to the broker on `port` and waits for the connection.
+    pub async fn connect(port: u16) -> Self {
+        let mut options = MqttOptions::new(format!("test-{:08x}", rand_id()), "127.0.0.1", port);
+        options
+            .set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, mut events) = AsyncClient::new(options, 10_000);
+        let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut connected = Some(connected_tx);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        if let Some(tx) = connected.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), connected_rx)
+            .await
+            .expect("the test publisher connects within 10 s")
+            .expect("the connection task runs");
+        Publisher { client, task }
+    }
+
+    /// Publishes `payload` on `topic` at QoS 1.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("the publish is queued");
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn rand_id() -> u32 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(std::time::SystemTime::now()) as u32
+}
