@@ -4,12 +4,12 @@
 //!
 //! Run with: `cargo bench -p sluice --bench engine`
 
-use std::path::Path;
 use std::time::Duration;
+
+mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sluice::message::{RawMessage, SourceKind};
-use sluice::script::build::{BuildOutput, build_scripts};
 use sluice::script::{
     EngineOptions, Fields, Output, OutputKind, Params, Script, ScriptEngine, ScriptSettings,
     Severity,
@@ -36,24 +36,13 @@ fn params() -> Params {
 }
 
 fn load(engine: &ScriptEngine) -> Script {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let built = build_scripts(
-        &root.join("scripts"),
-        Some(&root.join("target/bench-scripts")),
-        BuildOutput::Capture,
-    )
-    .expect("the example scripts build");
-    let wasm = &built
-        .iter()
-        .find(|s| s.name == "json-sensor")
-        .expect("json-sensor is an example script")
-        .wasm;
+    let wasm = common::example_script("json-sensor");
     let settings = ScriptSettings {
         params: params(),
         ..ScriptSettings::default()
     };
     engine
-        .load_file("json-sensor", wasm, settings)
+        .load_file("json-sensor", &wasm, settings)
         .expect("json-sensor loads")
 }
 

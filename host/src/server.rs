@@ -70,6 +70,7 @@ pub struct Running {
     records: Option<Arc<RecordsOutput>>,
     drain: Duration,
     health: Vec<(String, Arc<SourceHealth>)>,
+    ingest: Ingest,
 }
 
 impl std::fmt::Debug for Running {
@@ -214,7 +215,6 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         http: config.sources.http.clone(),
         metrics: crate::metrics::recorder(),
     };
-    drop(ingest);
     let mut http_stop = intake_rx.clone();
     intake.push(tokio::spawn(async move {
         let server = axum::serve(listener, app(app_state)).with_graceful_shutdown(async move {
@@ -245,6 +245,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         records,
         drain: config.workers.drain_timeout,
         health,
+        ingest,
     })
 }
 
@@ -280,6 +281,13 @@ impl Running {
         self.memory_bus.as_ref().map(|bus| bus.subscribe())
     }
 
+    /// A way into the pipeline for in-process sources (benchmarks,
+    /// simulators). Drop every clone before [`Running::stop`], or the
+    /// workers wait for them until the drain timeout.
+    pub fn ingest(&self) -> Ingest {
+        self.ingest.clone()
+    }
+
     /// Sources and whether each is connected.
     pub fn sources(&self) -> Vec<(String, bool)> {
         self.health
@@ -293,6 +301,7 @@ impl Running {
     pub async fn stop(self) {
         tracing::info!("sluice stopping: no new messages; draining");
         let _ = self.intake_stop.send(true);
+        drop(self.ingest);
         for task in self.intake {
             let _ = tokio::time::timeout(self.drain, task).await;
         }

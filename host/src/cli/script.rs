@@ -22,6 +22,18 @@ pub(crate) enum ScriptCommand {
     Check(CheckArgs),
     /// Create a Rust script crate that builds and passes `check` as generated.
     New(NewArgs),
+    /// Build a cargo workspace (or crate) of Rust scripts and put each as
+    /// `<product>.wasm`, with its fixtures, in a scripts directory.
+    Build(BuildArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BuildArgs {
+    /// The cargo workspace or crate of the scripts.
+    path: PathBuf,
+    /// The scripts directory to fill.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -103,6 +115,7 @@ pub(crate) fn run(command: ScriptCommand) -> ExitCode {
         ScriptCommand::Test(args) => test(&args),
         ScriptCommand::Check(args) => check(&args),
         ScriptCommand::New(args) => new(&args),
+        ScriptCommand::Build(args) => build(&args),
     };
     match result {
         Ok(code) => code,
@@ -322,5 +335,34 @@ fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
             made.crate_dir.display()
         }
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
+    eprintln!("building the scripts in {} ...", args.path.display());
+    let built = build_scripts(&args.path, None, BuildOutput::Show)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    for script in built {
+        // Fixtures first (a reload checks the script against them), then the
+        // script under a temporary name and renamed, so a watcher never sees
+        // half a file.
+        let fixtures = script
+            .crate_dir
+            .join(format!("{}.examples.json", script.name));
+        if fixtures.is_file() {
+            std::fs::copy(
+                &fixtures,
+                args.out.join(format!("{}.examples.json", script.name)),
+            )
+            .with_context(|| format!("cannot copy {}", fixtures.display()))?;
+        }
+        let target = args.out.join(format!("{}.wasm", script.name));
+        let partial = args.out.join(format!(".{}.wasm.partial", script.name));
+        std::fs::copy(&script.wasm, &partial)
+            .and_then(|_| std::fs::rename(&partial, &target))
+            .with_context(|| format!("cannot write {}", target.display()))?;
+        println!("{}", target.display());
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,22 @@
+//! What the benchmarks share.
+
+use std::path::{Path, PathBuf};
+
+use sluice::script::build::{BuildOutput, build_scripts};
+
+/// Builds the example scripts (once per target directory, then cached by
+/// cargo) and returns the component of the one named `name`.
+pub(crate) fn example_script(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = build_scripts(
+        &root.join("scripts"),
+        Some(&root.join("target/bench-scripts")),
+        BuildOutput::Capture,
+    )
+    .expect("the example scripts build");
+    built
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("{name} is an example script"))
+        .wasm
+}
