@@ -11,6 +11,7 @@ use clap::Args;
 use crate::config::{Config, LoadedConfig};
 use crate::devices::DeviceRegistry;
 use crate::route::Router;
+use crate::script::build::is_cargo_dir;
 use crate::script::{ScriptEngine, load_product};
 
 #[derive(Debug, Args)]
@@ -22,7 +23,8 @@ pub(crate) struct RunArgs {
     /// Listen here instead of the configured address.
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// The scripts directory of the embedded defaults.
+    /// The scripts directory of the embedded defaults: `<product>.wasm`
+    /// files, or a cargo workspace of Rust scripts, which is built first.
     #[arg(long, default_value = "scripts")]
     scripts: PathBuf,
 }
@@ -37,6 +39,11 @@ pub(crate) struct CheckArgs {
 fn loaded(args: &RunArgs) -> anyhow::Result<LoadedConfig> {
     let mut loaded = match &args.config {
         Some(file) => Config::load(file)?,
+        None if is_cargo_dir(&args.scripts) => {
+            let out = args.scripts.join("target/sluice");
+            super::script::build_into(&args.scripts, &out)?;
+            Config::embedded(&out)
+        }
         None => Config::embedded(&args.scripts),
     };
     if let Some(listen) = args.listen {

@@ -339,10 +339,20 @@ fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
-    eprintln!("building the scripts in {} ...", args.path.display());
-    let built = build_scripts(&args.path, None, BuildOutput::Show)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("cannot create {}", args.out.display()))?;
+    for target in build_into(&args.path, &args.out)? {
+        println!("{}", target.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the Rust scripts of the cargo workspace (or crate) `dir` and puts
+/// each in `out` as `<name>.wasm` with its `<name>.examples.json`; returns
+/// the components written.
+pub(crate) fn build_into(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    eprintln!("building the scripts in {} ...", dir.display());
+    let built = build_scripts(dir, None, BuildOutput::Show)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut written = Vec::new();
     for script in built {
         // Fixtures first (a reload checks the script against them), then the
         // script under a temporary name and renamed, so a watcher never sees
@@ -351,18 +361,15 @@ fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
             .crate_dir
             .join(format!("{}.examples.json", script.name));
         if fixtures.is_file() {
-            std::fs::copy(
-                &fixtures,
-                args.out.join(format!("{}.examples.json", script.name)),
-            )
-            .with_context(|| format!("cannot copy {}", fixtures.display()))?;
+            std::fs::copy(&fixtures, out.join(format!("{}.examples.json", script.name)))
+                .with_context(|| format!("cannot copy {}", fixtures.display()))?;
         }
-        let target = args.out.join(format!("{}.wasm", script.name));
-        let partial = args.out.join(format!(".{}.wasm.partial", script.name));
+        let target = out.join(format!("{}.wasm", script.name));
+        let partial = out.join(format!(".{}.wasm.partial", script.name));
         std::fs::copy(&script.wasm, &partial)
             .and_then(|_| std::fs::rename(&partial, &target))
             .with_context(|| format!("cannot write {}", target.display()))?;
-        println!("{}", target.display());
+        written.push(target);
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(written)
 }
