@@ -22,7 +22,11 @@ fn pipeline(c: &mut Criterion) {
     let site = tempfile::tempdir().expect("a temporary directory");
     let scripts = site.path().join("scripts");
     std::fs::create_dir_all(&scripts).expect("a scripts directory");
-    std::fs::copy(common::example_script("json-sensor"), scripts.join("json-sensor.wasm")).expect("copy the script");
+    std::fs::copy(
+        common::example_script("json-sensor"),
+        scripts.join("json-sensor.wasm"),
+    )
+    .expect("copy the script");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -15,7 +15,9 @@ use tokio::task::JoinHandle;
 use crate::bus::{Bus, BusError, Interest, MemoryBus, Publication, RedisBus, mirror_interest};
 use crate::config::{ConfigError, LoadedConfig};
 use crate::devices::DeviceRegistry;
-use crate::gateway::{AppState, app};
+use crate::gateway::auth::Authenticator;
+use crate::gateway::hub::Hub;
+use crate::gateway::{AppState, WsContext, app};
 use crate::latest::LatestStore;
 use crate::pipeline::{
     Effect, Envelope, Ingest, PipelineState, SeenDevices, SharedDeadlines, apply_effects,
@@ -51,6 +53,11 @@ pub enum RunError {
     /// The routes are invalid.
     #[error("routes: {0}")]
     Routes(String),
+    /// A public address without authentication.
+    #[error(
+        "refusing to listen on {0} without authentication: add an [auth] section (jwt_secret or api_keys), or listen on a loopback address"
+    )]
+    Unauthenticated(SocketAddr),
     /// A thread or the listener failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -85,6 +92,9 @@ impl std::fmt::Debug for Running {
 pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Running, RunError> {
     let config = loaded.config;
     let addr = listener.local_addr()?;
+    if config.auth.is_none() && !addr.ip().is_loopback() {
+        return Err(RunError::Unauthenticated(addr));
+    }
     let engine = ScriptEngine::new(&config.scripts.engine)?;
     let scripts = {
         let (engine, config) = (engine.clone(), config.clone());
@@ -102,28 +112,33 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     let interest = Arc::new(Interest::new());
     let (timers_stop, timers_rx) = watch::channel(false);
     let mut timers = Vec::new();
-    let (bus, memory_bus): (Arc<dyn Bus>, Option<Arc<MemoryBus>>) = match &config.bus.redis {
-        Some(redis) => {
-            let stream = config
-                .records
-                .redis_stream
-                .as_ref()
-                .map(|s| (s.key.clone(), s.maxlen));
-            let bus = RedisBus::connect(redis, config.deadletter.capacity, stream).await?;
-            bus.ping().await?;
-            timers.push(tokio::spawn(mirror_interest(
-                bus.client().clone(),
-                interest.clone(),
-                redis.resync,
-                timers_rx.clone(),
-            )));
-            (Arc::new(bus), None)
-        }
-        None => {
-            let bus = Arc::new(MemoryBus::new(config.deadletter.capacity));
-            (bus.clone(), Some(bus))
-        }
-    };
+    let (bus, memory_bus, hub): (Arc<dyn Bus>, Option<Arc<MemoryBus>>, Arc<Hub>) =
+        match &config.bus.redis {
+            Some(redis) => {
+                let stream = config
+                    .records
+                    .redis_stream
+                    .as_ref()
+                    .map(|s| (s.key.clone(), s.maxlen));
+                let bus = RedisBus::connect(redis, config.deadletter.capacity, stream).await?;
+                bus.ping().await?;
+                timers.push(tokio::spawn(mirror_interest(
+                    bus.client().clone(),
+                    interest.clone(),
+                    redis.resync,
+                    timers_rx.clone(),
+                )));
+                let hub =
+                    Hub::with_redis(bus.client().clone(), interest.clone(), timers_rx.clone())
+                        .await?;
+                (Arc::new(bus), None, hub)
+            }
+            None => {
+                let bus = Arc::new(MemoryBus::new(config.deadletter.capacity));
+                let hub = Hub::in_process(interest.clone(), bus.subscribe(), timers_rx.clone());
+                (bus.clone(), Some(bus), hub)
+            }
+        };
     let shared = bus.shares_deadlines();
     let flush = config
         .bus
@@ -209,11 +224,27 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
             intake_rx.clone(),
         )));
     }
+    let (registry_tx, registry_changes) = watch::channel(0);
+    if let Some(file) = &config.registry.file {
+        timers.push(tokio::spawn(follow_registry(
+            file.clone(),
+            state.clone(),
+            registry_tx,
+            timers_rx.clone(),
+        )));
+    }
     let app_state = AppState {
         pipeline: state.clone(),
         ingest: config.sources.http.enabled.then(|| ingest.clone()),
         http: config.sources.http.clone(),
         metrics: crate::metrics::recorder(),
+        ws: Arc::new(WsContext {
+            hub,
+            auth: Authenticator::new(config.auth.as_ref()),
+            config: config.websocket.clone(),
+            connections: Arc::default(),
+            registry_changes,
+        }),
     };
     let mut http_stop = intake_rx.clone();
     intake.push(tokio::spawn(async move {
@@ -247,6 +278,48 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         health,
         ingest,
     })
+}
+
+/// How often the registry file is checked for changes.
+const REGISTRY_POLL: Duration = Duration::from_secs(1);
+
+/// Reloads the device registry when its file changes, and tells the
+/// gateway, so filtered subscriptions follow. A file that does not load
+/// leaves the registry as it was.
+async fn follow_registry(
+    file: std::path::PathBuf,
+    state: Arc<PipelineState>,
+    changes: watch::Sender<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let stamp = |file: &std::path::Path| {
+        std::fs::metadata(file)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&file);
+    let mut ticker = tokio::time::interval(REGISTRY_POLL);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let now = stamp(&file);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match DeviceRegistry::load(&file) {
+            Ok(registry) => {
+                tracing::info!(devices = registry.len(), file = %file.display(), "device registry reloaded");
+                state.registry.store(Arc::new(registry));
+                changes.send_modify(|generation| *generation += 1);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "device registry not reloaded; keeping the previous one");
+            }
+        }
+    }
 }
 
 /// Loads the shared status table so a restarted instance knows current status.

@@ -5,10 +5,12 @@
 //! - [`cli`]: runs the `sluice` binary and captures what it prints;
 //! - [`mqtt`]: a device-like MQTT publisher;
 //! - [`servers`]: real `redis-server` and `mosquitto` on ephemeral ports;
-//! - [`sluice`]: sluice itself in the test process, with example scripts.
+//! - [`sluice`]: sluice itself in the test process, with example scripts;
+//! - [`ws`]: a real WebSocket client.
 
 pub mod build;
 pub mod cli;
 pub mod mqtt;
 pub mod servers;
 pub mod sluice;
+pub mod ws;

@@ -93,3 +93,8 @@ where
 pub fn base_url(running: &Running) -> String {
     format!("http://{}", running.addr())
 }
+
+/// The WebSocket URL of `path` on a running sluice.
+pub fn ws_url(running: &Running, path: &str) -> String {
+    format!("ws://{}{path}", running.addr())
+}

@@ -83,6 +83,10 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn load_device_status(&self, _device: &str) -> Result<Option<DeviceStatus>, BusError> {
+        Ok(None)
+    }
+
     async fn load_latest(&self, _device: &str) -> Result<Option<Snapshot>, BusError> {
         Ok(None)
     }

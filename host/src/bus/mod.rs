@@ -75,6 +75,10 @@ pub trait Bus: Send + Sync + 'static {
     /// The shared status table, to start from after a restart.
     async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError>;
 
+    /// One device's entry in the shared status table (`None` with the
+    /// in-process bus, whose table is this process's own).
+    async fn load_device_status(&self, device: &str) -> Result<Option<DeviceStatus>, BusError>;
+
     /// Writes latest-value changes behind.
     async fn store_latest(&self, batch: &[(String, Delta)]) -> Result<(), BusError>;
 

@@ -2,7 +2,7 @@
 //! a contract with other systems (dashboards written for the seed
 //! platform read `ws:device:*` and `device:*:status`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::script::{Fields, Severity};
 use crate::status::StatusSource;
@@ -21,7 +21,7 @@ pub enum Publication {
 }
 
 /// `ws:device:{device}`: `{"device_id","tenant_id","timestamp","data":{…}}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TelemetryReport {
     /// The device.
     pub device_id: String,
@@ -36,24 +36,24 @@ pub struct TelemetryReport {
 /// `device:{device}:status`:
 /// `{"device_id","device_name","is_online","timestamp","source"}`;
 /// `is_online` is `1` or `0`, as the seed platform's dashboards expect.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusChange {
     /// The device.
     pub device_id: String,
     /// Its name (the id when unregistered).
     pub device_name: String,
     /// `1` online, `0` offline.
-    #[serde(serialize_with = "as_int")]
+    #[serde(serialize_with = "as_int", deserialize_with = "from_int")]
     pub is_online: bool,
     /// When it changed, ms since the Unix epoch.
     pub timestamp: i64,
     /// Why: `status_message`, `message`, `heartbeat_expired`, `timeout_expired`.
-    #[serde(serialize_with = "source_name")]
+    #[serde(serialize_with = "source_name", deserialize_with = "from_source_name")]
     pub source: StatusSource,
 }
 
 /// `sluice:alert:{device}`: `{"device_id","tenant_id","timestamp","severity","title","description"}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AlertRaised {
     /// The device.
     pub device_id: String,
@@ -70,7 +70,7 @@ pub struct AlertRaised {
 }
 
 /// `sluice:event:{device}`: `{"device_id","tenant_id","timestamp","name","data":{…}}`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventReported {
     /// The device.
     pub device_id: String,
@@ -86,6 +86,22 @@ pub struct EventReported {
 
 fn as_int<S: serde::Serializer>(online: &bool, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u8(u8::from(*online))
+}
+
+fn from_int<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Bool(online) => Ok(online),
+        serde_json::Value::Number(n) => Ok(n.as_i64() == Some(1)),
+        other => Err(serde::de::Error::custom(format!(
+            "is_online must be 1, 0 or a boolean, not {other}"
+        ))),
+    }
+}
+
+fn from_source_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StatusSource, D::Error> {
+    let name = String::deserialize(d)?;
+    StatusSource::parse(&name)
+        .ok_or_else(|| serde::de::Error::custom(format!("unknown status source {name:?}")))
 }
 
 fn source_name<S: serde::Serializer>(source: &StatusSource, s: S) -> Result<S::Ok, S::Error> {
@@ -145,6 +161,40 @@ impl Publication {
         json.expect("publications serialise to JSON")
     }
 
+    /// Parses what arrived on `channel` (one of the four per-device channels).
+    pub fn parse(channel: &str, payload: &[u8]) -> Result<Publication, String> {
+        let bad = |e: serde_json::Error| format!("{channel}: {e}");
+        if channel.starts_with("ws:device:") {
+            serde_json::from_slice(payload)
+                .map(Publication::Telemetry)
+                .map_err(bad)
+        } else if channel.starts_with("sluice:alert:") {
+            serde_json::from_slice(payload)
+                .map(Publication::Alert)
+                .map_err(bad)
+        } else if channel.starts_with("sluice:event:") {
+            serde_json::from_slice(payload)
+                .map(Publication::Event)
+                .map_err(bad)
+        } else if channel.starts_with("device:") && channel.ends_with(":status") {
+            serde_json::from_slice(payload)
+                .map(Publication::Status)
+                .map_err(bad)
+        } else {
+            Err(format!("{channel}: not a device channel"))
+        }
+    }
+
+    /// The four channels of `device`.
+    pub fn channels(device: &str) -> [String; 4] {
+        [
+            telemetry_channel(device),
+            status_channel(device),
+            alert_channel(device),
+            event_channel(device),
+        ]
+    }
+
     /// A short kind name for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -187,5 +237,11 @@ mod tests {
             value,
             json!({"device_id": "th-1", "device_name": "Lab", "is_online": 1, "timestamp": 5, "source": "heartbeat_expired"})
         );
+        for publication in [telemetry, status] {
+            let parsed =
+                Publication::parse(&publication.channel(), publication.payload().as_bytes());
+            assert_eq!(parsed, Ok(publication));
+        }
+        assert!(Publication::parse("ws:device:x", b"{}").is_err());
     }
 }

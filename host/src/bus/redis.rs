@@ -252,6 +252,15 @@ impl Bus for RedisBus {
             .map_err(unavailable)
     }
 
+    async fn load_device_status(&self, device: &str) -> Result<Option<DeviceStatus>, BusError> {
+        let json: Option<String> = self
+            .connection()
+            .hget(STATUS_KEY, device)
+            .await
+            .map_err(unavailable)?;
+        json.map(|j| parse_status(&j)).transpose()
+    }
+
     async fn load_latest(&self, device: &str) -> Result<Option<Snapshot>, BusError> {
         let entries: Vec<(String, String)> = self
             .connection()

@@ -361,8 +361,11 @@ pub(crate) fn build_into(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>>
             .crate_dir
             .join(format!("{}.examples.json", script.name));
         if fixtures.is_file() {
-            std::fs::copy(&fixtures, out.join(format!("{}.examples.json", script.name)))
-                .with_context(|| format!("cannot copy {}", fixtures.display()))?;
+            std::fs::copy(
+                &fixtures,
+                out.join(format!("{}.examples.json", script.name)),
+            )
+            .with_context(|| format!("cannot copy {}", fixtures.display()))?;
         }
         let target = out.join(format!("{}.wasm", script.name));
         let partial = out.join(format!(".{}.wasm.partial", script.name));

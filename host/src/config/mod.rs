@@ -7,8 +7,8 @@ mod sources;
 
 pub use load::{ConfigError, load_file, parse_text};
 pub use model::{
-    BusConfig, Config, DeadLetterConfig, KafkaRecordsConfig, LoadedConfig, ProductConfig,
-    RecordsConfig, RedisConfig, RedisStreamConfig, RegistryConfig, RouteConfig, ScriptsConfig,
-    ServerConfig, StatusConfig, WorkersConfig, check_name,
+    AuthConfig, BusConfig, Config, DeadLetterConfig, KafkaRecordsConfig, LoadedConfig,
+    ProductConfig, RecordsConfig, RedisConfig, RedisStreamConfig, RegistryConfig, RouteConfig,
+    ScriptsConfig, ServerConfig, StatusConfig, WebSocketConfig, WorkersConfig, check_name,
 };
 pub use sources::{HttpIngestConfig, KafkaConfig, MqttConfig, SourcesConfig};

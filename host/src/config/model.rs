@@ -54,6 +54,67 @@ pub struct Config {
     /// Optional output of every processed record for storage consumers.
     #[serde(default)]
     pub records: RecordsConfig,
+    /// Who may connect to the WebSocket API; absent means nobody is asked
+    /// (allowed on a loopback address only).
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+    /// WebSocket limits.
+    #[serde(default)]
+    pub websocket: WebSocketConfig,
+}
+
+/// Authentication of WebSocket clients: JWTs signed with a shared secret,
+/// API keys, or both. Every client gets a tenant and sees only its devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The HS256 secret of JWTs (`sub`, `tenant_id`, `exp`).
+    pub jwt_secret: Option<String>,
+    /// API key → tenant.
+    pub api_keys: BTreeMap<String, String>,
+}
+
+/// WebSocket limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Connections this instance holds at once; more are refused with 503.
+    pub max_connections: usize,
+    /// The largest frame a client may send; a larger one gets an error
+    /// frame, and one over four times this closes the connection (1009).
+    pub max_frame: bytesize::ByteSize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Devices one connection may watch across its subscriptions.
+    pub max_devices: usize,
+    /// Status, alert, event and reply frames a connection may have waiting
+    /// before it is closed as too slow (1013). Telemetry is conflated and
+    /// does not count.
+    pub send_queue: usize,
+    /// How long a client may take to authenticate.
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// The server pings this often.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            max_connections: 50_000,
+            max_frame: bytesize::ByteSize::kib(64),
+            max_subscriptions: 64,
+            max_devices: 10_000,
+            send_queue: 1024,
+            auth_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
 }
 
 /// The HTTP server.

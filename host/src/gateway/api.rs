@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{AppError, AppState};
 use crate::deadletter::DeadLetter;
 use crate::latest::Snapshot;
+use crate::pipeline::PipelineState;
 use crate::script::StatsSnapshot;
 
 /// `?limit=` of list endpoints.
@@ -61,32 +62,35 @@ pub(super) struct ScriptView {
 
 /// `GET /api/v1/scripts`: every product and its script.
 pub(super) async fn scripts(State(app): State<AppState>) -> Json<Vec<ScriptView>> {
-    Json(
-        app.pipeline
-            .scripts
-            .list()
-            .iter()
-            .map(|product| {
-                let stats = product.script.as_ref().map(|s| s.stats().snapshot());
-                ScriptView {
-                    product: product.name.clone(),
-                    state: if product.script.is_some() {
-                        "loaded"
-                    } else {
-                        "failed"
-                    },
-                    version: product.script.as_ref().map(|s| s.id().version.clone()),
-                    path: product.path.display().to_string(),
-                    last_error: product.error.clone(),
-                    status_mode: product.mode.name(),
-                    mean_call_us: stats
-                        .filter(|s| s.calls > 0)
-                        .map(|s| s.nanos as f64 / s.calls as f64 / 1000.0),
-                    stats,
-                }
-            })
-            .collect(),
-    )
+    Json(script_views(&app.pipeline))
+}
+
+/// Every product and its script.
+pub(super) fn script_views(pipeline: &PipelineState) -> Vec<ScriptView> {
+    pipeline
+        .scripts
+        .list()
+        .iter()
+        .map(|product| {
+            let stats = product.script.as_ref().map(|s| s.stats().snapshot());
+            ScriptView {
+                product: product.name.clone(),
+                state: if product.script.is_some() {
+                    "loaded"
+                } else {
+                    "failed"
+                },
+                version: product.script.as_ref().map(|s| s.id().version.clone()),
+                path: product.path.display().to_string(),
+                last_error: product.error.clone(),
+                status_mode: product.mode.name(),
+                mean_call_us: stats
+                    .filter(|s| s.calls > 0)
+                    .map(|s| s.nanos as f64 / s.calls as f64 / 1000.0),
+                stats,
+            }
+        })
+        .collect()
 }
 
 /// `GET /api/v1/devices/{device}`.

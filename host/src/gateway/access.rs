@@ -1,0 +1,114 @@
+//! Which devices a client may see, and what is known of them now.
+
+use std::collections::BTreeSet;
+
+use super::auth::Identity;
+use super::frames::{FrameError, Subscribe};
+use crate::devices::Device;
+use crate::latest::Snapshot;
+use crate::pipeline::PipelineState;
+use crate::status::DeviceStatus;
+
+/// Whether `identity` may see `device`: with authentication, the device
+/// must be registered to the identity's tenant; without it, the device
+/// must be registered or have reported.
+pub(super) fn check_device(
+    state: &PipelineState,
+    identity: Option<&Identity>,
+    device: &str,
+) -> Result<(), FrameError> {
+    let registry = state.registry.load();
+    match (registry.get(device), identity) {
+        (Some(registered), Some(identity)) if registered.tenant != identity.tenant => {
+            Err(FrameError::new(
+                "forbidden",
+                format!("device {device:?} belongs to another tenant"),
+            ))
+        }
+        (Some(_), _) => Ok(()),
+        (None, None) if state.seen.get(device).is_some() => Ok(()),
+        (None, _) => Err(FrameError::new(
+            "unknown_device",
+            format!("no device {device:?} is registered"),
+        )),
+    }
+}
+
+fn visible(device: &Device, identity: Option<&Identity>) -> bool {
+    identity.is_none_or(|i| device.tenant == i.tenant)
+}
+
+/// Whether a registered device matches the registry filters of `request`
+/// (AND across kinds, OR within one).
+pub(super) fn matches(device: &Device, request: &Subscribe) -> bool {
+    let any = |wanted: &[String], have: &str| wanted.is_empty() || wanted.iter().any(|w| w == have);
+    any(&request.device_types, &device.device_type)
+        && any(&request.locations, &device.location)
+        && (request.groups.is_empty() || device.groups.iter().any(|g| request.groups.contains(g)))
+        && (request.device_ids.is_empty() || request.device_ids.contains(&device.id))
+}
+
+/// The devices `request` covers for `identity`, checking every device it
+/// names.
+pub(super) fn resolve(
+    state: &PipelineState,
+    identity: Option<&Identity>,
+    request: &Subscribe,
+) -> Result<BTreeSet<String>, FrameError> {
+    for device in &request.device_ids {
+        check_device(state, identity, device)?;
+    }
+    if !request.selects_from_registry() {
+        return Ok(request.device_ids.iter().cloned().collect());
+    }
+    let registry = state.registry.load();
+    let mut devices: BTreeSet<String> = registry
+        .iter()
+        .filter(|d| visible(d, identity) && matches(d, request))
+        .map(|d| d.id.clone())
+        .collect();
+    // Named devices that only reported (no registry entry) are covered too
+    // when nothing else narrows the set.
+    if request.device_types.is_empty() && request.locations.is_empty() && request.groups.is_empty()
+    {
+        devices.extend(request.device_ids.iter().cloned());
+    }
+    Ok(devices)
+}
+
+/// Registered devices visible to `identity`.
+pub(super) fn visible_devices(state: &PipelineState, identity: Option<&Identity>) -> Vec<Device> {
+    state
+        .registry
+        .load()
+        .iter()
+        .filter(|d| visible(d, identity))
+        .map(|d| Device::clone(d))
+        .collect()
+}
+
+/// The latest values of `device`: this instance's, else the bus's.
+pub(super) async fn latest_of(state: &PipelineState, device: &str) -> Option<Snapshot> {
+    match state.latest.get(device) {
+        Some(snapshot) => Some(snapshot),
+        None => state.bus.load_latest(device).await.unwrap_or_else(|error| {
+            tracing::warn!(%error, device, "cannot load latest values");
+            None
+        }),
+    }
+}
+
+/// The status of `device`: this instance's, else the bus's table.
+pub(super) async fn status_of(state: &PipelineState, device: &str) -> Option<DeviceStatus> {
+    match state.status.get(device) {
+        Some(status) => Some(status),
+        None => state
+            .bus
+            .load_device_status(device)
+            .await
+            .unwrap_or_else(|error| {
+                tracing::warn!(%error, device, "cannot load status");
+                None
+            }),
+    }
+}

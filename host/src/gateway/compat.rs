@@ -1,0 +1,201 @@
+//! The compatibility endpoints: a dashboard written for the seed platform
+//! works unchanged. Each takes one first frame naming a device (and
+//! credentials), answers at once with what is known now, then follows.
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocket;
+use axum::extract::{State, WebSocketUpgrade};
+use axum::response::Response;
+use serde_json::json;
+
+use super::access::{check_device, latest_of, status_of};
+use super::auth::Identity;
+use super::frames::{
+    CompatHello, FrameError, compat_status, compat_telemetry, parse_json, select_keys,
+};
+use super::hub::Watcher;
+use super::outbox::Outbox;
+use super::socket::{Incoming, Session, Slot, close};
+use super::{AppState, upgrade};
+use crate::bus::Publication;
+use crate::message::now_ms;
+
+/// Which endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    /// `/api/v1/device/online/status/ws`.
+    Status,
+    /// `/api/v1/telemetry/datas/current/ws`.
+    Telemetry,
+    /// `/api/v1/telemetry/datas/current/keys/ws`.
+    TelemetryKeys,
+}
+
+/// `GET /api/v1/device/online/status/ws`.
+pub(super) async fn status(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
+    upgrade(ws, &app, move |socket, app, slot| {
+        serve(socket, app, slot, Endpoint::Status)
+    })
+}
+
+/// `GET /api/v1/telemetry/datas/current/ws`.
+pub(super) async fn telemetry(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
+    upgrade(ws, &app, move |socket, app, slot| {
+        serve(socket, app, slot, Endpoint::Telemetry)
+    })
+}
+
+/// `GET /api/v1/telemetry/datas/current/keys/ws`.
+pub(super) async fn telemetry_keys(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
+    upgrade(ws, &app, move |socket, app, slot| {
+        serve(socket, app, slot, Endpoint::TelemetryKeys)
+    })
+}
+
+struct CompatWatcher {
+    outbox: Arc<Outbox>,
+    endpoint: Endpoint,
+    keys: Vec<String>,
+}
+
+impl Watcher for CompatWatcher {
+    fn deliver(&self, publication: &Publication) {
+        match (self.endpoint, publication) {
+            (Endpoint::Status, Publication::Status(change)) => {
+                self.outbox.push(compat_status(change));
+            }
+            (Endpoint::Telemetry | Endpoint::TelemetryKeys, Publication::Telemetry(report)) => {
+                let fields = select_keys(&report.data, &self.keys);
+                if !self.keys.is_empty() && fields.is_empty() {
+                    return;
+                }
+                self.outbox.push_latest(
+                    &report.device_id,
+                    compat_telemetry(&fields, report.timestamp),
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Waits for a valid first frame; `None` when the client left or was
+/// refused (and told why).
+async fn hello(
+    session: &mut Session,
+    app: &AppState,
+    endpoint: Endpoint,
+) -> Option<(CompatHello, Option<Identity>)> {
+    let deadline = tokio::time::Instant::now() + app.ws.config.auth_timeout;
+    loop {
+        let incoming = tokio::select! {
+            incoming = session.next() => incoming?,
+            _ = tokio::time::sleep_until(deadline) => {
+                session.send(FrameError::new("auth_timeout", "no first frame with device_id and credentials in time").frame());
+                return None;
+            }
+        };
+        let text = match incoming {
+            Incoming::Text(text) => text,
+            other => {
+                session.send(unreadable(&other).frame());
+                continue;
+            }
+        };
+        let hello: CompatHello = match parse_json(&text) {
+            Ok(hello) => hello,
+            Err(error) => {
+                session.send(error.frame());
+                continue;
+            }
+        };
+        if endpoint == Endpoint::TelemetryKeys && hello.keys.as_ref().is_none_or(Vec::is_empty) {
+            session.send(
+                FrameError::new("missing_field", "this endpoint needs \"keys\": [...]").frame(),
+            );
+            continue;
+        }
+        let identity = match app.ws.auth.check(&hello.credentials()) {
+            Ok(identity) => identity,
+            Err(error) => {
+                session.send(FrameError::new(error.code(), error.to_string()).frame());
+                return None;
+            }
+        };
+        if let Err(error) = check_device(&app.pipeline, identity.as_ref(), &hello.device_id) {
+            session.send(error.frame());
+            continue;
+        }
+        return Some((hello, identity));
+    }
+}
+
+/// The error frame for a frame that is not readable text.
+pub(super) fn unreadable(incoming: &Incoming) -> FrameError {
+    match incoming {
+        Incoming::TooLarge(size) => FrameError::new(
+            "frame_too_large",
+            format!("a frame of {size} bytes is over the limit"),
+        ),
+        _ => FrameError::new("bad_frame", "frames are JSON text"),
+    }
+}
+
+async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint) {
+    let mut session = Session::start(socket, &app.ws.config, slot);
+    let Some((hello, _identity)) = hello(&mut session, &app, endpoint).await else {
+        session.close(close::POLICY, "not authenticated").await;
+        return;
+    };
+    let device = hello.device_id;
+    let keys = hello.keys.unwrap_or_default();
+    let watcher = Arc::new(CompatWatcher {
+        outbox: session.outbox().clone(),
+        endpoint,
+        keys: keys.clone(),
+    });
+    let id = app.ws.hub.register();
+    if let Err(error) = app.ws.hub.watch(id, watcher, &device).await {
+        session.send(FrameError::new("unavailable", error.to_string()).frame());
+        session.close(close::GOING_AWAY, "bus unavailable").await;
+        let _ = app.ws.hub.unwatch(id, &device).await;
+        return;
+    }
+    let state = &app.pipeline;
+    let first = match endpoint {
+        Endpoint::Status => {
+            let status = status_of(state, &device).await;
+            json!({
+                "device_id": device,
+                "device_name": state.name_of(&device),
+                "is_online": status.map_or(0, |s| u8::from(s.online)),
+                "timestamp": status.map_or(0, |s| s.since_ms),
+                "source": status.map_or("unknown", |s| s.source.as_str()),
+            })
+            .to_string()
+        }
+        Endpoint::Telemetry | Endpoint::TelemetryKeys => match latest_of(state, &device).await {
+            Some(snapshot) => compat_telemetry(
+                &select_keys(&snapshot.telemetry, &keys),
+                snapshot.updated_ms,
+            ),
+            None => compat_telemetry(&crate::script::Fields::new(), now_ms()),
+        },
+    };
+    session.send(first);
+    while let Some(incoming) = session.next().await {
+        let error = match incoming {
+            Incoming::Text(_) => FrameError::new(
+                "unexpected_frame",
+                "this endpoint takes one first frame; send text ping to keep alive",
+            ),
+            other => unreadable(&other),
+        };
+        session.send(error.frame());
+    }
+    if let Err(error) = app.ws.hub.unwatch(id, &device).await {
+        tracing::warn!(%error, device, "could not release a watch");
+    }
+    session.close(close::NORMAL, "bye").await;
+}

@@ -1,0 +1,129 @@
+//! A real WebSocket client for tests: JSON frames in and out, with
+//! timeouts, and the close code the server ends with.
+
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for one frame.
+pub const FRAME_WAIT: Duration = Duration::from_secs(10);
+
+/// One client connection.
+#[derive(Debug)]
+pub struct WsClient {
+    stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What the server did next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Received {
+    /// A text frame that is JSON.
+    Json(Value),
+    /// A text frame that is not JSON (`pong`).
+    Text(String),
+    /// A close frame: code and reason.
+    Closed(u16, String),
+}
+
+impl WsClient {
+    /// Connects to `url` (`ws://…`), with extra headers.
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Self, String> {
+        let mut request = url.into_client_request().map_err(|e| e.to_string())?;
+        for (name, value) in headers {
+            request.headers_mut().insert(
+                tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|e| e.to_string())?,
+                value.parse().map_err(|e| format!("{e}"))?,
+            );
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(WsClient { stream })
+    }
+
+    /// Connects to `url`.
+    pub async fn connect(url: &str) -> Self {
+        Self::connect_with(url, &[])
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"))
+    }
+
+    /// Sends a text frame.
+    pub async fn send_text(&mut self, text: &str) {
+        self.stream
+            .send(Message::text(text))
+            .await
+            .expect("the frame is sent");
+    }
+
+    /// Sends a JSON frame.
+    pub async fn send(&mut self, frame: &Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    /// The next frame (pings are answered by the library and skipped).
+    pub async fn receive(&mut self, wait: Duration) -> Option<Received> {
+        loop {
+            let message = tokio::time::timeout(wait, self.stream.next())
+                .await
+                .ok()??;
+            match message {
+                Ok(Message::Text(text)) => {
+                    return Some(match serde_json::from_str(&text) {
+                        Ok(value) => Received::Json(value),
+                        Err(_) => Received::Text(text.to_string()),
+                    });
+                }
+                Ok(Message::Close(frame)) => {
+                    return Some(frame.map_or(Received::Closed(1005, String::new()), |f| {
+                        Received::Closed(f.code.into(), f.reason.to_string())
+                    }));
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next JSON frame; panics on anything else.
+    pub async fn next_json(&mut self) -> Value {
+        match self.receive(FRAME_WAIT).await {
+            Some(Received::Json(value)) => value,
+            other => panic!("expected a JSON frame, got {other:?}"),
+        }
+    }
+
+    /// The next JSON frame whose `type` is `kind`, skipping others.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let frame = self.next_json().await;
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+
+    /// The close code and reason the server ends with, skipping frames.
+    pub async fn closed(&mut self, wait: Duration) -> (u16, String) {
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            match self.receive(left).await {
+                Some(Received::Closed(code, reason)) => return (code, reason),
+                Some(_) => {}
+                None => panic!("no close frame within {wait:?}"),
+            }
+        }
+    }
+
+    /// Whether no frame arrives within `wait`.
+    pub async fn quiet(&mut self, wait: Duration) -> Option<Received> {
+        self.receive(wait).await
+    }
+}
