@@ -50,6 +50,40 @@ impl Site {
         path
     }
 
+    /// Starts the `sluice` binary as its own process on a free loopback
+    /// port with `config` (TOML, without `[server]`) as `<name>.toml`, and
+    /// waits until it answers `/health`.
+    pub async fn spawn(&self, name: &str, config: &str) -> SluiceProcess {
+        let port = crate::servers::free_port();
+        let file = format!("{name}.toml");
+        self.write(
+            &file,
+            &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{config}\n"),
+        );
+        let child = std::process::Command::new(crate::build::sluice_bin())
+            .args(["run", "--config", &file])
+            .current_dir(self.dir.path())
+            .env("SLUICE_CACHE_DIR", self.dir.path().join("cache"))
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("the sluice binary starts");
+        let process = SluiceProcess {
+            child: Some(child),
+            port,
+        };
+        let health = format!("{}/health", process.base_url());
+        eventually(Duration::from_secs(60), "sluice to listen", || async {
+            reqwest::get(&health)
+                .await
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(drop)
+        })
+        .await;
+        process
+    }
+
     /// Starts sluice in this process with `config` (TOML) as `sluice.toml`.
     /// The compiled-script cache lives in the site, so tests share nothing.
     /// Logs go to stderr when `TEST_LOG` is set (`RUST_LOG` filters them).
@@ -97,4 +131,71 @@ pub fn base_url(running: &Running) -> String {
 /// The WebSocket URL of `path` on a running sluice.
 pub fn ws_url(running: &Running, path: &str) -> String {
     format!("ws://{}{path}", running.addr())
+}
+
+/// sluice running as a child process; killed when dropped.
+#[derive(Debug)]
+pub struct SluiceProcess {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl SluiceProcess {
+    /// Its HTTP base URL.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The WebSocket URL of `path`.
+    pub fn ws_url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let kill = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(kill.success());
+        tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("the wait finishes")
+            .expect("the exit status")
+    }
+
+    /// Kills it at once (SIGKILL): no cleanup of any kind.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for SluiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How long the helpers below wait.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// Waits until every source of `running` is connected.
+pub async fn sources_connected(running: &Running) {
+    eventually(SETTLE, "the sources to connect", || async {
+        running.sources().iter().all(|(_, up)| *up).then_some(())
+    })
+    .await;
+}
+
+/// Waits until `running`'s interest set says `device` is `watched` (or not).
+pub async fn interest_is(running: &Running, device: &str, watched: bool) {
+    let state = running.state().clone();
+    eventually(SETTLE, "the interest set to follow", || async {
+        (state.interest.is_watched(device) == watched).then_some(())
+    })
+    .await;
 }

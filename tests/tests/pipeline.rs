@@ -9,7 +9,7 @@ use sluice::bus::Publication;
 use sluice::status::StatusSource;
 use sluice_tests::mqtt::Publisher;
 use sluice_tests::servers::Mosquitto;
-use sluice_tests::sluice::{Site, base_url, eventually};
+use sluice_tests::sluice::{Site, base_url, eventually, sources_connected};
 use tokio::sync::broadcast;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -246,10 +246,7 @@ async fn every_status_mode_end_to_end_over_mqtt() {
     let mut watch = Watch {
         publications: running.subscribe().expect("the in-process bus"),
     };
-    eventually(WAIT, "the MQTT source to connect", || async {
-        running.sources()[0].1.then_some(())
-    })
-    .await;
+    sources_connected(&running).await;
     let device = Publisher::connect(broker.port()).await;
     let reading = r#"{"temperature": 20}"#;
 

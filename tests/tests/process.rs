@@ -2,15 +2,14 @@
 //! drains every accepted message before exit.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use serde_json::{Value, json};
 use sluice::config::Config;
 use sluice::devices::DeviceRegistry;
 use sluice_tests::build::{example_scripts, repo_root, scratch_dir, sluice_bin};
-use sluice_tests::servers::{RedisServer, free_port};
-use sluice_tests::sluice::eventually;
+use sluice_tests::servers::RedisServer;
+use sluice_tests::sluice::Site;
 
 #[test]
 fn every_example_configuration_loads() {
@@ -103,40 +102,17 @@ fn sluice_check_reports_a_valid_configuration_and_a_bad_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_every_accepted_message() {
     let redis = RedisServer::start();
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = dir.path().join("scripts");
-    std::fs::create_dir_all(&scripts).unwrap();
-    let json_sensor = example_scripts()
-        .iter()
-        .find(|s| s.name == "json-sensor")
-        .unwrap();
-    std::fs::copy(&json_sensor.wasm, scripts.join("json-sensor.wasm")).unwrap();
-    let port = free_port();
-    std::fs::write(
-        dir.path().join("sluice.toml"),
-        format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[bus.redis]\nurl = \"{}\"\n[records.redis_stream]\nkey = \"sluice:records\"\n[sources.http]\nmax_body = \"8 MiB\"\nmax_batch = 5000\n[workers]\ncount = 1\n",
-            redis.url()
-        ),
-    )
-    .unwrap();
-    let mut child = Command::new(sluice_bin())
-        .args(["run", "--config", "sluice.toml"])
-        .current_dir(dir.path())
-        .env("SLUICE_CACHE_DIR", dir.path().join("cache"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(60), "sluice to listen", || async {
-        reqwest::get(format!("{base}/health"))
-            .await
-            .ok()
-            .filter(|r| r.status().is_success())
-            .map(drop)
-    })
-    .await;
+    let site = Site::with_scripts(&["json-sensor"]);
+    let sluice = site
+        .spawn(
+            "sluice",
+            &format!(
+                "[bus.redis]\nurl = \"{}\"\n[records.redis_stream]\nkey = \"sluice:records\"\n[sources.http]\nmax_body = \"8 MiB\"\nmax_batch = 5000\n[workers]\ncount = 1\n",
+                redis.url()
+            ),
+        )
+        .await;
+    let base = sluice.base_url();
 
     let batch: Vec<Value> = (0..3000)
         .map(|i| json!({"device_id": format!("d-{i}"), "payload": {"n": i}}))
@@ -149,15 +125,7 @@ async fn sigterm_drains_every_accepted_message() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 202);
     // Stop at once: the queue still holds most of the batch.
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = sluice.terminate().await;
     assert!(
         status.success(),
         "sluice exits cleanly on SIGTERM: {status}"

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice_tests::mqtt::Publisher;
 use sluice_tests::servers::{Mosquitto, RedisServer};
-use sluice_tests::sluice::{Site, base_url, eventually};
+use sluice_tests::sluice::{Site, base_url, eventually, interest_is, sources_connected};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -66,19 +66,12 @@ async fn an_mqtt_message_reaches_a_redis_subscriber_with_the_contract_json() {
             broker.url()
         ))
         .await;
-    let state = running.state().clone();
     let mut subscriber = redis.client().get_async_pubsub().await.unwrap();
     subscriber.subscribe("ws:device:th-1").await.unwrap();
     subscriber.subscribe("sluice:alert:th-1").await.unwrap();
     redis.watch("th-1").await;
-    eventually(WAIT, "the interest mirror to see th-1", || async {
-        state.interest.is_watched("th-1").then_some(())
-    })
-    .await;
-    eventually(WAIT, "the MQTT source to connect", || async {
-        running.sources()[0].1.then_some(())
-    })
-    .await;
+    interest_is(&running, "th-1", true).await;
+    sources_connected(&running).await;
 
     let device = Publisher::connect(broker.port()).await;
     device

@@ -9,7 +9,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice_tests::mqtt::Publisher;
 use sluice_tests::servers::{Mosquitto, RedisServer};
-use sluice_tests::sluice::{Site, base_url, eventually};
+use sluice_tests::sluice::{Site, base_url, eventually, interest_is, sources_connected};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -61,14 +61,8 @@ async fn broker_and_redis_restarts_do_not_stop_sluice() {
         .await;
     let state = running.state().clone();
     redis.watch("th-1").await;
-    eventually(WAIT, "interest in th-1", || async {
-        state.interest.is_watched("th-1").then_some(())
-    })
-    .await;
-    eventually(WAIT, "the MQTT source to connect", || async {
-        running.sources()[0].1.then_some(())
-    })
-    .await;
+    interest_is(&running, "th-1", true).await;
+    sources_connected(&running).await;
 
     // A device that reports every 20 ms for the whole test.
     let sent = Arc::new(AtomicU64::new(0));
@@ -132,10 +126,7 @@ async fn broker_and_redis_restarts_do_not_stop_sluice() {
     redis.watch("th-1").await;
     highest.store(0, Ordering::Relaxed);
     collector = collect(&redis, highest.clone());
-    eventually(WAIT, "interest in th-1 again", || async {
-        state.interest.is_watched("th-1").then_some(())
-    })
-    .await;
+    interest_is(&running, "th-1", true).await;
     eventually(WAIT, "publications after the Redis restart", || async {
         redis.watch("th-1").await;
         (seen() > 0).then_some(())
