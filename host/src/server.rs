@@ -248,6 +248,12 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     };
     let mut http_stop = intake_rx.clone();
     intake.push(tokio::spawn(async move {
+        // Small frames must leave at once: no Nagle delay on any connection.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
         let server = axum::serve(listener, app(app_state)).with_graceful_shutdown(async move {
             let _ = http_stop.changed().await;
         });

@@ -20,11 +20,15 @@ pub fn repo_root() -> PathBuf {
 /// The profile directory the running test was built into (`target/debug`).
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary has a path");
-    // target/<profile>/deps/<test binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps")
-        .to_path_buf()
+    // Tests: target/<profile>/deps/<test binary>; tools: target/<profile>/<binary>.
+    let dir = exe.parent().expect("binaries live in target/<profile>");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent()
+            .expect("deps is in a profile directory")
+            .to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 /// Scratch space for built scripts: `target/sluice-tests`.

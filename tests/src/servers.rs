@@ -157,7 +157,7 @@ impl Mosquitto {
         let config = dir.path().join("mosquitto.conf");
         std::fs::write(
             &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n"),
         )
         .expect("write the broker config");
         let mut broker = Mosquitto {

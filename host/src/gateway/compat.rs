@@ -11,9 +11,7 @@ use serde_json::json;
 
 use super::access::{check_device, latest_of, status_of};
 use super::auth::Identity;
-use super::frames::{
-    CompatHello, FrameError, compat_status, compat_telemetry, parse_json, select_keys,
-};
+use super::frames::{CompatHello, FrameError, Rendered, compat_telemetry, parse_json, select_keys};
 use super::hub::Watcher;
 use super::outbox::Outbox;
 use super::socket::{Incoming, Session, Slot, close};
@@ -60,12 +58,16 @@ struct CompatWatcher {
 }
 
 impl Watcher for CompatWatcher {
-    fn deliver(&self, publication: &Publication) {
-        match (self.endpoint, publication) {
-            (Endpoint::Status, Publication::Status(change)) => {
-                self.outbox.push(compat_status(change));
+    fn deliver(&self, rendered: &Rendered<'_>) {
+        match (self.endpoint, rendered.publication) {
+            (Endpoint::Status, Publication::Status(_)) => {
+                self.outbox.push(rendered.compat().to_owned());
             }
-            (Endpoint::Telemetry | Endpoint::TelemetryKeys, Publication::Telemetry(report)) => {
+            (Endpoint::Telemetry, Publication::Telemetry(report)) => {
+                self.outbox
+                    .push_latest(&report.device_id, rendered.compat().to_owned());
+            }
+            (Endpoint::TelemetryKeys, Publication::Telemetry(report)) => {
                 let fields = select_keys(&report.data, &self.keys);
                 if !self.keys.is_empty() && fields.is_empty() {
                     return;
@@ -144,8 +146,9 @@ pub(super) fn unreadable(incoming: &Incoming) -> FrameError {
 
 async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint) {
     let mut session = Session::start(socket, &app.ws.config, slot);
-    let Some((hello, _identity)) = hello(&mut session, &app, endpoint).await else {
-        session.close(close::POLICY, "not authenticated").await;
+    // Rare, large futures are boxed so an idle connection stays small.
+    let Some((hello, _identity)) = Box::pin(hello(&mut session, &app, endpoint)).await else {
+        Box::pin(session.close(close::POLICY, "not authenticated")).await;
         return;
     };
     let device = hello.device_id;
@@ -156,33 +159,13 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint)
         keys: keys.clone(),
     });
     let id = app.ws.hub.register();
-    if let Err(error) = app.ws.hub.watch(id, watcher, &device).await {
+    if let Err(error) = Box::pin(app.ws.hub.watch(id, watcher, &device)).await {
         session.send(FrameError::new("unavailable", error.to_string()).frame());
-        session.close(close::GOING_AWAY, "bus unavailable").await;
-        let _ = app.ws.hub.unwatch(id, &device).await;
+        Box::pin(session.close(close::GOING_AWAY, "bus unavailable")).await;
+        let _ = Box::pin(app.ws.hub.unwatch(id, &device)).await;
         return;
     }
-    let state = &app.pipeline;
-    let first = match endpoint {
-        Endpoint::Status => {
-            let status = status_of(state, &device).await;
-            json!({
-                "device_id": device,
-                "device_name": state.name_of(&device),
-                "is_online": status.map_or(0, |s| u8::from(s.online)),
-                "timestamp": status.map_or(0, |s| s.since_ms),
-                "source": status.map_or("unknown", |s| s.source.as_str()),
-            })
-            .to_string()
-        }
-        Endpoint::Telemetry | Endpoint::TelemetryKeys => match latest_of(state, &device).await {
-            Some(snapshot) => compat_telemetry(
-                &select_keys(&snapshot.telemetry, &keys),
-                snapshot.updated_ms,
-            ),
-            None => compat_telemetry(&crate::script::Fields::new(), now_ms()),
-        },
-    };
+    let first = Box::pin(first_frame(&app, endpoint, &device, &keys)).await;
     session.send(first);
     while let Some(incoming) = session.next().await {
         let error = match incoming {
@@ -194,8 +177,32 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint)
         };
         session.send(error.frame());
     }
-    if let Err(error) = app.ws.hub.unwatch(id, &device).await {
+    if let Err(error) = Box::pin(app.ws.hub.unwatch(id, &device)).await {
         tracing::warn!(%error, device, "could not release a watch");
     }
-    session.close(close::NORMAL, "bye").await;
+    Box::pin(session.close(close::NORMAL, "bye")).await;
+}
+
+/// What is known of `device` now, as the endpoint's first frame.
+async fn first_frame(app: &AppState, endpoint: Endpoint, device: &str, keys: &[String]) -> String {
+    let state = &app.pipeline;
+    match endpoint {
+        Endpoint::Status => {
+            let status = status_of(state, device).await;
+            json!({
+                "device_id": device,
+                "device_name": state.name_of(device),
+                "is_online": status.map_or(0, |s| u8::from(s.online)),
+                "timestamp": status.map_or(0, |s| s.since_ms),
+                "source": status.map_or("unknown", |s| s.source.as_str()),
+            })
+            .to_string()
+        }
+        Endpoint::Telemetry | Endpoint::TelemetryKeys => match latest_of(state, device).await {
+            Some(snapshot) => {
+                compat_telemetry(&select_keys(&snapshot.telemetry, keys), snapshot.updated_ms)
+            }
+            None => compat_telemetry(&crate::script::Fields::new(), now_ms()),
+        },
+    }
 }

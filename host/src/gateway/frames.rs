@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::auth::Credentials;
-use crate::bus::{AlertRaised, EventReported, StatusChange};
+use crate::bus::{AlertRaised, EventReported, Publication, StatusChange};
 use crate::script::{Fields, Severity};
 use crate::status::DeviceStatus;
 
@@ -286,8 +286,66 @@ pub fn compat_status(change: &StatusChange) -> String {
 
 /// A `device_data` frame of subscription `id`.
 pub fn device_data(id: &str, device: &str, timestamp: i64, data: &Fields) -> String {
-    json!({"type": "device_data", "id": id, "device": device, "timestamp": timestamp, "data": data})
-        .to_string()
+    device_data_with(id, &device_data_tail(device, timestamp, data))
+}
+
+/// What every `device_data` frame of one report shares, after the
+/// subscription id: `,"device":…,"timestamp":…,"data":{…}}`.
+pub fn device_data_tail(device: &str, timestamp: i64, data: &Fields) -> String {
+    format!(
+        r#","device":{},"timestamp":{timestamp},"data":{}}}"#,
+        Value::String(device.to_owned()),
+        serde_json::to_string(data).expect("fields serialise")
+    )
+}
+
+/// A `device_data` frame of subscription `id` from a shared tail.
+pub fn device_data_with(id: &str, tail: &str) -> String {
+    let id = Value::String(id.to_owned()).to_string();
+    let mut frame = String::with_capacity(32 + id.len() + tail.len());
+    frame.push_str(r#"{"type":"device_data","id":"#);
+    frame.push_str(&id);
+    frame.push_str(tail);
+    frame
+}
+
+/// A publication with the parts of its frames that every watcher shares,
+/// rendered once on first use: fan-out to many clients serialises a
+/// report once, not once per client.
+#[derive(Debug)]
+pub struct Rendered<'a> {
+    /// The publication.
+    pub publication: &'a Publication,
+    tail: std::sync::OnceLock<String>,
+    compat: std::sync::OnceLock<String>,
+}
+
+impl<'a> Rendered<'a> {
+    /// Nothing rendered yet.
+    pub fn new(publication: &'a Publication) -> Self {
+        Rendered {
+            publication,
+            tail: std::sync::OnceLock::new(),
+            compat: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The `device_data` tail of a telemetry report (all its keys).
+    pub fn device_data_tail(&self) -> &str {
+        self.tail.get_or_init(|| match self.publication {
+            Publication::Telemetry(t) => device_data_tail(&t.device_id, t.timestamp, &t.data),
+            _ => String::new(),
+        })
+    }
+
+    /// The compatibility frame: a report (all its keys) or a status change.
+    pub fn compat(&self) -> &str {
+        self.compat.get_or_init(|| match self.publication {
+            Publication::Telemetry(t) => compat_telemetry(&t.data, t.timestamp),
+            Publication::Status(s) => compat_status(s),
+            _ => String::new(),
+        })
+    }
 }
 
 /// A `status` frame of subscription `id`; `status` is `None` when unknown.
@@ -376,6 +434,14 @@ mod tests {
             parse_client_frame(r#"{"type":"ping"}"#).unwrap(),
             ClientFrame::Ping
         );
+    }
+
+    #[test]
+    fn shared_tails_make_the_same_frames() {
+        let data = Fields::new().with("t", 1.5).with("s", "a\"b");
+        let built = device_data("sub \"1\"", "d-1", 7, &data);
+        let expected = json!({"type": "device_data", "id": "sub \"1\"", "device": "d-1", "timestamp": 7, "data": data});
+        assert_eq!(built, expected.to_string());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use redis::aio::{ConnectionManager, PubSubSink};
 use redis::{Client, Script};
 use tokio::sync::{broadcast, watch};
 
+use super::frames::Rendered;
 use crate::bus::{BusError, INTEREST_CHANNEL, Interest, Publication};
 
 /// How long a watcher count lives without a refresh.
@@ -63,8 +64,9 @@ return 1
 
 /// Something that takes publications about the devices it watches.
 pub trait Watcher: Send + Sync {
-    /// A publication about a watched device; must not block.
-    fn deliver(&self, publication: &Publication);
+    /// A publication about a watched device, with frame parts shared by
+    /// every watcher; must not block.
+    fn deliver(&self, publication: &Rendered<'_>);
 }
 
 /// A watcher's handle in the hub.
@@ -280,8 +282,9 @@ impl Hub {
             Some(watchers) => watchers.values().cloned().collect(),
             None => return,
         };
+        let rendered = Rendered::new(publication);
         for watcher in watchers {
-            watcher.deliver(publication);
+            watcher.deliver(&rendered);
         }
     }
 
@@ -430,8 +433,11 @@ mod tests {
     struct Collect(Mutex<Vec<String>>);
 
     impl Watcher for Collect {
-        fn deliver(&self, publication: &Publication) {
-            self.0.lock().unwrap().push(publication.device().to_owned());
+        fn deliver(&self, rendered: &Rendered<'_>) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(rendered.publication.device().to_owned());
         }
     }
 

@@ -88,7 +88,7 @@ where
     let app = app.clone();
     ws.max_message_size(hard_limit)
         .max_frame_size(hard_limit)
-        .read_buffer_size(4096)
+        .read_buffer_size(512)
         .write_buffer_size(0)
         .on_upgrade(move |socket| serve(socket, app, slot))
 }

@@ -15,7 +15,8 @@ use super::access::{check_device, latest_of, resolve, status_of, visible_devices
 use super::auth::{AuthError, Credentials, Identity};
 use super::compat::unreadable;
 use super::frames::{
-    self, Call, Channel, ClientFrame, FrameError, Subscribe, parse_client_frame, select_keys,
+    self, Call, Channel, ClientFrame, FrameError, Rendered, Subscribe, parse_client_frame,
+    select_keys,
 };
 use super::hub::{Watcher, WatcherId};
 use super::outbox::Outbox;
@@ -68,7 +69,8 @@ impl NativeWatcher {
 }
 
 impl Watcher for NativeWatcher {
-    fn deliver(&self, publication: &Publication) {
+    fn deliver(&self, rendered: &Rendered<'_>) {
+        let publication = rendered.publication;
         let device = publication.device();
         for (id, subscription) in self.subscriptions().iter() {
             if !subscription.devices.contains(device) {
@@ -77,14 +79,17 @@ impl Watcher for NativeWatcher {
             let request = &subscription.request;
             match (request.channel, publication) {
                 (Channel::Telemetry, Publication::Telemetry(report)) => {
-                    let data = select_keys(&report.data, &request.keys);
-                    if !request.keys.is_empty() && data.is_empty() {
-                        continue;
-                    }
-                    self.outbox.push_latest(
-                        &format!("{id}\u{0}{device}"),
-                        frames::device_data(id, device, report.timestamp, &data),
-                    );
+                    let frame = if request.keys.is_empty() {
+                        frames::device_data_with(id, rendered.device_data_tail())
+                    } else {
+                        let data = select_keys(&report.data, &request.keys);
+                        if data.is_empty() {
+                            continue;
+                        }
+                        frames::device_data(id, device, report.timestamp, &data)
+                    };
+                    self.outbox
+                        .push_latest(&format!("{id}\u{0}{device}"), frame);
                 }
                 (Channel::Status, Publication::Status(change)) => {
                     self.outbox.push(frames::status(
@@ -180,8 +185,9 @@ async fn authenticate(
 
 async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Credentials) {
     let mut session = Session::start(socket, &app.ws.config, slot);
-    let Ok(identity) = authenticate(&mut session, &app, credentials).await else {
-        session.close(close::POLICY, "not authenticated").await;
+    // Rare, large futures are boxed so an idle connection stays small.
+    let Ok(identity) = Box::pin(authenticate(&mut session, &app, credentials)).await else {
+        Box::pin(session.close(close::POLICY, "not authenticated")).await;
         return;
     };
     let mut registry_changes = app.ws.registry_changes.clone();
@@ -205,7 +211,7 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Creden
                     continue;
                 };
                 let reply = match parse_client_frame(&text) {
-                    Ok(frame) => client.handle(frame).await,
+                    Ok(frame) => Box::pin(client.handle(frame)).await,
                     Err(error) => Err(error),
                 };
                 match reply {
@@ -217,12 +223,12 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Creden
                 if changed.is_err() {
                     continue;
                 }
-                client.follow_registry().await;
+                Box::pin(client.follow_registry()).await;
             }
         }
     }
-    client.leave().await;
-    session.close(close::NORMAL, "bye").await;
+    Box::pin(client.leave()).await;
+    Box::pin(session.close(close::NORMAL, "bye")).await;
 }
 
 impl Client {

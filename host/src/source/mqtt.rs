@@ -89,6 +89,10 @@ pub async fn run_mqtt(
     };
     let filters = filters(&config, &router);
     let (client, mut events) = AsyncClient::new(options, CLIENT_CAPACITY);
+    // Acknowledgements are tiny and must not wait for Nagle's algorithm.
+    let mut network = events.network_options();
+    network.set_tcp_nodelay(true);
+    events.set_network_options(network);
     let received = metrics::counter!("sluice_ingest_messages_total", "source" => "mqtt");
     let mut backoff = Duration::from_millis(100);
     tracing::info!(broker = %config.url, client_id, ?filters, "MQTT source starting");
