@@ -25,6 +25,7 @@ use crate::pipeline::{
 };
 use crate::records::{RecordsError, RecordsOutput};
 use crate::route::Router;
+use crate::script::reload::spawn_reloader;
 use crate::script::{EngineError, ScriptEngine, ScriptRegistry};
 use crate::source::{KafkaSourceError, SourceHealth, kafka_consumer, run_kafka, run_mqtt};
 use crate::status::StatusBoard;
@@ -98,7 +99,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     let engine = ScriptEngine::new(&config.scripts.engine)?;
     let scripts = {
         let (engine, config) = (engine.clone(), config.clone());
-        tokio::task::spawn_blocking(move || ScriptRegistry::load(&engine, &config))
+        tokio::task::spawn_blocking(move || Arc::new(ScriptRegistry::load(&engine, &config)))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))?
     };
@@ -147,7 +148,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         .map_or(Duration::from_millis(200), |r| r.flush);
     let state = Arc::new(PipelineState {
         registry: ArcSwap::from_pointee(registry),
-        scripts,
+        scripts: scripts.clone(),
         status: StatusBoard::new(worker_count, config.status.tick),
         latest: LatestStore::new(worker_count, shared),
         interest,
@@ -223,6 +224,19 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
             config.workers.drain_timeout,
             intake_rx.clone(),
         )));
+    }
+    if config.scripts.watch {
+        match spawn_reloader(
+            engine.clone(),
+            Arc::new(config.clone()),
+            scripts,
+            timers_rx.clone(),
+        ) {
+            Ok(task) => timers.push(task),
+            Err(error) => {
+                tracing::error!(%error, dir = %config.scripts.dir.display(), "cannot watch the scripts directory; hot reload is off")
+            }
+        }
     }
     let (registry_tx, registry_changes) = watch::channel(0);
     if let Some(file) = &config.registry.file {

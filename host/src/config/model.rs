@@ -139,6 +139,15 @@ impl Default for ServerConfig {
 pub struct ScriptsConfig {
     /// The scripts directory: `<product>.wasm` and `<product>.examples.json`.
     pub dir: PathBuf,
+    /// Watch the directory and reload changed scripts.
+    pub watch: bool,
+    /// A changed file is taken once it has not changed for this long.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// A removed script's product is unloaded after this long, unless the
+    /// file comes back (a build that deletes before writing).
+    #[serde(with = "humantime_serde")]
+    pub unload_grace: Duration,
     /// Engine settings (compiled-script cache, pooling, deadline clock).
     #[serde(flatten)]
     pub engine: EngineOptions,
@@ -148,6 +157,9 @@ impl Default for ScriptsConfig {
     fn default() -> Self {
         ScriptsConfig {
             dir: PathBuf::from("scripts"),
+            watch: true,
+            settle: Duration::from_millis(300),
+            unload_grace: Duration::from_secs(10),
             engine: EngineOptions::default(),
         }
     }

@@ -50,7 +50,10 @@ pub(super) struct ScriptView {
     pub(super) version: Option<String>,
     /// The script file.
     pub(super) path: String,
-    /// Why it failed to load, if it did.
+    /// When the running version was loaded (RFC 3339).
+    pub(super) loaded_at: Option<String>,
+    /// Why the last load or reload failed, if it did (a rejected reload
+    /// leaves the previous version `loaded`).
     pub(super) last_error: Option<String>,
     /// The product's status mode.
     pub(super) status_mode: &'static str,
@@ -82,6 +85,10 @@ pub(super) fn script_views(pipeline: &PipelineState) -> Vec<ScriptView> {
                 },
                 version: product.script.as_ref().map(|s| s.id().version.clone()),
                 path: product.path.display().to_string(),
+                loaded_at: product
+                    .script
+                    .as_ref()
+                    .map(|s| humantime::format_rfc3339_millis(s.info().loaded_at).to_string()),
                 last_error: product.error.clone(),
                 status_mode: product.mode.name(),
                 mean_call_us: stats

@@ -19,7 +19,7 @@ pub struct PipelineState {
     /// Registered devices.
     pub registry: ArcSwap<DeviceRegistry>,
     /// Products and their scripts.
-    pub scripts: ScriptRegistry,
+    pub scripts: Arc<ScriptRegistry>,
     /// Status of every device.
     pub status: StatusBoard,
     /// Latest values of every device.

@@ -127,6 +127,13 @@ impl Script {
         }
     }
 
+    /// A number that tells this loaded script apart from every other one
+    /// alive (two loads of the same file are two scripts, with their own
+    /// counters).
+    pub fn identity(&self) -> usize {
+        Arc::as_ptr(&self.inner) as usize
+    }
+
     /// Product and version.
     pub fn id(&self) -> &ScriptId {
         &self.inner.id

@@ -13,6 +13,7 @@ mod instance;
 mod limits;
 mod output;
 mod registry;
+pub mod reload;
 pub mod scaffold;
 mod state;
 
@@ -24,4 +25,4 @@ pub use host::Params;
 pub use instance::{Script, ScriptInstance, ScriptStats, StatsSnapshot};
 pub use limits::Limits;
 pub use output::{Output, OutputKind, Severity};
-pub use registry::{Product, ScriptRegistry, load_product};
+pub use registry::{Product, ScriptRegistry, load_product, settings_of};

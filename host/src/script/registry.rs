@@ -95,32 +95,43 @@ impl ScriptRegistry {
 
 /// Loads `name`'s script as the configuration says.
 pub fn load_product(engine: &ScriptEngine, config: &Config, name: &str) -> Product {
-    let settings = config.products.get(name);
-    let path = config.script_path(name);
-    let loaded = engine.load_file(
-        name,
-        &path,
-        ScriptSettings {
-            limits: settings.map(|p| p.limits.clone()).unwrap_or_default(),
-            params: settings.map(|p| p.params.clone()).unwrap_or_default(),
-        },
-    );
-    let (script, error) = match loaded {
+    let mut product = Product::configured(config, name);
+    match engine.load_file(name, &product.path, settings_of(config, name)) {
         Ok(script) => {
             tracing::info!(product = name, version = %script.id().version, cache = ?script.info().cache, "script loaded");
-            (Some(script), None)
+            product.script = Some(script);
         }
         Err(error) => {
             tracing::error!(product = name, %error, "script did not load; its messages go to dead letters");
-            (None, Some(error.to_string()))
+            product.error = Some(error.to_string());
         }
-    };
-    Product {
-        name: name.to_owned(),
-        mode: settings.map(|p| p.status).unwrap_or_default(),
-        path,
-        script,
-        error,
-        checked_at: SystemTime::now(),
+    }
+    product
+}
+
+/// The script settings of `product` from the configuration.
+pub fn settings_of(config: &Config, product: &str) -> ScriptSettings {
+    let settings = config.products.get(product);
+    ScriptSettings {
+        limits: settings.map(|p| p.limits.clone()).unwrap_or_default(),
+        params: settings.map(|p| p.params.clone()).unwrap_or_default(),
+    }
+}
+
+impl Product {
+    /// `name` as configured, with no script yet.
+    pub fn configured(config: &Config, name: &str) -> Product {
+        Product {
+            name: name.to_owned(),
+            mode: config
+                .products
+                .get(name)
+                .map(|p| p.status)
+                .unwrap_or_default(),
+            path: config.script_path(name),
+            script: None,
+            error: None,
+            checked_at: SystemTime::now(),
+        }
     }
 }
