@@ -57,14 +57,7 @@ fn pipeline(c: &mut Criterion) {
                 ..ProductConfig::default()
             },
         );
-        let running = runtime.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("a port");
-            sluice::server::start(loaded, listener)
-                .await
-                .expect("sluice starts")
-        });
+        let running = common::start(&runtime, loaded);
         let ingest = running.ingest();
         let script = running
             .state()

@@ -20,3 +20,19 @@ pub(crate) fn example_script(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is an example script"))
         .wasm
 }
+
+/// Starts sluice with `loaded` on a loopback port, on `runtime`.
+#[allow(dead_code, reason = "not every benchmark starts a whole sluice")]
+pub(crate) fn start(
+    runtime: &tokio::runtime::Runtime,
+    loaded: sluice::config::LoadedConfig,
+) -> sluice::server::Running {
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        sluice::server::start(loaded, listener)
+            .await
+            .expect("sluice starts")
+    })
+}
