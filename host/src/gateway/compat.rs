@@ -162,7 +162,6 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint)
     if let Err(error) = Box::pin(app.ws.hub.watch(id, watcher, &device)).await {
         session.send(FrameError::new("unavailable", error.to_string()).frame());
         Box::pin(session.close(close::GOING_AWAY, "bus unavailable")).await;
-        let _ = Box::pin(app.ws.hub.unwatch(id, &device)).await;
         return;
     }
     let first = Box::pin(first_frame(&app, endpoint, &device, &keys)).await;

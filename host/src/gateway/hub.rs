@@ -192,19 +192,35 @@ impl Hub {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        redis
+        let counted = redis
             .watch
             .key(watch_key(device))
             .arg(WATCH_TTL_SECS)
             .arg(INTEREST_CHANNEL)
             .arg(interest_event(device, true))
             .invoke_async::<i64>(&mut redis.connection.clone())
-            .await
-            .map_err(unavailable)?;
+            .await;
+        if let Err(error) = counted {
+            // Not counted in Redis, so not held here either: a later
+            // unwatch must not take away another client's count.
+            self.forget(id, device);
+            return Err(unavailable(error));
+        }
         if first {
             self.reconcile(device).await?;
         }
         Ok(())
+    }
+
+    /// Removes `id`'s watch of `device` from the local table only.
+    fn forget(&self, id: WatcherId, device: &str) {
+        let mut table = self.table();
+        if let Some(watchers) = table.devices.get_mut(device) {
+            watchers.remove(&id);
+            if watchers.is_empty() {
+                table.devices.remove(device);
+            }
+        }
     }
 
     /// `id` no longer watches `device`.

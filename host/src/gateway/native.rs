@@ -308,7 +308,10 @@ impl Client {
                 devices: devices.clone(),
             },
         );
-        self.hold(&devices).await?;
+        if let Err(error) = self.hold(&devices).await {
+            self.watcher.subscriptions().remove(&id);
+            return Err(error);
+        }
         let mut frames = vec![
             json!({"type": "subscribed", "id": id, "channel": channel_name(channel), "devices": devices})
                 .to_string(),
@@ -352,19 +355,26 @@ impl Client {
         Ok(vec![json!({"type": "unsubscribed", "id": id}).to_string()])
     }
 
-    /// Counts `devices` as covered once more, watching newly covered ones.
+    /// Counts `devices` as covered once more, watching newly covered ones;
+    /// on failure, nothing stays counted.
     async fn hold(&mut self, devices: &BTreeSet<String>) -> Result<(), FrameError> {
+        let mut held = BTreeSet::new();
         for device in devices {
             let count = self.devices.entry(device.clone()).or_default();
             *count += 1;
-            if *count == 1 {
-                self.app
+            if *count == 1
+                && let Err(error) = self
+                    .app
                     .ws
                     .hub
                     .watch(self.id, self.watcher.clone(), device)
                     .await
-                    .map_err(|e| FrameError::new("unavailable", e.to_string()))?;
+            {
+                self.devices.remove(device);
+                self.release(&held).await;
+                return Err(FrameError::new("unavailable", error.to_string()));
             }
+            held.insert(device.clone());
         }
         Ok(())
     }
@@ -402,11 +412,13 @@ impl Client {
         for (id, before, now) in changes {
             let added: BTreeSet<String> = now.difference(&before).cloned().collect();
             let removed: BTreeSet<String> = before.difference(&now).cloned().collect();
-            if let Some(subscription) = self.watcher.subscriptions().get_mut(&id) {
-                subscription.devices = now;
-            }
+            // Held first, so a failure leaves the subscription as it was.
             if let Err(error) = self.hold(&added).await {
                 tracing::warn!(%error.message, "could not follow a registry change");
+                continue;
+            }
+            if let Some(subscription) = self.watcher.subscriptions().get_mut(&id) {
+                subscription.devices = now;
             }
             self.release(&removed).await;
         }
