@@ -8,13 +8,17 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Servers the end-to-end tests start on ephemeral loopback ports, and what
-# librdkafka's build needs, from Debian's packages when missing.
+# Servers the end-to-end tests start on ephemeral loopback ports, what
+# librdkafka's build needs and Node.js for AssemblyScript scripts, from
+# Debian's packages when missing.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)
+# AssemblyScript scripts build with npm (the compiler comes from the npm registry).
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     sudo=""

@@ -1,6 +1,7 @@
 //! Engine throughput: the `json-sensor` script on a ~150-byte payload,
 //! through WebAssembly (one call per message, and batches) against the same
-//! Rust source compiled natively, in one process.
+//! Rust source compiled natively, in one process; and the thermostat script
+//! in Rust against the same script in AssemblyScript.
 //!
 //! Run with: `cargo bench -p sluice --bench engine`
 
@@ -145,11 +146,43 @@ fn instantiate(c: &mut Criterion) {
     group.finish();
 }
 
+/// The same thermostat script in Rust (`thermostat`) and AssemblyScript
+/// (`thermostat-as`), on the same 8-byte frame: telemetry of seven fields,
+/// one state read per message, two params.
+fn languages(c: &mut Criterion) {
+    let engine = engine(false);
+    let frame = vec![0x01, 0x08, 0x98, 0x08, 0x34, 0x2d, 0x11, 0x4b];
+    let mut group = c.benchmark_group("thermostat");
+    group.throughput(Throughput::Elements(1));
+    for (name, product) in [("rust", "thermostat"), ("assemblyscript", "thermostat-as")] {
+        let settings = ScriptSettings {
+            params: [("battery_low".to_owned(), "15".to_owned())].into(),
+            ..ScriptSettings::default()
+        };
+        let script = engine
+            .load_file(product, &common::example_script(product), settings)
+            .expect("the thermostat script loads");
+        let mut instance = script.instantiate().expect("instantiates");
+        let msg = RawMessage {
+            device_id: "trv-1".into(),
+            product: product.into(),
+            topic: format!("devices/{product}/trv-1/telemetry"),
+            payload: frame.clone(),
+            received_at: 1_732_262_400_000,
+            source: SourceKind::Mqtt,
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| instance.parse(std::hint::black_box(&msg)).expect("parses"))
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(2))
         .measurement_time(Duration::from_secs(5));
-    targets = json_sensor, instantiate
+    targets = json_sensor, instantiate, languages
 }
 criterion_main!(benches);

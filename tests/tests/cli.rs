@@ -106,14 +106,21 @@ fn script_test_takes_hex_input_params_and_device() {
 fn script_check_passes_every_example_script_from_source() {
     let run = sluice(&repo_root(), &["script", "check", "scripts"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
-    for name in ["json-sensor@", "lht65@", "gateway@", "counter@"] {
+    for name in [
+        "json-sensor@",
+        "lht65@",
+        "gateway@",
+        "counter@",
+        "thermostat@",
+        "thermostat-as@",
+    ] {
         assert!(
             run.stdout.contains(name),
             "{name} missing from:\n{}",
             run.stdout
         );
     }
-    assert!(run.stdout.contains("4 script(s)"), "{}", run.stdout);
+    assert!(run.stdout.contains("6 script(s)"), "{}", run.stdout);
     assert!(run.stdout.contains(" 0 failed"), "{}", run.stdout);
     assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
 }
@@ -234,4 +241,36 @@ fn script_new_scaffolds_a_crate_that_builds_and_passes_check() {
     let run = sluice(dir.path(), &["script", "new", "door-sensor"]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("already exists"), "{}", run.stderr);
+}
+
+#[test]
+fn script_new_scaffolds_an_assemblyscript_project_that_passes_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let sdk = repo_root().join("guest-sdk");
+    let sdk = sdk.to_str().unwrap();
+    let run = sluice(
+        dir.path(),
+        &[
+            "script",
+            "new",
+            "valve",
+            "--lang",
+            "assemblyscript",
+            "--dir",
+            ".",
+            "--sdk",
+            sdk,
+        ],
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(run.stdout.contains("created"), "{}", run.stdout);
+
+    let run = sluice(dir.path(), &["script", "check", "valve"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("valve@"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("3 example(s): 3 passed, 0 failed"),
+        "{}",
+        run.stdout
+    );
 }

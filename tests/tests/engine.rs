@@ -1,6 +1,6 @@
-//! The script engine against real compiled scripts: hostile guests end in
-//! the right typed error within their limit and the engine keeps serving;
-//! every example script passes its fixtures.
+//! The script engine against real compiled scripts: hostile guests, in Rust
+//! and in AssemblyScript, end in the right typed error within their limit and
+//! the engine keeps serving; every example script passes its fixtures.
 
 use std::time::Duration;
 
@@ -25,24 +25,36 @@ fn message(payload: &str) -> RawMessage {
     }
 }
 
-fn hostile_with(limits: Limits) -> ScriptInstance {
+/// The misbehaving guests: the same behaviours, by payload text, in Rust
+/// and in AssemblyScript (wrapped into a component at load time).
+const HOSTILE: [&str; 2] = ["hostile", "hostile-as"];
+
+fn guest_with(name: &str, limits: Limits) -> ScriptInstance {
     let settings = ScriptSettings {
         limits,
         ..ScriptSettings::default()
     };
     engine()
-        .load_file("hostile", &guest("hostile"), settings)
-        .expect("the hostile script loads")
+        .load_file(name, &guest(name), settings)
+        .unwrap_or_else(|e| panic!("{name} loads: {e}"))
         .instantiate()
-        .expect("the hostile script instantiates")
+        .unwrap_or_else(|e| panic!("{name} instantiates: {e}"))
 }
 
-fn hostile() -> ScriptInstance {
-    hostile_with(Limits {
+fn hostile_with(limits: Limits) -> ScriptInstance {
+    guest_with("hostile", limits)
+}
+
+fn strict_limits() -> Limits {
+    Limits {
         deadline: Duration::from_millis(20),
         memory: ByteSize::mib(8),
         ..Limits::default()
-    })
+    }
+}
+
+fn hostile() -> ScriptInstance {
+    hostile_with(strict_limits())
 }
 
 /// After any failure the same instance object serves a good message.
@@ -57,35 +69,56 @@ fn assert_still_serves(instance: &mut ScriptInstance) {
 
 #[test]
 fn an_endless_loop_hits_the_deadline_and_the_next_message_is_served() {
-    let mut instance = hostile();
-    let error = instance.parse(&message("loop")).unwrap_err();
-    match &error {
-        ScriptError::Timeout { script, limit } => {
-            assert_eq!(script.product, "hostile");
-            assert_eq!(script.version.len(), 12);
-            assert_eq!(*limit, Duration::from_millis(20));
+    for name in HOSTILE {
+        let mut instance = guest_with(name, strict_limits());
+        let error = instance.parse(&message("loop")).unwrap_err();
+        match &error {
+            ScriptError::Timeout { script, limit } => {
+                assert_eq!(script.product, name);
+                assert_eq!(script.version.len(), 12);
+                assert_eq!(*limit, Duration::from_millis(20));
+            }
+            other => panic!("{name}: expected a timeout, got {other}"),
         }
-        other => panic!("expected a timeout, got {other}"),
+        assert!(error.to_string().contains("time limit of 20ms"), "{error}");
+        assert_still_serves(&mut instance);
     }
-    assert!(error.to_string().contains("time limit of 20ms"), "{error}");
-    assert_still_serves(&mut instance);
 }
 
 #[test]
 fn a_memory_bomb_hits_the_memory_cap() {
-    let mut instance = hostile();
-    let error = instance.parse(&message("alloc")).unwrap_err();
-    match &error {
-        ScriptError::MemoryExceeded {
-            requested, limit, ..
-        } => {
-            assert_eq!(*limit, 8 << 20);
-            assert!(*requested > *limit);
+    for name in HOSTILE {
+        let mut instance = guest_with(name, strict_limits());
+        let error = instance.parse(&message("alloc")).unwrap_err();
+        match &error {
+            ScriptError::MemoryExceeded {
+                requested, limit, ..
+            } => {
+                assert_eq!(*limit, 8 << 20);
+                assert!(*requested > *limit);
+            }
+            other => panic!("{name}: expected the memory limit, got {other}"),
         }
-        other => panic!("expected the memory limit, got {other}"),
+        assert!(error.to_string().contains("memory limit"), "{error}");
+        assert_still_serves(&mut instance);
     }
-    assert!(error.to_string().contains("memory limit"), "{error}");
+}
+
+#[test]
+fn an_assemblyscript_abort_is_a_trap_and_the_instance_is_replaced() {
+    let mut instance = guest_with("hostile-as", strict_limits());
+    let before = instance.script().stats().snapshot();
+    match instance.parse(&message("panic")).unwrap_err() {
+        ScriptError::Trap { trap, panic, .. } => {
+            assert!(trap.contains("unreachable"), "{trap}");
+            assert_eq!(panic, None);
+        }
+        other => panic!("expected a trap, got {other}"),
+    }
     assert_still_serves(&mut instance);
+    let after = instance.script().stats().snapshot();
+    assert_eq!(after.traps, before.traps + 1);
+    assert_eq!(after.instantiations, before.instantiations + 1);
 }
 
 #[test]
@@ -143,15 +176,19 @@ fn huge_and_numerous_outputs_are_refused() {
         }
         other => panic!("expected output too large, got {other}"),
     }
-    match instance.parse(&message("many")).unwrap_err() {
-        ScriptError::OutputTooLarge {
-            count, max_count, ..
-        } => {
-            assert_eq!((count, max_count), (5000, 1000));
-        }
-        other => panic!("expected too many outputs, got {other}"),
-    }
     assert_still_serves(&mut instance);
+    for name in HOSTILE {
+        let mut instance = guest_with(name, strict_limits());
+        match instance.parse(&message("many")).unwrap_err() {
+            ScriptError::OutputTooLarge {
+                count, max_count, ..
+            } => {
+                assert_eq!((count, max_count), (5000, 1000), "{name}");
+            }
+            other => panic!("{name}: expected too many outputs, got {other}"),
+        }
+        assert_still_serves(&mut instance);
+    }
 }
 
 #[test]
@@ -214,13 +251,17 @@ fn a_component_of_another_world_does_not_load() {
 #[test]
 fn files_that_are_not_components_are_refused() {
     let engine = engine();
+    // A core module is wrapped into a component only when it implements
+    // the world; an empty one does not.
     let core_module = b"\0asm\x01\x00\x00\x00";
     let error = engine
         .load("core", core_module, ScriptSettings::default())
         .unwrap_err();
     assert!(matches!(error, ScriptError::Compile { .. }));
     assert!(
-        error.to_string().contains("core WebAssembly module"),
+        error
+            .to_string()
+            .contains("does not implement the `sluice:script/script` world"),
         "{error}"
     );
     let error = engine
@@ -388,7 +429,13 @@ fn every_example_script_passes_its_fixtures() {
         }
     }
     let names: Vec<&str> = example_scripts().iter().map(|s| s.name.as_str()).collect();
-    for expected in ["json-sensor", "lht65", "gateway", "counter"] {
+    for expected in [
+        "json-sensor",
+        "lht65",
+        "gateway",
+        "counter",
+        "thermostat-as",
+    ] {
         assert!(names.contains(&expected), "{expected} is built: {names:?}");
     }
 }

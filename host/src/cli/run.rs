@@ -11,7 +11,7 @@ use clap::Args;
 use crate::config::{Config, LoadedConfig};
 use crate::devices::DeviceRegistry;
 use crate::route::Router;
-use crate::script::build::is_cargo_dir;
+use crate::script::build::is_script_source;
 use crate::script::{ScriptEngine, load_product};
 
 #[derive(Debug, Args)]
@@ -39,7 +39,7 @@ pub(crate) struct CheckArgs {
 fn loaded(args: &RunArgs) -> anyhow::Result<LoadedConfig> {
     let mut loaded = match &args.config {
         Some(file) => Config::load(file)?,
-        None if is_cargo_dir(&args.scripts) => {
+        None if is_script_source(&args.scripts) => {
             let out = args.scripts.join("target/sluice");
             super::script::build_into(&args.scripts, &out)?;
             Config::embedded(&out)

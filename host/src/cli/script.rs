@@ -8,9 +8,9 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 use crate::message::{RawMessage, SourceKind, now_ms};
-use crate::script::build::{BuildOutput, build_scripts, is_cargo_dir};
+use crate::script::build::{BuildOutput, build_scripts, is_script_source};
 use crate::script::fixture::{CaseReport, DEFAULT_DEVICE, Fixtures};
-use crate::script::scaffold::scaffold;
+use crate::script::scaffold::{Lang, scaffold};
 use crate::script::{EngineOptions, ScriptEngine, ScriptSettings};
 
 #[derive(Debug, Subcommand)]
@@ -101,6 +101,19 @@ pub(crate) struct NewArgs {
     /// Path to sluice's `guest-sdk`, for a standalone crate outside a script workspace.
     #[arg(long)]
     sdk: Option<PathBuf>,
+    /// The script's language.
+    #[arg(long, value_enum, default_value = "rust")]
+    lang: LangArg,
+}
+
+/// `--lang` of `sluice script new`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum LangArg {
+    /// A Rust crate (cargo, `wasm32-wasip2`).
+    Rust,
+    /// An AssemblyScript project (npm).
+    #[value(name = "assemblyscript", alias = "as")]
+    AssemblyScript,
 }
 
 fn parse_param(text: &str) -> Result<(String, String), String> {
@@ -264,7 +277,7 @@ fn check_targets(path: &Path) -> anyhow::Result<Vec<Target>> {
             fixtures,
         }]);
     }
-    if is_cargo_dir(path) {
+    if is_script_source(path) {
         eprintln!("building the scripts in {} ...", path.display());
         let built = build_scripts(path, None, BuildOutput::Show)?;
         let mut targets = Vec::new();
@@ -316,7 +329,11 @@ fn check_targets(path: &Path) -> anyhow::Result<Vec<Target>> {
 }
 
 fn new(args: &NewArgs) -> anyhow::Result<ExitCode> {
-    let made = scaffold(&args.dir, &args.name, args.sdk.as_deref())?;
+    let lang = match args.lang {
+        LangArg::Rust => Lang::Rust,
+        LangArg::AssemblyScript => Lang::AssemblyScript,
+    };
+    let made = scaffold(&args.dir, &args.name, args.sdk.as_deref(), lang)?;
     for file in &made.files {
         println!("created {}", file.display());
     }

@@ -1,5 +1,5 @@
-//! Building Rust data scripts: runs cargo for a script crate or workspace
-//! and finds the components it produced.
+//! Building data scripts: cargo for Rust script crates and workspaces,
+//! `npm run build` for AssemblyScript projects, and where their output is.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -45,6 +45,22 @@ pub enum BuildError {
     /// No crate in the directory builds a library (a component).
     #[error("{0} has no script crates (a package with a `cdylib` library)")]
     NoScripts(PathBuf),
+    /// npm could not be started (AssemblyScript projects need Node.js and npm).
+    #[error("cannot run npm to build the AssemblyScript script in {dir}: {source}")]
+    Npm {
+        /// The project.
+        dir: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An AssemblyScript project's `package.json` is unusable.
+    #[error("cannot read the AssemblyScript project {dir}: {reason}")]
+    Project {
+        /// The project.
+        dir: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Where cargo's output goes while it builds.
@@ -56,9 +72,129 @@ pub enum BuildOutput {
     Capture,
 }
 
-/// Builds every script crate of the cargo package or workspace in `dir`
-/// (release profile, `wasm32-wasip2`), into `target_dir` when given.
+/// Builds the scripts in `dir`: an AssemblyScript project (`package.json`
+/// beside `asconfig.json`), or every script crate of a cargo package or
+/// workspace (release profile, `wasm32-wasip2`, into `target_dir` when given)
+/// plus the AssemblyScript projects among its subdirectories. Those are
+/// skipped with a warning when npm is not installed.
 pub fn build_scripts(
+    dir: &Path,
+    target_dir: Option<&Path>,
+    output: BuildOutput,
+) -> Result<Vec<BuiltScript>, BuildError> {
+    if is_assemblyscript_dir(dir) {
+        return Ok(vec![build_assemblyscript(dir, output)?]);
+    }
+    let mut built = build_rust_scripts(dir, target_dir, output)?;
+    let projects = assemblyscript_projects(dir);
+    if !projects.is_empty() && !npm_available() {
+        tracing::warn!(
+            dir = %dir.display(),
+            projects = projects.len(),
+            "npm is not installed: AssemblyScript scripts are not built"
+        );
+        return Ok(built);
+    }
+    for project in projects {
+        built.push(build_assemblyscript(&project, output)?);
+    }
+    Ok(built)
+}
+
+/// Whether `dir` holds scripts [`build_scripts`] can build.
+pub fn is_script_source(dir: &Path) -> bool {
+    is_cargo_dir(dir) || is_assemblyscript_dir(dir)
+}
+
+/// Whether `dir` is an AssemblyScript script project.
+pub fn is_assemblyscript_dir(dir: &Path) -> bool {
+    dir.join("package.json").is_file() && dir.join("asconfig.json").is_file()
+}
+
+/// The AssemblyScript projects directly inside `dir`, sorted.
+fn assemblyscript_projects(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut projects: Vec<PathBuf> = entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| is_assemblyscript_dir(p))
+        .collect();
+    projects.sort();
+    projects
+}
+
+fn npm_available() -> bool {
+    Command::new("npm")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `npm run build` in an AssemblyScript project; the module lands in
+/// `build/<package name>.wasm`, and the package name is the product name.
+fn build_assemblyscript(dir: &Path, output: BuildOutput) -> Result<BuiltScript, BuildError> {
+    #[derive(Deserialize)]
+    struct PackageJson {
+        name: String,
+    }
+    let project_error = |reason: String| BuildError::Project {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    let manifest = dir.join("package.json");
+    let text = std::fs::read_to_string(&manifest)
+        .map_err(|e| project_error(format!("{}: {e}", manifest.display())))?;
+    let package: PackageJson = serde_json::from_str(&text)
+        .map_err(|e| project_error(format!("{}: {e}", manifest.display())))?;
+    let mut npm = Command::new("npm");
+    npm.args(["run", "build", "--silent"])
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    let npm_error = |source| BuildError::Npm {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let (succeeded, printed) = run(&mut npm, output).map_err(npm_error)?;
+    if !succeeded {
+        return Err(BuildError::Failed {
+            dir: dir.to_path_buf(),
+            output: printed,
+        });
+    }
+    let wasm = dir.join("build").join(format!("{}.wasm", package.name));
+    if !wasm.is_file() {
+        return Err(project_error(format!(
+            "`npm run build` succeeded but did not write {}",
+            wasm.display()
+        )));
+    }
+    Ok(BuiltScript {
+        name: package.name,
+        crate_dir: dir.to_path_buf(),
+        wasm,
+    })
+}
+
+/// Runs `command`, showing or capturing what it prints; whether it
+/// succeeded, and what it printed when captured.
+fn run(command: &mut Command, output: BuildOutput) -> std::io::Result<(bool, String)> {
+    match output {
+        BuildOutput::Show => Ok((command.status()?.success(), String::new())),
+        BuildOutput::Capture => {
+            let out = command.output()?;
+            let mut printed = String::from_utf8_lossy(&out.stdout).into_owned();
+            printed.push_str(&String::from_utf8_lossy(&out.stderr));
+            Ok((out.status.success(), printed))
+        }
+    }
+}
+
+fn build_rust_scripts(
     dir: &Path,
     target_dir: Option<&Path>,
     output: BuildOutput,
@@ -94,19 +230,7 @@ pub fn build_scripts(
     for (name, _, _) in &scripts {
         cargo.args(["--package", name]);
     }
-    let (succeeded, printed) = match output {
-        BuildOutput::Show => (
-            cargo.status().map_err(BuildError::Cargo)?.success(),
-            String::new(),
-        ),
-        BuildOutput::Capture => {
-            let out = cargo.output().map_err(BuildError::Cargo)?;
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        }
-    };
+    let (succeeded, printed) = run(&mut cargo, output).map_err(BuildError::Cargo)?;
     if !succeeded {
         return Err(BuildError::Failed {
             dir: dir.to_path_buf(),

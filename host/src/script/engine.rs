@@ -2,6 +2,7 @@
 //! cache), links them against the host functions and a capability-free
 //! WASI, and keeps the deadline clock ticking.
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -20,6 +21,7 @@ use wasmtime_wasi::random::WasiRandom;
 
 use super::bindings;
 use super::cache::{ArtifactCache, CacheOutcome, default_cache_dir};
+use super::component::{WasmKind, componentize, wasm_kind};
 use super::error::{ScriptError, ScriptId};
 use super::host::{HostState, Params};
 use super::instance::Script;
@@ -189,12 +191,28 @@ impl ScriptEngine {
             product: product.to_owned(),
             version: sha256[..12].to_owned(),
         };
-        if let Some(reason) = not_a_component(wasm) {
-            return Err(ScriptError::Compile { script: id, reason });
-        }
+        let component_bytes: Cow<'_, [u8]> = match wasm_kind(wasm) {
+            Ok(WasmKind::Component) => Cow::Borrowed(wasm),
+            Ok(WasmKind::CoreModule) => {
+                componentize(wasm)
+                    .map(Cow::Owned)
+                    .map_err(|reason| ScriptError::Compile {
+                        script: id.clone(),
+                        reason,
+                    })?
+            }
+            Err(reason) => return Err(ScriptError::Compile { script: id, reason }),
+        };
+        // The cache is keyed by what is compiled: a wrapped module's bytes
+        // change with the contract, not only with the file.
+        let cache_key = match &component_bytes {
+            Cow::Borrowed(_) => sha256.clone(),
+            Cow::Owned(bytes) => hex::encode(Sha256::digest(bytes)),
+        };
         let compiled = match &self.inner.cache {
-            Some(cache) => cache.load_or_compile(&self.inner.engine, &sha256, wasm),
-            None => Component::new(&self.inner.engine, wasm).map(|c| (c, CacheOutcome::Compiled)),
+            Some(cache) => cache.load_or_compile(&self.inner.engine, &cache_key, &component_bytes),
+            None => Component::new(&self.inner.engine, &component_bytes)
+                .map(|c| (c, CacheOutcome::Compiled)),
         };
         let (component, cache) = compiled.map_err(|e| ScriptError::Compile {
             script: id.clone(),
@@ -239,21 +257,6 @@ pub struct LoadInfo {
     pub loaded_at: SystemTime,
     /// How long compiling (or loading) and linking took.
     pub load_time: Duration,
-}
-
-/// Why `wasm` is not a component, if it is not one.
-fn not_a_component(wasm: &[u8]) -> Option<String> {
-    // The header is `\0asm`, a 16-bit version and a 16-bit layer: 1 for a
-    // component, 0 for a core module.
-    match wasm.get(..8) {
-        Some([0, b'a', b's', b'm', _, _, 1, 0]) => None,
-        Some([0, b'a', b's', b'm', _, _, 0, 0]) => Some(
-            "this is a core WebAssembly module, not a component: build Rust scripts with \
-             `--target wasm32-wasip2`"
-                .into(),
-        ),
-        _ => Some("this is not a WebAssembly file (no `\\0asm` header)".into()),
-    }
 }
 
 /// The host functions of the `sluice:script` world plus the parts of WASI
@@ -320,21 +323,6 @@ fn start_deadline_clock(engine: &Engine, tick: Duration) -> std::io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn headers_tell_components_from_modules() {
-        assert_eq!(not_a_component(b"\0asm\x0d\x00\x01\x00rest"), None);
-        assert!(
-            not_a_component(b"\0asm\x01\x00\x00\x00")
-                .unwrap()
-                .contains("core WebAssembly module")
-        );
-        assert!(
-            not_a_component(b"hello")
-                .unwrap()
-                .contains("not a WebAssembly file")
-        );
-    }
 
     #[test]
     fn deadlines_round_up_to_whole_ticks() {

@@ -4,6 +4,7 @@
 mod bindings;
 pub mod build;
 mod cache;
+mod component;
 mod engine;
 mod error;
 mod fields;

@@ -1,5 +1,5 @@
-//! `sluice script new`: a Rust script crate that builds and passes its
-//! fixtures as generated.
+//! `sluice script new`: a Rust script crate or an AssemblyScript project
+//! that builds and passes its fixtures as generated.
 
 use std::path::{Path, PathBuf};
 
@@ -37,6 +37,16 @@ pub enum ScaffoldError {
     NoSdk(PathBuf),
 }
 
+/// The language of a new script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lang {
+    /// A Rust crate built with cargo for `wasm32-wasip2`.
+    #[default]
+    Rust,
+    /// An AssemblyScript project built with `npm run build`.
+    AssemblyScript,
+}
+
 /// How the new crate finds `sluice-guest`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Sdk {
@@ -57,14 +67,16 @@ pub struct Scaffolded {
     pub joined_workspace: bool,
 }
 
-/// Creates `<parent>/<name>/` with a script that turns a JSON object of
-/// readings into telemetry, its fixtures and a native unit test. In a script
-/// workspace (a `Cargo.toml` with `[workspace.dependencies] sluice-guest`)
-/// the crate joins it; elsewhere `sdk` must say where the SDK is.
+/// Creates `<parent>/<name>/` with a script in `lang`, its fixtures and (for
+/// Rust) a native unit test. In a script workspace (a `Cargo.toml` with
+/// `[workspace.dependencies] sluice-guest`) a Rust crate joins it and an
+/// AssemblyScript project finds the SDK beside `sluice-guest`; elsewhere
+/// `sdk` must say where sluice's `guest-sdk` is.
 pub fn scaffold(
     parent: &Path,
     name: &str,
     sdk: Option<&Path>,
+    lang: Lang,
 ) -> Result<Scaffolded, ScaffoldError> {
     let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
         && name
@@ -100,6 +112,28 @@ pub fn scaffold(
         files.push(path);
         Ok(())
     };
+    if lang == Lang::AssemblyScript {
+        let sdk_dir = match &sdk {
+            Sdk::Path(path) => path.join("assemblyscript"),
+            Sdk::Workspace => workspace_sdk(&workspace_manifest)?.join("assemblyscript"),
+        };
+        let package = PACKAGE_JSON
+            .replace("{name}", name)
+            .replace("{sdk}", &npm_file_spec(&sdk_dir));
+        write("package.json", package)?;
+        write("asconfig.json", ASCONFIG_JSON.to_owned())?;
+        write(".gitignore", "node_modules/\nbuild/\n".to_owned())?;
+        write("assembly/index.ts", INDEX_TS.replace("{name}", name))?;
+        write(
+            &format!("{name}.examples.json"),
+            AS_EXAMPLES_JSON.to_owned(),
+        )?;
+        return Ok(Scaffolded {
+            crate_dir,
+            files,
+            joined_workspace: false,
+        });
+    }
     write("Cargo.toml", manifest(name, &sdk))?;
     write("src/lib.rs", LIB_RS.replace("{name}", name))?;
     write(&format!("{name}.examples.json"), EXAMPLES_JSON.to_owned())?;
@@ -118,6 +152,32 @@ pub fn scaffold(
         files,
         joined_workspace,
     })
+}
+
+/// The `guest-sdk` directory a script workspace's `sluice-guest` points at,
+/// relative to the new project (which sits one level below the workspace).
+fn workspace_sdk(manifest: &Path) -> Result<PathBuf, ScaffoldError> {
+    let fail = |reason: &str| ScaffoldError::Workspace {
+        path: manifest.to_path_buf(),
+        reason: reason.to_owned(),
+    };
+    let text = std::fs::read_to_string(manifest).map_err(|e| fail(&e.to_string()))?;
+    let doc: DocumentMut = text.parse().map_err(|_| fail("it is not valid TOML"))?;
+    let path = doc["workspace"]["dependencies"]["sluice-guest"]["path"]
+        .as_str()
+        .ok_or_else(|| fail("workspace.dependencies.sluice-guest has no `path`"))?;
+    let path = Path::new(path);
+    Ok(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        Path::new("..").join(path)
+    })
+}
+
+/// An npm `file:` dependency on `dir`, with `/` separators.
+fn npm_file_spec(dir: &Path) -> String {
+    let text = dir.display().to_string().replace('\\', "/");
+    format!("file:{text}")
 }
 
 fn is_script_workspace(manifest: &Path) -> bool {
@@ -254,6 +314,72 @@ const EXAMPLES_JSON: &str = r#"{
 }
 "#;
 
+const PACKAGE_JSON: &str = r#"{
+  "name": "{name}",
+  "version": "0.1.0",
+  "private": true,
+  "type": "module",
+  "scripts": {
+    "prebuild": "npm install --no-audit --no-fund --loglevel=error",
+    "build": "asc assembly/index.ts --config asconfig.json --outFile build/{name}.wasm"
+  },
+  "devDependencies": {
+    "assemblyscript": "0.28.20",
+    "sluice-script": "{sdk}"
+  }
+}
+"#;
+
+const ASCONFIG_JSON: &str = r#"{
+  "extends": "./node_modules/sluice-script/asconfig.json"
+}
+"#;
+
+const INDEX_TS: &str = r#"// `{name}`: a 2-byte reading → telemetry.
+//
+// Input payload (hex): `08 98`, the temperature in 0.01 °C, signed big-endian.
+//
+// Output: `[{"type": "telemetry", "fields": {"temperature": 22.0}}]`
+//
+// Build with `npm run build` (the module lands in `build/{name}.wasm`), check
+// with `sluice script check <this directory>`.
+
+import { Fields, Message, Output, Result } from "sluice-script";
+
+export function parse(message: Message): Result {
+  const reader = message.reader();
+  const temperature = <f64>reader.i16be() / 100;
+  if (reader.truncated) {
+    return Result.err(
+      "short-payload",
+      `expected 2 bytes, got ${message.payload.length}`,
+    );
+  }
+  return Result.ok([Output.telemetry(new Fields().with("temperature", temperature))]);
+}
+"#;
+
+const AS_EXAMPLES_JSON: &str = r#"{
+  "examples": [
+    {
+      "name": "a reading becomes telemetry",
+      "payload_hex": "0898",
+      "expect": [{"type": "telemetry", "fields": {"temperature": 22.0}}]
+    },
+    {
+      "name": "a negative reading",
+      "payload_hex": "ff38",
+      "expect": [{"type": "telemetry", "fields": {"temperature": -2.0}}]
+    },
+    {
+      "name": "a short payload is refused",
+      "payload_hex": "08",
+      "expect_error": {"code": "short-payload", "message": "expected 2 bytes"}
+    }
+  ]
+}
+"#;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,7 +390,7 @@ mod tests {
         for bad in ["", "Upper", "1st", "under_score", "sp ace"] {
             assert!(
                 matches!(
-                    scaffold(dir.path(), bad, None),
+                    scaffold(dir.path(), bad, None, Lang::Rust),
                     Err(ScaffoldError::BadName(_))
                 ),
                 "{bad}"
@@ -280,7 +406,7 @@ mod tests {
             "[workspace]\nmembers = [\"a\"]\n\n[workspace.dependencies]\nsluice-guest = { path = \"../sdk\" }\n",
         )
         .unwrap();
-        let made = scaffold(dir.path(), "door-sensor", None).unwrap();
+        let made = scaffold(dir.path(), "door-sensor", None, Lang::Rust).unwrap();
         assert!(made.joined_workspace);
         let manifest = std::fs::read_to_string(dir.path().join("Cargo.toml")).unwrap();
         assert!(
@@ -289,7 +415,7 @@ mod tests {
         );
         assert!(made.crate_dir.join("door-sensor.examples.json").is_file());
         assert!(matches!(
-            scaffold(dir.path(), "door-sensor", None),
+            scaffold(dir.path(), "door-sensor", None, Lang::Rust),
             Err(ScaffoldError::Exists(_))
         ));
     }
@@ -298,15 +424,44 @@ mod tests {
     fn outside_a_workspace_the_sdk_path_is_needed() {
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(
-            scaffold(dir.path(), "x", None),
+            scaffold(dir.path(), "x", None, Lang::Rust),
             Err(ScaffoldError::NoSdk(_))
         ));
-        let made = scaffold(dir.path(), "x", Some(Path::new("/opt/sluice/guest-sdk"))).unwrap();
+        let made = scaffold(
+            dir.path(),
+            "x",
+            Some(Path::new("/opt/sluice/guest-sdk")),
+            Lang::Rust,
+        )
+        .unwrap();
         let manifest = std::fs::read_to_string(made.crate_dir.join("Cargo.toml")).unwrap();
         assert!(
             manifest.contains(r#"sluice-guest = { path = "/opt/sluice/guest-sdk" }"#),
             "{manifest}"
         );
         assert!(made.crate_dir.join(".cargo/config.toml").is_file());
+    }
+
+    #[test]
+    fn an_assemblyscript_project_finds_the_sdk_beside_the_workspace_one() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Cargo.toml"),
+            "[workspace]\nmembers = []\n\n[workspace.dependencies]\nsluice-guest = { path = \"../guest-sdk\" }\n",
+        )
+        .unwrap();
+        let made = scaffold(dir.path(), "valve", None, Lang::AssemblyScript).unwrap();
+        assert!(!made.joined_workspace);
+        let package = std::fs::read_to_string(made.crate_dir.join("package.json")).unwrap();
+        assert!(
+            package.contains(r#""sluice-script": "file:../../guest-sdk/assemblyscript""#),
+            "{package}"
+        );
+        assert!(package.contains("build/valve.wasm"), "{package}");
+        for file in ["asconfig.json", "assembly/index.ts", "valve.examples.json"] {
+            assert!(made.crate_dir.join(file).is_file(), "{file}");
+        }
+        let manifest = std::fs::read_to_string(dir.path().join("Cargo.toml")).unwrap();
+        assert!(!manifest.contains("valve"), "{manifest}");
     }
 }

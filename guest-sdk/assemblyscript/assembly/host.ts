@@ -1,0 +1,89 @@
+// Functions the host offers to scripts (WIT interface `host`), lowered to
+// the canonical ABI by hand: strings go out as UTF-8 (pointer, length);
+// results that do not fit in one value come back through a return area.
+
+import { ScriptError } from "./output";
+import { takeBytes, takeString } from "./memory";
+
+/** How important a log line is. */
+export enum LogLevel {
+  Trace = 0,
+  Debug = 1,
+  Info = 2,
+  Warn = 3,
+  Error = 4,
+}
+
+@external("sluice:script/host@0.1.0", "log")
+declare function hostLog(level: i32, ptr: usize, len: usize): void;
+
+@external("sluice:script/host@0.1.0", "state-get")
+declare function hostStateGet(ptr: usize, len: usize, ret: usize): void;
+
+@external("sluice:script/host@0.1.0", "state-set")
+declare function hostStateSet(idPtr: usize, idLen: usize, valPtr: usize, valLen: usize, ret: usize): void;
+
+@external("sluice:script/host@0.1.0", "param")
+declare function hostParam(ptr: usize, len: usize, ret: usize): void;
+
+// The return area of the imports: an option or result discriminant at 0 and
+// its payload at 4 and 8. One call at a time uses it.
+const RET_AREA: usize = memory.data(12, 8);
+
+/** Writes a line to the host's log, tagged with the product and script version. */
+export function log(level: LogLevel, message: string): void {
+  const utf8 = String.UTF8.encode(message);
+  hostLog(<i32>level, changetype<usize>(utf8), <usize>utf8.byteLength);
+}
+
+/** The state this product's script last stored for `deviceId`, or `null`. */
+export function stateGet(deviceId: string): Uint8Array | null {
+  const id = String.UTF8.encode(deviceId);
+  hostStateGet(changetype<usize>(id), <usize>id.byteLength, RET_AREA);
+  if (load<u8>(RET_AREA) == 0) return null;
+  return takeBytes(load<u32>(RET_AREA, 4), load<u32>(RET_AREA, 8));
+}
+
+/**
+ * Stores state for `deviceId`, replacing what was there; an empty value
+ * deletes it. Returns `null`, or an error when the value is larger than the
+ * host's limit or the host keeps state for as many devices as it allows.
+ */
+export function stateSet(deviceId: string, value: Uint8Array): ScriptError | null {
+  const id = String.UTF8.encode(deviceId);
+  hostStateSet(
+    changetype<usize>(id),
+    <usize>id.byteLength,
+    value.dataStart,
+    <usize>value.byteLength,
+    RET_AREA,
+  );
+  if (load<u8>(RET_AREA) == 0) return null;
+  const limit = load<u32>(RET_AREA, 8);
+  if (load<u8>(RET_AREA, 4) == 0) {
+    return new ScriptError(
+      "state-too-large",
+      `state of ${value.byteLength} bytes is larger than the host's limit of ${limit} bytes`,
+    );
+  }
+  return new ScriptError(
+    "state-full",
+    `the host already keeps state for ${limit} devices of this product`,
+  );
+}
+
+/** The product parameter `key` from the host's configuration, or `null`. */
+export function param(key: string): string | null {
+  const utf8 = String.UTF8.encode(key);
+  hostParam(changetype<usize>(utf8), <usize>utf8.byteLength, RET_AREA);
+  if (load<u8>(RET_AREA) == 0) return null;
+  return takeString(load<u32>(RET_AREA, 4), load<u32>(RET_AREA, 8));
+}
+
+/** The product parameter `key` as a number; `fallback` when unset or not a number. */
+export function paramFloat(key: string, fallback: f64): f64 {
+  const text = param(key);
+  if (text == null) return fallback;
+  const value = parseFloat(text);
+  return isFinite(value) ? value : fallback;
+}

@@ -1,0 +1,130 @@
+// Typed field values and the `Fields` builder (WIT `value`, `field`).
+
+/** Which kind of value a `Value` holds; the numbers are the WIT variant cases. */
+export enum ValueKind {
+  Null = 0,
+  Boolean = 1,
+  Integer = 2,
+  Float = 3,
+  Text = 4,
+  Json = 5,
+}
+
+/** A typed field value: null, boolean, integer, float, text, or nested JSON text. */
+export class Value {
+  private constructor(
+    public readonly kind: ValueKind,
+    public readonly bits: i64,
+    public readonly text: string,
+  ) {}
+
+  /** JSON `null`. */
+  static null(): Value {
+    return new Value(ValueKind.Null, 0, "");
+  }
+  /** `true` or `false`. */
+  static boolean(value: bool): Value {
+    return new Value(ValueKind.Boolean, value ? 1 : 0, "");
+  }
+  /** A whole number. */
+  static integer(value: i64): Value {
+    return new Value(ValueKind.Integer, value, "");
+  }
+  /** A finite floating-point number (the host refuses NaN and infinities). */
+  static float(value: f64): Value {
+    return new Value(ValueKind.Float, reinterpret<i64>(value), "");
+  }
+  /** A UTF-8 string. */
+  static text(value: string): Value {
+    return new Value(ValueKind.Text, 0, value);
+  }
+  /** A nested JSON document (object or array), given as JSON text. */
+  static json(value: string): Value {
+    return new Value(ValueKind.Json, 0, value);
+  }
+
+  /** The value of any AssemblyScript number, bool or string, chosen by its type. */
+  static of<T>(value: T): Value {
+    if (isBoolean<T>()) {
+      return Value.boolean(<bool>value);
+    } else if (isInteger<T>()) {
+      return Value.integer(<i64>value);
+    } else if (isFloat<T>()) {
+      return Value.float(<f64>value);
+    } else if (isString<T>()) {
+      if (isNullable<T>()) {
+        if (changetype<usize>(value) == 0) return Value.null();
+      }
+      return Value.text(changetype<string>(value));
+    } else if (isManaged<T>()) {
+      if (changetype<usize>(value) == 0) return Value.null();
+      return changetype<Value>(value);
+    } else {
+      ERROR("Value.of takes a bool, an integer, a float, a string or a Value");
+    }
+  }
+
+  /** The float held, or NaN for other kinds (integers convert). */
+  asFloat(): f64 {
+    if (this.kind == ValueKind.Float) return reinterpret<f64>(this.bits);
+    if (this.kind == ValueKind.Integer) return <f64>this.bits;
+    return NaN;
+  }
+  /** The integer held, or 0 for other kinds. */
+  asInteger(): i64 {
+    return this.kind == ValueKind.Integer ? this.bits : 0;
+  }
+  /** The boolean held, or false for other kinds. */
+  asBoolean(): bool {
+    return this.kind == ValueKind.Boolean && this.bits != 0;
+  }
+}
+
+/** A named value, such as `temperature = 21.5`. */
+export class Field {
+  constructor(
+    public readonly key: string,
+    public readonly value: Value,
+  ) {}
+}
+
+/** An ordered list of fields, built with `with`. */
+export class Fields {
+  readonly list: Field[] = [];
+
+  /**
+   * Adds `key = value` and returns the builder, so calls chain:
+   * `new Fields().with("temperature", 21.5).with("door_open", false)`.
+   * Integers become integer values, floats float values, strings text;
+   * pass a `Value` for null or nested JSON.
+   */
+  with<T>(key: string, value: T): Fields {
+    this.list.push(new Field(key, Value.of<T>(value)));
+    return this;
+  }
+
+  /** The value of `key`, if present. */
+  get(key: string): Value | null {
+    for (let i = 0; i < this.list.length; i++) {
+      const field = unchecked(this.list[i]);
+      if (field.key == key) return field.value;
+    }
+    return null;
+  }
+
+  /** How many fields there are. */
+  get length(): i32 {
+    return this.list.length;
+  }
+}
+
+/**
+ * `value` for people: whole numbers without a fraction (`15`, `-2`), others
+ * as AssemblyScript prints them (`21.5`).
+ */
+export function formatNumber(value: f64): string {
+  if (isFinite(value) && value == Math.floor(value) && Math.abs(value) < 9.0e15) {
+    return (<i64>value).toString();
+  }
+  return value.toString();
+}

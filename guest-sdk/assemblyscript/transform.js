@@ -1,0 +1,101 @@
+// Compiler transform that turns a script's `export function parse(message:
+// Message): Result` into a core module with the exports of the
+// `sluice:script/script` world, so that sluice can wrap it into a component:
+//
+// - after parsing, it adds a glue file beside the script's entry that lifts
+//   the host's arguments, calls the script's `parse` and lowers the result;
+// - after compiling, it keeps only the world's exports (`parse`,
+//   `parse-batch`, their `cabi_post_*` cleanups, `cabi_realloc`, `memory`),
+//   under their canonical names, which AssemblyScript cannot spell itself.
+
+const GLUE_NAME = "__sluice_glue";
+
+const GLUE = (entry) => `
+import { parse as scriptParse } from "./${entry}";
+import { liftMessage, liftMessages, lowerResult, lowerResults, realloc, releaseResult } from "sluice-script/abi";
+import { Result } from "sluice-script";
+
+export function __sluice_parse(
+  devicePtr: usize, deviceLen: usize, productPtr: usize, productLen: usize,
+  topicPtr: usize, topicLen: usize, payloadPtr: usize, payloadLen: usize,
+  receivedAt: i64, source: i32,
+): usize {
+  const message = liftMessage(
+    devicePtr, deviceLen, productPtr, productLen, topicPtr, topicLen,
+    payloadPtr, payloadLen, receivedAt, source,
+  );
+  return lowerResult(scriptParse(message));
+}
+
+export function __sluice_parse_batch(ptr: usize, len: usize): usize {
+  const messages = liftMessages(ptr, len);
+  const results = new Array<Result>(messages.length);
+  for (let i = 0; i < messages.length; i++) {
+    results[i] = scriptParse(unchecked(messages[i]));
+  }
+  return lowerResults(results);
+}
+
+export function __sluice_post_return(ptr: usize): void {
+  releaseResult();
+}
+
+export function __sluice_realloc(old: usize, oldSize: usize, align: usize, newSize: usize): usize {
+  return realloc(old, oldSize, align, newSize);
+}
+`;
+
+// Internal export name -> the names the world's core module must have.
+const EXPORTS = {
+  __sluice_parse: ["parse"],
+  __sluice_parse_batch: ["parse-batch"],
+  __sluice_post_return: ["cabi_post_parse", "cabi_post_parse-batch"],
+  __sluice_realloc: ["cabi_realloc"],
+};
+
+const USER_ENTRY = 1; // SourceKind.UserEntry
+
+export default class SluiceScriptTransform {
+  afterParse(parser) {
+    const entries = parser.sources.filter(
+      (s) =>
+        s.sourceKind === USER_ENTRY &&
+        !s.internalPath.startsWith("~lib/") &&
+        !s.internalPath.endsWith(GLUE_NAME),
+    );
+    if (entries.length !== 1) {
+      throw new Error(
+        `sluice-script: expected one entry file exporting \`parse\`, found ${entries.map((s) => s.internalPath).join(", ") || "none"}`,
+      );
+    }
+    const entry = entries[0].internalPath; // e.g. "assembly/index"
+    const slash = entry.lastIndexOf("/");
+    const dir = slash < 0 ? "" : entry.substring(0, slash + 1);
+    const base = entry.substring(slash + 1);
+    parser.parseFile(GLUE(base), `${dir}${GLUE_NAME}.ts`, true);
+  }
+
+  afterCompile(module) {
+    const binaryen = this.binaryen;
+    const exports = [];
+    for (let i = 0; i < module.getNumExports(); i++) {
+      exports.push(binaryen.getExportInfo(module.getExportByIndex(i)));
+    }
+    // Remove every export first: the script's own `parse` must be gone
+    // before the glue's takes its name.
+    const found = new Map();
+    for (const info of exports) {
+      if (info.kind === binaryen.ExternalMemory) continue;
+      module.removeExport(info.name);
+      if (info.name in EXPORTS) found.set(info.name, info.value);
+    }
+    for (const [name, internal] of found) {
+      for (const external of EXPORTS[name]) module.addFunctionExport(internal, external);
+    }
+    for (const name of Object.keys(EXPORTS)) {
+      if (!found.has(name)) {
+        throw new Error(`sluice-script: the glue export ${name} is missing`);
+      }
+    }
+  }
+}

@@ -1,0 +1,88 @@
+//! Core WebAssembly modules (AssemblyScript scripts) made into components of
+//! the `sluice:script` world, so one engine path, one set of limits and one
+//! set of metrics serve every language.
+//!
+//! A core module qualifies when it exports `parse`, `parse-batch`, their
+//! `cabi_post_*` cleanups, `cabi_realloc` and `memory` with the canonical
+//! ABI's lowered signatures, and imports nothing but `sluice:script/host`.
+//! The AssemblyScript SDK (`guest-sdk/assemblyscript`) produces exactly that.
+
+use wit_component::{ComponentEncoder, StringEncoding};
+use wit_parser::Resolve;
+
+/// The script contract, the same file the Rust SDK is generated from.
+const WIT: &str = include_str!("../../../wit/script.wit");
+
+/// What a file starting with `\0asm` holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WasmKind {
+    /// A component: loaded as it is.
+    Component,
+    /// A core module: wrapped by [`componentize`] first.
+    CoreModule,
+}
+
+/// The kind of `wasm`, or why it is not WebAssembly.
+pub(crate) fn wasm_kind(wasm: &[u8]) -> Result<WasmKind, String> {
+    // The header is `\0asm`, a 16-bit version and a 16-bit layer: 1 for a
+    // component, 0 for a core module.
+    match wasm.get(..8) {
+        Some([0, b'a', b's', b'm', _, _, 1, 0]) => Ok(WasmKind::Component),
+        Some([0, b'a', b's', b'm', _, _, 0, 0]) => Ok(WasmKind::CoreModule),
+        _ => Err("this is not a WebAssembly file (no `\\0asm` header)".into()),
+    }
+}
+
+/// Wraps a core module into a component of the `sluice:script/script` world.
+pub(crate) fn componentize(module: &[u8]) -> Result<Vec<u8>, String> {
+    let mut resolve = Resolve::default();
+    let package = resolve
+        .push_source("script.wit", WIT)
+        .map_err(|e| format!("the built-in script contract does not parse: {e:#}"))?;
+    let world = resolve
+        .select_world(&[package], Some("script"))
+        .map_err(|e| format!("the built-in script contract has no world `script`: {e:#}"))?;
+    let mut module = module.to_vec();
+    wit_component::embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8)
+        .map_err(|e| format!("cannot attach the script contract to the module: {e:#}"))?;
+    ComponentEncoder::default()
+        .validate(true)
+        .module(&module)
+        .and_then(|encoder| encoder.encode())
+        .map_err(|e| {
+            format!(
+                "this core module does not implement the `sluice:script/script` world \
+                 (build AssemblyScript scripts with the sluice-script package, Rust scripts \
+                 with `--target wasm32-wasip2`): {e:#}"
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_tell_components_from_modules() {
+        assert_eq!(
+            wasm_kind(b"\0asm\x0d\x00\x01\x00rest"),
+            Ok(WasmKind::Component)
+        );
+        assert_eq!(
+            wasm_kind(b"\0asm\x01\x00\x00\x00"),
+            Ok(WasmKind::CoreModule)
+        );
+        assert!(
+            wasm_kind(b"hello")
+                .unwrap_err()
+                .contains("not a WebAssembly file")
+        );
+    }
+
+    #[test]
+    fn a_module_without_the_exports_is_refused_with_the_world_named() {
+        // An empty core module: valid WebAssembly, implements nothing.
+        let error = componentize(b"\0asm\x01\x00\x00\x00").unwrap_err();
+        assert!(error.contains("sluice:script/script"), "{error}");
+    }
+}
