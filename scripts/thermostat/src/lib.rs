@@ -77,13 +77,13 @@ pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
             Fields::new().with("from", from).with("to", mode),
         ));
     }
-    if previous != Some(mode_code) {
-        if let Err(refused) = message.set_state(&[mode_code]) {
-            log(
-                LogLevel::Warn,
-                &format!("mode not remembered: {}", refused.message),
-            );
-        }
+    if previous != Some(mode_code)
+        && let Err(refused) = message.set_state(&[mode_code])
+    {
+        log(
+            LogLevel::Warn,
+            &format!("mode not remembered: {}", refused.message),
+        );
     }
 
     if window_open && heating {
