@@ -96,6 +96,8 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     if config.auth.is_none() && !addr.ip().is_loopback() {
         return Err(RunError::Unauthenticated(addr));
     }
+    // Before any script registers its metrics.
+    let metrics = crate::metrics::recorder();
     let engine = ScriptEngine::new(&config.scripts.engine)?;
     let scripts = {
         let (engine, config) = (engine.clone(), config.clone());
@@ -251,7 +253,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         pipeline: state.clone(),
         ingest: config.sources.http.enabled.then(|| ingest.clone()),
         http: config.sources.http.clone(),
-        metrics: crate::metrics::recorder(),
+        metrics,
         ws: Arc::new(WsContext {
             hub,
             auth: Authenticator::new(config.auth.as_ref()),
@@ -259,6 +261,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
             connections: Arc::default(),
             registry_changes,
         }),
+        sources: health.clone(),
     };
     let mut http_stop = intake_rx.clone();
     intake.push(tokio::spawn(async move {

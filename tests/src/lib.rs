@@ -1,5 +1,6 @@
 //! The end-to-end test harness.
 //!
+//! - [`browser`]: headless Chromium through ChromeDriver, for the dashboard;
 //! - [`build`]: builds the `sluice` binary, the example scripts and the
 //!   hostile guests once per test process, so no prebuilt artifact is assumed;
 //! - [`cli`]: runs the `sluice` binary and captures what it prints;
@@ -8,6 +9,7 @@
 //! - [`sluice`]: sluice itself in the test process, with example scripts;
 //! - [`ws`]: a real WebSocket client.
 
+pub mod browser;
 pub mod build;
 pub mod cli;
 pub mod mqtt;

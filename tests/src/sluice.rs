@@ -60,28 +60,20 @@ impl Site {
             &file,
             &format!("[server]\nlisten = \"127.0.0.1:{port}\"\n{config}\n"),
         );
-        let child = std::process::Command::new(crate::build::sluice_bin())
-            .args(["run", "--config", &file])
-            .current_dir(self.dir.path())
-            .env("SLUICE_CACHE_DIR", self.dir.path().join("cache"))
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("the sluice binary starts");
-        let process = SluiceProcess {
-            child: Some(child),
+        launch(self.dir.path(), &["run", "--config", &file], port).await
+    }
+
+    /// Starts `sluice demo` as its own process on a free loopback port, on
+    /// the built scripts of this site, and waits until it answers `/health`.
+    pub async fn spawn_demo(&self) -> SluiceProcess {
+        let port = crate::servers::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        launch(
+            self.dir.path(),
+            &["demo", "--listen", &listen, "--scripts", "scripts"],
             port,
-        };
-        let health = format!("{}/health", process.base_url());
-        eventually(Duration::from_secs(60), "sluice to listen", || async {
-            reqwest::get(&health)
-                .await
-                .ok()
-                .filter(|r| r.status().is_success())
-                .map(drop)
-        })
-        .await;
-        process
+        )
+        .await
     }
 
     /// Starts sluice in this process with `config` (TOML) as `sluice.toml`.
@@ -102,6 +94,33 @@ impl Site {
             .await
             .expect("sluice starts")
     }
+}
+
+/// Runs the `sluice` binary with `args` in `dir` (it listens on `port`) and
+/// waits until it answers `/health`.
+async fn launch(dir: &Path, args: &[&str], port: u16) -> SluiceProcess {
+    let child = std::process::Command::new(crate::build::sluice_bin())
+        .args(args)
+        .current_dir(dir)
+        .env("SLUICE_CACHE_DIR", dir.join("cache"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the sluice binary starts");
+    let process = SluiceProcess {
+        child: Some(child),
+        port,
+    };
+    let health = format!("{}/health", process.base_url());
+    eventually(Duration::from_secs(60), "sluice to listen", || async {
+        reqwest::get(&health)
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(drop)
+    })
+    .await;
+    process
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, or panics after `timeout`.

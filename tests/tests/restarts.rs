@@ -116,12 +116,27 @@ async fn broker_and_redis_restarts_do_not_stop_sluice() {
     // publications are dropped, and everything resumes when it is back.
     redis.stop();
     collector.abort();
+    let ready = format!("{}/ready", base_url(&running));
+    let not_ready = eventually(WAIT, "/ready to report Redis down", || async {
+        let response = reqwest::get(&ready).await.ok()?;
+        (response.status().as_u16() == 503).then_some(())?;
+        response.json::<serde_json::Value>().await.ok()
+    })
+    .await;
+    assert_eq!(not_ready["status"], "not_ready");
+    assert_eq!(not_ready["checks"][0]["name"], "bus redis");
+    assert_eq!(not_ready["checks"][0]["ready"], false);
     let during = latest_seq(&state);
     eventually(WAIT, "processing while Redis is down", || async {
         (latest_seq(&state) > during + 20).then_some(())
     })
     .await;
     redis.restart();
+    eventually(WAIT, "/ready to recover with Redis", || async {
+        let response = reqwest::get(&ready).await.ok()?;
+        (response.status().as_u16() == 200).then_some(())
+    })
+    .await;
     // Redis came back empty: the gateway side registers its watcher again.
     redis.watch("th-1").await;
     highest.store(0, Ordering::Relaxed);

@@ -1,6 +1,7 @@
 //! The `sluice` command line: argument parsing and dispatch. Each command
 //! lives in its own file and returns an exit code.
 
+mod demo;
 mod run;
 mod script;
 
@@ -33,6 +34,8 @@ pub enum LogFormat {
 enum Command {
     /// Run the stream processor.
     Run(run::RunArgs),
+    /// See sluice work: example scripts, simulated devices and the dashboard.
+    Demo(demo::DemoArgs),
     /// Validate a configuration file, its device registry and its scripts.
     Check(run::CheckArgs),
     /// Work with data scripts: run one on an input, check fixtures, create one.
@@ -45,11 +48,13 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Run(_) => "info",
+        Command::Demo(_) => "warn",
         Command::Check(_) | Command::Script(_) => "warn",
     };
     init_logging(cli.log_format, default_level);
     match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Demo(args) => demo::run(&args),
         Command::Check(args) => run::check(&args),
         Command::Script(command) => script::run(command),
     }

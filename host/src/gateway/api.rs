@@ -151,20 +151,50 @@ pub(super) async fn device(
     }))
 }
 
-/// `GET /health`: the process is up and the bus answers.
-pub(super) async fn health(State(app): State<AppState>) -> impl IntoResponse {
-    match app.pipeline.bus.ping().await {
-        Ok(()) => (
-            StatusCode::OK,
-            Json(serde_json::json!({"status": "ok", "bus": app.pipeline.bus.kind()})),
-        ),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                serde_json::json!({"status": "degraded", "bus": app.pipeline.bus.kind(), "error": error.to_string()}),
-            ),
-        ),
+/// `GET /health`: liveness. The process serves requests; what it depends
+/// on is `/ready`'s business.
+pub(super) async fn health() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// How long `/ready` waits for the bus to answer.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `GET /ready`: readiness. 200 when the bus answers and every broker
+/// source (MQTT, Kafka) is connected; 503 naming what is not, otherwise.
+pub(super) async fn ready(State(app): State<AppState>) -> impl IntoResponse {
+    let bus = app.pipeline.bus.kind();
+    let bus_error = match tokio::time::timeout(READY_TIMEOUT, app.pipeline.bus.ping()).await {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(error.to_string()),
+        Err(_) => Some(format!("no answer within {READY_TIMEOUT:?}")),
+    };
+    let mut checks = vec![serde_json::json!({
+        "name": format!("bus {bus}"),
+        "ready": bus_error.is_none(),
+        "error": bus_error,
+    })];
+    for (name, source) in &app.sources {
+        checks.push(serde_json::json!({
+            "name": name,
+            "ready": source.is_connected(),
+            "error": (!source.is_connected()).then_some("not connected"),
+        }));
     }
+    let ready = checks.iter().all(|c| c["ready"] == true);
+    if !ready {
+        metrics::counter!("sluice_not_ready_total").increment(1);
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": checks,
+    });
+    (status, Json(body))
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -5,6 +5,7 @@ mod access;
 mod api;
 pub mod auth;
 mod compat;
+mod dashboard;
 mod error;
 pub mod frames;
 pub mod hub;
@@ -28,6 +29,7 @@ pub use error::AppError;
 
 use crate::config::{HttpIngestConfig, WebSocketConfig};
 use crate::pipeline::{Ingest, PipelineState};
+use crate::source::SourceHealth;
 use crate::source::http;
 
 /// What every handler can reach.
@@ -43,6 +45,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// The WebSocket gateway.
     pub ws: Arc<WsContext>,
+    /// The broker sources and whether each is connected, for readiness.
+    pub sources: Vec<(String, Arc<SourceHealth>)>,
 }
 
 /// What WebSocket connections share.
@@ -118,7 +122,9 @@ pub fn app(state: AppState) -> Router {
             get(compat::telemetry_keys),
         )
         .route("/ws", get(native::native))
+        .route("/", get(dashboard::page))
         .route("/health", get(api::health))
+        .route("/ready", get(api::ready))
         .route("/metrics", get(api::metrics))
         .with_state(state)
 }

@@ -48,8 +48,9 @@ impl std::fmt::Debug for Script {
     }
 }
 
-/// Counters of one script version across all its instances.
-#[derive(Debug, Default)]
+/// Counters of one script version across all its instances, mirrored into
+/// the product's Prometheus metrics.
+#[derive(Debug)]
 pub struct ScriptStats {
     calls: AtomicU64,
     errors: AtomicU64,
@@ -57,6 +58,34 @@ pub struct ScriptStats {
     nanos: AtomicU64,
     instantiations: AtomicU64,
     logs_dropped: AtomicU64,
+    metrics: ScriptMetrics,
+}
+
+/// The product's metrics, registered once per loaded script so that a call
+/// records with a few atomic adds and no label lookup.
+struct ScriptMetrics {
+    calls: metrics::Counter,
+    errors: metrics::Counter,
+    traps: metrics::Counter,
+    seconds: metrics::Histogram,
+}
+
+impl std::fmt::Debug for ScriptMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScriptMetrics")
+    }
+}
+
+impl ScriptMetrics {
+    fn new(product: &str) -> Self {
+        let product = product.to_owned();
+        ScriptMetrics {
+            calls: metrics::counter!("sluice_script_calls_total", "product" => product.clone()),
+            errors: metrics::counter!("sluice_script_errors_total", "product" => product.clone()),
+            traps: metrics::counter!("sluice_script_traps_total", "product" => product.clone()),
+            seconds: metrics::histogram!("sluice_script_call_seconds", "product" => product),
+        }
+    }
 }
 
 /// A snapshot of [`ScriptStats`].
@@ -77,16 +106,33 @@ pub struct StatsSnapshot {
 }
 
 impl ScriptStats {
+    fn new(product: &str) -> Self {
+        ScriptStats {
+            calls: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            traps: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
+            instantiations: AtomicU64::new(0),
+            logs_dropped: AtomicU64::new(0),
+            metrics: ScriptMetrics::new(product),
+        }
+    }
+
+    /// One call of `messages` messages (a batch is one call).
     fn record(&self, messages: u64, failed: u64, trapped: u64, elapsed: Duration) {
         self.calls.fetch_add(messages, Ordering::Relaxed);
+        self.metrics.calls.increment(messages);
         if failed > 0 {
             self.errors.fetch_add(failed, Ordering::Relaxed);
+            self.metrics.errors.increment(failed);
         }
         if trapped > 0 {
             self.traps.fetch_add(trapped, Ordering::Relaxed);
+            self.metrics.traps.increment(trapped);
         }
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.metrics.seconds.record(elapsed.as_secs_f64());
     }
 
     pub(crate) fn log_dropped(&self) {
@@ -114,6 +160,7 @@ impl Script {
         settings: ScriptSettings,
         info: LoadInfo,
     ) -> Self {
+        let stats = Arc::new(ScriptStats::new(&id.product));
         Script {
             inner: Arc::new(ScriptInner {
                 engine,
@@ -122,7 +169,7 @@ impl Script {
                 limits: settings.limits,
                 params: Arc::new(settings.params),
                 info,
-                stats: Arc::default(),
+                stats,
             }),
         }
     }

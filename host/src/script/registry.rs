@@ -66,7 +66,20 @@ impl ScriptRegistry {
         self.products.load().get(name).cloned()
     }
 
-    /// Every product, by name.
+    /// The names of the products that have a script running, sorted.
+    pub fn loaded_products(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .products
+            .load()
+            .values()
+            .filter(|p| p.script.is_some())
+            .map(|p| p.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every product.
     pub fn list(&self) -> Vec<Arc<Product>> {
         let mut products: Vec<_> = self.products.load().values().cloned().collect();
         products.sort_by(|a, b| a.name.cmp(&b.name));
