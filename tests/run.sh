@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 # Servers the end-to-end tests start on ephemeral loopback ports, what
-# librdkafka's build needs and Node.js for AssemblyScript scripts, from
-# Debian's packages when missing.
+# librdkafka's build needs, Node.js for AssemblyScript scripts and Chromium
+# for the dashboard, from Debian's packages when missing.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
@@ -19,6 +19,9 @@ command -v cc >/dev/null 2>&1 || missing+=(gcc)
 # AssemblyScript scripts build with npm (the compiler comes from the npm registry).
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
+# The dashboard test drives Debian's headless Chromium through ChromeDriver.
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
     step "installing ${missing[*]}"
     sudo=""
