@@ -2,20 +2,22 @@
 //!
 //! A message follows the modules in order:
 //!
-//! - [`source`]: MQTT, Kafka and HTTP ingest turn bytes into a
-//!   [`message::RawMessage`] (or a status signal);
+//! - [`source`]: MQTT, Kafka and HTTP ingest (and the demo's device
+//!   simulator) turn bytes into a [`message::RawMessage`] (or a status
+//!   signal);
 //! - [`route`]: topic templates name the product and device;
 //! - [`pipeline`]: envelopes are sharded by device to script workers,
 //!   whose effects reach the bus in batches; timers expire deadlines;
 //! - [`script`]: the sandboxed engine runs the product's data script
-//!   (compile, cache, limits, instances, outputs, fixtures);
+//!   (build, compile, cache, core modules wrapped into components, limits,
+//!   instances, outputs, fixtures, hot reload);
 //! - [`status`]: status modes and a tracker sized for a million devices;
 //! - [`latest`]: each device's last values;
 //! - [`bus`]: publication to watched devices only, in-process or through
 //!   Redis, and the shared state behind it;
 //! - [`deadletter`] and [`records`]: what failed, and what succeeded, kept
 //!   for later;
-//! - [`gateway`]: the HTTP API (axum);
+//! - [`gateway`]: the HTTP API, the WebSockets and the dashboard (axum);
 //! - [`config`], [`devices`], [`metrics`], [`server`] and [`cli`]: setting
 //!   up, wiring together and running it.
 
