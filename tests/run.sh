@@ -61,6 +61,6 @@ step "example scripts' own unit tests (native)"
 
 step "test suite"
 cargo build --bin sluice
-cargo test --workspace
+cargo test --workspace --no-fail-fast
 
 step "all checks passed"
