@@ -212,6 +212,7 @@ async fn broken_failing_half_written_and_removed_files() {
         view["last_error"].as_str().unwrap().contains("compile"),
         "{view}"
     );
+    assert!(view["rejected_reloads"].as_u64() >= Some(1), "{view}");
     ingest(&http, &base, &[report("a")]).await;
     eventually(WAIT, "the old version to serve a", || async {
         running.state().latest.get("a").map(drop)
@@ -242,6 +243,8 @@ async fn broken_failing_half_written_and_removed_files() {
         view["last_error"].as_str().unwrap().contains("examples"),
         "{view}"
     );
+    assert!(view["rejected_reloads"].as_u64() >= Some(2), "{view}");
+    assert!(view["reloads"].as_u64() >= Some(1), "{view}");
     std::fs::remove_file(site.path().join("scripts/sensor.examples.json")).unwrap();
 
     // Written in chunks, each within the settle time: one clean swap.

@@ -61,6 +61,10 @@ pub(super) struct ScriptView {
     pub(super) stats: Option<StatsSnapshot>,
     /// Mean time per call in microseconds.
     pub(super) mean_call_us: Option<f64>,
+    /// How many times hot reload swapped in a new version.
+    pub(super) reloads: u64,
+    /// How many changed files hot reload refused.
+    pub(super) rejected_reloads: u64,
 }
 
 /// `GET /api/v1/scripts`: every product and its script.
@@ -95,6 +99,8 @@ pub(super) fn script_views(pipeline: &PipelineState) -> Vec<ScriptView> {
                     .filter(|s| s.calls > 0)
                     .map(|s| s.nanos as f64 / s.calls as f64 / 1000.0),
                 stats,
+                reloads: product.reloads,
+                rejected_reloads: product.rejected,
             }
         })
         .collect()

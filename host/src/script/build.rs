@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 /// The target Rust scripts are built for.
 pub const TARGET: &str = "wasm32-wasip2";
@@ -137,6 +138,11 @@ fn npm_available() -> bool {
 
 /// Runs `npm run build` in an AssemblyScript project; the module lands in
 /// `build/<package name>.wasm`, and the package name is the product name.
+///
+/// Builds of one project are serialised by a lock file, and the result is
+/// returned as a copy named by its content
+/// (`build/sluice/<name>-<sha256 prefix>.wasm`, written by rename): another
+/// build that rewrites `build/<name>.wasm` can never hand a reader half a file.
 fn build_assemblyscript(dir: &Path, output: BuildOutput) -> Result<BuiltScript, BuildError> {
     #[derive(Deserialize)]
     struct PackageJson {
@@ -146,11 +152,18 @@ fn build_assemblyscript(dir: &Path, output: BuildOutput) -> Result<BuiltScript, 
         dir: dir.to_path_buf(),
         reason,
     };
+    let io_error =
+        |path: &Path, e: std::io::Error| project_error(format!("{}: {e}", path.display()));
     let manifest = dir.join("package.json");
-    let text = std::fs::read_to_string(&manifest)
-        .map_err(|e| project_error(format!("{}: {e}", manifest.display())))?;
+    let text = std::fs::read_to_string(&manifest).map_err(|e| io_error(&manifest, e))?;
     let package: PackageJson = serde_json::from_str(&text)
         .map_err(|e| project_error(format!("{}: {e}", manifest.display())))?;
+    let out_dir = dir.join("build").join("sluice");
+    std::fs::create_dir_all(&out_dir).map_err(|e| io_error(&out_dir, e))?;
+    let lock_path = out_dir.join(".lock");
+    let lock = std::fs::File::create(&lock_path).map_err(|e| io_error(&lock_path, e))?;
+    lock.lock().map_err(|e| io_error(&lock_path, e))?;
+
     let mut npm = Command::new("npm");
     npm.args(["run", "build", "--silent"])
         .current_dir(dir)
@@ -166,13 +179,21 @@ fn build_assemblyscript(dir: &Path, output: BuildOutput) -> Result<BuiltScript, 
             output: printed,
         });
     }
-    let wasm = dir.join("build").join(format!("{}.wasm", package.name));
+    let built = dir.join("build").join(format!("{}.wasm", package.name));
+    let bytes = std::fs::read(&built).map_err(|e| {
+        project_error(format!(
+            "`npm run build` succeeded but did not write {}: {e}",
+            built.display()
+        ))
+    })?;
+    let hash = hex::encode(Sha256::digest(&bytes));
+    let wasm = out_dir.join(format!("{}-{}.wasm", package.name, &hash[..12]));
     if !wasm.is_file() {
-        return Err(project_error(format!(
-            "`npm run build` succeeded but did not write {}",
-            wasm.display()
-        )));
+        let partial = out_dir.join(format!(".{}-{}.partial", package.name, std::process::id()));
+        std::fs::write(&partial, &bytes).map_err(|e| io_error(&partial, e))?;
+        std::fs::rename(&partial, &wasm).map_err(|e| io_error(&wasm, e))?;
     }
+    drop(lock);
     Ok(BuiltScript {
         name: package.name,
         crate_dir: dir.to_path_buf(),

@@ -27,6 +27,10 @@ pub struct Product {
     pub error: Option<String>,
     /// When the last load was attempted.
     pub checked_at: SystemTime,
+    /// How many times a new version took over by hot reload.
+    pub reloads: u64,
+    /// How many changed files hot reload refused.
+    pub rejected: u64,
 }
 
 /// Every product, swapped as a whole so readers never lock.
@@ -145,6 +149,8 @@ impl Product {
             script: None,
             error: None,
             checked_at: SystemTime::now(),
+            reloads: 0,
+            rejected: 0,
         }
     }
 }

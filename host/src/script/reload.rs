@@ -167,13 +167,21 @@ pub async fn reload(
             metrics::counter!("sluice_script_reloads_total", "product" => product.to_owned(), "result" => "ok").increment(1);
             let mut next = Product::configured(config, product);
             next.script = Some(script);
+            if let Some(current) = &current {
+                next.reloads = current.reloads + 1;
+                next.rejected = current.rejected;
+            }
             registry.put(next);
         }
         (Err(reason), current) => {
             tracing::error!(product, %reason, "script change rejected; the previous version keeps running");
             metrics::counter!("sluice_script_reloads_total", "product" => product.to_owned(), "result" => "rejected").increment(1);
             let mut next = Product::configured(config, product);
-            next.script = current.and_then(|p| p.script.clone());
+            if let Some(current) = &current {
+                next.script = current.script.clone();
+                next.reloads = current.reloads;
+                next.rejected = current.rejected + 1;
+            }
             next.error = Some(reason);
             registry.put(next);
         }
@@ -187,6 +195,10 @@ fn unload(registry: &ScriptRegistry, config: &Config, product: &str) {
     );
     metrics::counter!("sluice_script_reloads_total", "product" => product.to_owned(), "result" => "unloaded").increment(1);
     let mut next = Product::configured(config, product);
+    if let Some(current) = registry.get(product) {
+        next.reloads = current.reloads;
+        next.rejected = current.rejected;
+    }
     next.error = Some(format!(
         "the script file {} was removed",
         next.path.display()
