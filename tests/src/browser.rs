@@ -67,18 +67,13 @@ impl Browser {
             "--window-size=1400,1000",
             &format!("--user-data-dir={}", profile.path().display()),
         ];
-        let created: Value = http
-            .post(format!("{base}/session"))
-            .json(&json!({"capabilities": {"alwaysMatch": {
+        let created = answer(http.post(format!("{base}/session")).json(
+            &json!({"capabilities": {"alwaysMatch": {
                 "browserName": "chrome",
                 "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
-            }}}))
-            .send()
-            .await
-            .expect("chromedriver answers")
-            .json()
-            .await
-            .expect("a JSON answer");
+            }}}),
+        ))
+        .await;
         let session = created["value"]["sessionId"]
             .as_str()
             .unwrap_or_else(|| panic!("no session: {created}"))
@@ -101,13 +96,7 @@ impl Browser {
         } else {
             request.json(&body)
         };
-        let answer: Value = request
-            .send()
-            .await
-            .expect("chromedriver answers")
-            .json()
-            .await
-            .expect("a JSON answer");
+        let answer = answer(request).await;
         if answer["value"]["error"].is_string() {
             panic!("WebDriver {path}: {answer}");
         }
@@ -143,6 +132,17 @@ impl Browser {
         }
         std::fs::write(path, png).expect("write the screenshot");
     }
+}
+
+/// Sends a WebDriver request and returns ChromeDriver's JSON answer.
+async fn answer(request: reqwest::RequestBuilder) -> Value {
+    request
+        .send()
+        .await
+        .expect("chromedriver answers")
+        .json()
+        .await
+        .expect("a JSON answer")
 }
 
 impl Drop for Browser {

@@ -254,7 +254,6 @@ fn report(device: &mut SimDevice, rng: &mut Rng) -> Vec<u8> {
             let window = rng.below(30) == 0;
             let flags =
                 device.mode | if heating { 0x10 } else { 0 } | if window { 0x20 } else { 0 };
-            let centi = |c: f64| ((c * 100.0).round() as i16).to_be_bytes();
             let mut frame = vec![1];
             frame.extend(centi(temperature));
             frame.extend(centi(21.0));
@@ -306,7 +305,6 @@ fn report(device: &mut SimDevice, rng: &mut Rng) -> Vec<u8> {
 fn lht65_uplink(dev_eui: &str, temperature: f64, humidity: f64, battery: f64) -> Vec<u8> {
     let millivolts = (2900.0 + battery / 100.0 * 300.0).round() as u16;
     let status: u16 = if battery > 40.0 { 3 } else { 2 };
-    let centi = |c: f64| ((c * 100.0).round() as i16).to_be_bytes();
     let mut bytes = Vec::with_capacity(11);
     bytes.extend((status << 14 | (millivolts & 0x3fff)).to_be_bytes());
     bytes.extend(centi(temperature));
@@ -321,6 +319,11 @@ fn lht65_uplink(dev_eui: &str, temperature: f64, humidity: f64, battery: f64) ->
     })
     .to_string()
     .into_bytes()
+}
+
+/// A temperature as the devices send it: signed big-endian hundredths of a degree.
+fn centi(celsius: f64) -> [u8; 2] {
+    ((celsius * 100.0).round() as i16).to_be_bytes()
 }
 
 fn round(value: f64, digits: i32) -> f64 {
