@@ -57,7 +57,7 @@ fn main() {
         };
         let start = tokio::time::Instant::now();
         let before = IN_USE.load(Ordering::Relaxed);
-        let mut tracker = StatusTracker::new(start, Duration::from_millis(100));
+        let mut tracker = StatusTracker::new(start, 0, Duration::from_millis(100));
         let began = Instant::now();
         for (i, id) in ids.iter().enumerate() {
             // Spread the reports over a minute, as real devices would.

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 use crate::message::{RawMessage, SourceKind, now_ms};
 use crate::script::ScriptError;
 
+/// How much of a `too_large` message's payload its dead letter keeps.
+pub const KEPT_OF_TOO_LARGE: usize = 1024;
+
 /// Why a message became a dead letter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -24,6 +27,14 @@ pub enum Reason {
     ScriptTrap,
     /// The script's outputs broke the contract or the size limits.
     BadOutput,
+    /// An output's timestamp lies outside the product's window.
+    BadTimestamp,
+    /// The message is larger than its source's limit (the payload kept is
+    /// its beginning only).
+    TooLarge,
+    /// The device is not registered and this instance already keeps track
+    /// of as many unregistered devices as `registry.max_unregistered` allows.
+    DeviceLimit,
 }
 
 impl Reason {
@@ -35,6 +46,9 @@ impl Reason {
             Reason::ScriptError => "script_error",
             Reason::ScriptTrap => "script_trap",
             Reason::BadOutput => "bad_output",
+            Reason::BadTimestamp => "bad_timestamp",
+            Reason::TooLarge => "too_large",
+            Reason::DeviceLimit => "device_limit",
         }
     }
 
@@ -43,6 +57,7 @@ impl Reason {
         match error {
             ScriptError::Rejected { .. } => Reason::ScriptError,
             ScriptError::BadOutput { .. } | ScriptError::OutputTooLarge { .. } => Reason::BadOutput,
+            ScriptError::BadTimestamp { .. } => Reason::BadTimestamp,
             ScriptError::Read { .. } | ScriptError::Compile { .. } | ScriptError::Link { .. } => {
                 Reason::NoScript
             }
@@ -73,8 +88,12 @@ pub struct DeadLetter {
     pub device_id: String,
     /// The script version that failed, when a script ran.
     pub script_version: String,
-    /// The raw payload, base64.
+    /// The raw payload, base64; only its first [`KEPT_OF_TOO_LARGE`] bytes
+    /// for a `too_large` message.
     pub payload_base64: String,
+    /// The size of the payload as it arrived, in bytes.
+    #[serde(default)]
+    pub payload_size: usize,
     /// When it was received, ms since the Unix epoch.
     pub received_at: i64,
 }
@@ -92,16 +111,40 @@ impl DeadLetter {
             device_id: message.device_id.clone(),
             script_version: script_version.to_owned(),
             payload_base64: base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            payload_size: message.payload.len(),
             received_at: message.received_at,
         }
     }
 
     /// A dead letter for input that never became a message.
     pub fn unroutable(source: SourceKind, topic: &str, payload: &[u8], error: String) -> Self {
+        Self::raw(Reason::Unroutable, source, topic, payload, error)
+    }
+
+    /// A dead letter for a message over its source's `limit` in bytes: the
+    /// error names both sizes, the payload kept is its beginning.
+    pub fn too_large(source: SourceKind, topic: &str, payload: &[u8], limit: u64) -> Self {
+        let error = format!(
+            "the message has {} bytes, over the limit of {limit}; its first {} bytes are kept",
+            payload.len(),
+            KEPT_OF_TOO_LARGE.min(payload.len())
+        );
+        let mut letter = Self::raw(
+            Reason::TooLarge,
+            source,
+            topic,
+            &payload[..KEPT_OF_TOO_LARGE.min(payload.len())],
+            error,
+        );
+        letter.payload_size = payload.len();
+        letter
+    }
+
+    fn raw(reason: Reason, source: SourceKind, topic: &str, payload: &[u8], error: String) -> Self {
         let now = now_ms();
         DeadLetter {
             at: now,
-            reason: Reason::Unroutable,
+            reason,
             error,
             source: source.as_str().to_owned(),
             topic: topic.to_owned(),
@@ -109,6 +152,7 @@ impl DeadLetter {
             device_id: String::new(),
             script_version: String::new(),
             payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+            payload_size: payload.len(),
             received_at: now,
         }
     }

@@ -19,20 +19,32 @@ pub struct Snapshot {
     pub updated_ms: i64,
 }
 
-impl Snapshot {
-    /// Merges a telemetry report measured at `at_ms`.
-    pub fn merge_telemetry(&mut self, fields: &Fields, at_ms: i64) {
-        for (key, value) in fields.iter() {
-            self.telemetry.insert(key, value.clone());
+/// Merges `fields` into `into`, adding new keys only while `into` holds
+/// fewer than `max_keys`; returns how many keys were not kept.
+fn merge_capped(into: &mut Fields, fields: &Fields, max_keys: usize) -> usize {
+    let mut dropped = 0;
+    for (key, value) in fields.iter() {
+        if into.len() < max_keys || into.contains_key(key) {
+            into.insert(key, value.clone());
+        } else {
+            dropped += 1;
         }
+    }
+    dropped
+}
+
+impl Snapshot {
+    /// Merges a telemetry report measured at `at_ms`, keeping at most
+    /// `max_keys` keys; returns how many new keys were not kept.
+    pub fn merge_telemetry(&mut self, fields: &Fields, at_ms: i64, max_keys: usize) -> usize {
         self.updated_ms = self.updated_ms.max(at_ms);
+        merge_capped(&mut self.telemetry, fields, max_keys)
     }
 
-    /// Merges attributes.
-    pub fn merge_attributes(&mut self, fields: &Fields) {
-        for (key, value) in fields.iter() {
-            self.attributes.insert(key, value.clone());
-        }
+    /// Merges attributes, keeping at most `max_keys` keys; returns how many
+    /// new keys were not kept.
+    pub fn merge_attributes(&mut self, fields: &Fields, max_keys: usize) -> usize {
+        merge_capped(&mut self.attributes, fields, max_keys)
     }
 }
 
@@ -71,40 +83,39 @@ impl LatestStore {
         }
     }
 
-    /// Merges a telemetry report of `device` measured at `at_ms`.
-    pub fn merge_telemetry(&self, device: &str, fields: &Fields, at_ms: i64) {
+    /// Merges a telemetry report of `device` measured at `at_ms`, keeping
+    /// at most `max_keys` keys (new keys beyond it are not kept, and counted).
+    pub fn merge_telemetry(&self, device: &str, fields: &Fields, at_ms: i64, max_keys: usize) {
         let mut shard = self.shards.for_device(device);
-        match shard.snapshots.get_mut(device) {
-            Some(snapshot) => snapshot.merge_telemetry(fields, at_ms),
-            None => {
-                let mut snapshot = Snapshot::default();
-                snapshot.merge_telemetry(fields, at_ms);
-                shard.snapshots.insert(device.to_owned(), snapshot);
-            }
+        if !shard.snapshots.contains_key(device) {
+            shard
+                .snapshots
+                .insert(device.to_owned(), Snapshot::default());
         }
+        let dropped = shard.snapshots.get_mut(device).map_or(0, |snapshot| {
+            snapshot.merge_telemetry(fields, at_ms, max_keys)
+        });
         if self.write_behind {
             let delta = shard.pending.entry(device.to_owned()).or_default();
-            for (key, value) in fields.iter() {
-                delta.telemetry.insert(key, value.clone());
-            }
+            merge_capped(&mut delta.telemetry, fields, max_keys);
             delta.updated_ms = delta.updated_ms.max(at_ms);
         }
+        count_dropped(dropped);
     }
 
-    /// Merges attributes of `device`.
-    pub fn merge_attributes(&self, device: &str, fields: &Fields) {
+    /// Merges attributes of `device`, keeping at most `max_keys` keys.
+    pub fn merge_attributes(&self, device: &str, fields: &Fields, max_keys: usize) {
         let mut shard = self.shards.for_device(device);
-        shard
+        let dropped = shard
             .snapshots
             .entry(device.to_owned())
             .or_default()
-            .merge_attributes(fields);
+            .merge_attributes(fields, max_keys);
         if self.write_behind {
             let delta = shard.pending.entry(device.to_owned()).or_default();
-            for (key, value) in fields.iter() {
-                delta.attributes.insert(key, value.clone());
-            }
+            merge_capped(&mut delta.attributes, fields, max_keys);
         }
+        count_dropped(dropped);
     }
 
     /// The snapshot of `device`, if it has reported here.
@@ -170,6 +181,12 @@ impl LatestStore {
     }
 }
 
+fn count_dropped(dropped: usize) {
+    if dropped > 0 {
+        metrics::counter!("sluice_snapshot_keys_dropped_total").increment(dropped as u64);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,8 +202,8 @@ mod tests {
     #[test]
     fn reports_merge_into_the_snapshot() {
         let store = LatestStore::new(2, false);
-        store.merge_telemetry("d", &fields(&[("t", json!(20)), ("h", json!(40))]), 100);
-        store.merge_telemetry("d", &fields(&[("t", json!(21))]), 200);
+        store.merge_telemetry("d", &fields(&[("t", json!(20)), ("h", json!(40))]), 100, 10);
+        store.merge_telemetry("d", &fields(&[("t", json!(21))]), 200, 10);
         let snapshot = store.get("d").unwrap();
         assert_eq!(
             serde_json::to_string(&snapshot.telemetry).unwrap(),
@@ -202,12 +219,12 @@ mod tests {
     #[test]
     fn write_behind_collects_and_restores_deltas() {
         let store = LatestStore::new(2, true);
-        store.merge_telemetry("d", &fields(&[("t", json!(20))]), 100);
-        store.merge_attributes("d", &fields(&[("fw", json!("1.2"))]));
+        store.merge_telemetry("d", &fields(&[("t", json!(20))]), 100, 10);
+        store.merge_attributes("d", &fields(&[("fw", json!("1.2"))]), 10);
         let pending = store.take_pending();
         assert_eq!(pending.len(), 1);
         assert!(store.take_pending().is_empty());
-        store.merge_telemetry("d", &fields(&[("t", json!(22))]), 300);
+        store.merge_telemetry("d", &fields(&[("t", json!(22))]), 300, 10);
         store.restore_pending(pending);
         let again = store.take_pending();
         let delta = &again[0].1;
@@ -221,9 +238,24 @@ mod tests {
     }
 
     #[test]
+    fn snapshots_keep_at_most_their_cap_of_keys() {
+        let store = LatestStore::new(1, true);
+        store.merge_telemetry("d", &fields(&[("a", json!(1)), ("b", json!(2))]), 1, 2);
+        store.merge_telemetry("d", &fields(&[("c", json!(3)), ("a", json!(4))]), 2, 2);
+        let snapshot = store.get("d").unwrap();
+        assert_eq!(
+            serde_json::to_string(&snapshot.telemetry).unwrap(),
+            r#"{"a":4,"b":2}"#,
+            "known keys update, new ones past the cap are not kept"
+        );
+        let pending = store.take_pending();
+        assert_eq!(pending[0].1.telemetry.len(), 2);
+    }
+
+    #[test]
     fn adopted_snapshots_do_not_replace_newer_ones() {
         let store = LatestStore::new(1, false);
-        store.merge_telemetry("d", &fields(&[("t", json!(1))]), 500);
+        store.merge_telemetry("d", &fields(&[("t", json!(1))]), 500, 10);
         store.adopt(
             "d",
             Snapshot {

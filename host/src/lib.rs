@@ -19,7 +19,8 @@
 //!   for later;
 //! - [`gateway`]: the HTTP API, the WebSockets and the dashboard (axum);
 //! - [`config`], [`devices`], [`metrics`], [`server`] and [`cli`]: setting
-//!   up, wiring together and running it.
+//!   up, wiring together and running it; [`supervisor`] restarts a
+//!   long-lived task that panics.
 
 pub mod bus;
 pub mod cli;
@@ -37,3 +38,4 @@ pub mod script;
 pub mod server;
 pub mod source;
 pub mod status;
+pub mod supervisor;

@@ -36,9 +36,9 @@ pub struct ProcessedRecord<'a> {
 }
 
 impl ProcessedRecord<'_> {
-    /// The record as one JSON line.
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("records serialise to JSON")
+    /// The record as one JSON line; `None` (counted) if it cannot be written.
+    pub fn to_json(&self) -> Option<String> {
+        crate::bus::json_text(self, "record")
     }
 }
 
@@ -49,7 +49,7 @@ pub fn record_json(
     device: &str,
     tenant: &str,
     version: &str,
-) -> String {
+) -> Option<String> {
     ProcessedRecord {
         device_id: device,
         product: &message.product,

@@ -1,27 +1,32 @@
 //! Starting and stopping a sluice process: configuration → script engine
 //! → products → bus → workers → sources and HTTP, and an orderly stop that
-//! drains what was taken in.
+//! drains what was taken in, ends every WebSocket with 1001 and gives back
+//! this instance's watcher counts, all within the drain timeout.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
-use crate::bus::{Bus, BusError, Interest, MemoryBus, Publication, RedisBus, mirror_interest};
-use crate::config::{ConfigError, LoadedConfig};
+use crate::bus::{
+    Bus, BusError, Interest, MemoryBus, Publication, RedisBus, TransitionFeed, mirror_interest,
+};
+use crate::config::{Config, ConfigError, LoadedConfig};
 use crate::devices::DeviceRegistry;
 use crate::gateway::auth::Authenticator;
 use crate::gateway::hub::Hub;
+use crate::gateway::socket::Connections;
 use crate::gateway::{AppState, WsContext, app};
 use crate::latest::LatestStore;
 use crate::pipeline::{
     Effect, Envelope, Ingest, PipelineState, SeenDevices, SharedDeadlines, apply_effects,
-    run_status_timers, run_write_behind, spawn_worker,
+    follow_table, follow_transitions, run_status_timers, run_write_behind, spawn_worker,
 };
 use crate::records::{RecordsError, RecordsOutput};
 use crate::route::Router;
@@ -29,6 +34,7 @@ use crate::script::reload::spawn_reloader;
 use crate::script::{EngineError, ScriptEngine, ScriptRegistry};
 use crate::source::{KafkaSourceError, SourceHealth, kafka_consumer, run_kafka, run_mqtt};
 use crate::status::StatusBoard;
+use crate::supervisor::Supervisor;
 
 /// Effects that may wait between workers and the bus.
 const EFFECTS_QUEUE: usize = 16_384;
@@ -69,8 +75,11 @@ pub struct Running {
     addr: SocketAddr,
     state: Arc<PipelineState>,
     memory_bus: Option<Arc<MemoryBus>>,
+    hub: Arc<Hub>,
+    connections: Arc<Connections>,
     intake_stop: watch::Sender<bool>,
     timers_stop: watch::Sender<bool>,
+    sessions_stop: watch::Sender<bool>,
     intake: Vec<JoinHandle<()>>,
     timers: Vec<JoinHandle<()>>,
     workers: Vec<std::thread::JoinHandle<()>>,
@@ -89,6 +98,15 @@ impl std::fmt::Debug for Running {
     }
 }
 
+/// The bus, the hub that feeds local WebSockets from it, and what only
+/// one of the two kinds has.
+struct Buses {
+    bus: Arc<dyn Bus>,
+    hub: Arc<Hub>,
+    memory: Option<Arc<MemoryBus>>,
+    redis: Option<redis::Client>,
+}
+
 /// Starts sluice on `listener` and returns once everything runs.
 pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Running, RunError> {
     let config = loaded.config;
@@ -99,139 +117,68 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     // Before any script registers its metrics.
     let metrics = crate::metrics::recorder();
     let engine = ScriptEngine::new(&config.scripts.engine)?;
-    let scripts = {
-        let (engine, config) = (engine.clone(), config.clone());
-        tokio::task::spawn_blocking(move || Arc::new(ScriptRegistry::load(&engine, &config)))
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-    };
+    let scripts = load_scripts(&engine, &config).await?;
     let registry = match &config.registry.file {
         Some(file) => DeviceRegistry::load(file)?,
         None => DeviceRegistry::default(),
     };
     let worker_count = config.workers.effective_count();
     let records = RecordsOutput::new(&config.records)?.map(Arc::new);
-
+    let tasks = Supervisor::new();
     let interest = Arc::new(Interest::new());
     let (timers_stop, timers_rx) = watch::channel(false);
-    let mut timers = Vec::new();
-    let (bus, memory_bus, hub): (Arc<dyn Bus>, Option<Arc<MemoryBus>>, Arc<Hub>) =
-        match &config.bus.redis {
-            Some(redis) => {
-                let stream = config
-                    .records
-                    .redis_stream
-                    .as_ref()
-                    .map(|s| (s.key.clone(), s.maxlen));
-                let bus = RedisBus::connect(redis, config.deadletter.capacity, stream).await?;
-                bus.ping().await?;
-                timers.push(tokio::spawn(mirror_interest(
-                    bus.client().clone(),
-                    interest.clone(),
-                    redis.resync,
-                    timers_rx.clone(),
-                )));
-                let hub =
-                    Hub::with_redis(bus.client().clone(), interest.clone(), timers_rx.clone())
-                        .await?;
-                (Arc::new(bus), None, hub)
-            }
-            None => {
-                let bus = Arc::new(MemoryBus::new(config.deadletter.capacity));
-                let hub = Hub::in_process(interest.clone(), bus.subscribe(), timers_rx.clone());
-                (bus.clone(), Some(bus), hub)
-            }
-        };
-    let shared = bus.shares_deadlines();
-    let flush = config
-        .bus
-        .redis
-        .as_ref()
-        .map_or(Duration::from_millis(200), |r| r.flush);
+    let buses = connect_bus(&config, &interest, &tasks, &timers_rx).await?;
+    let shared = buses.bus.shares_deadlines();
     let state = Arc::new(PipelineState {
         registry: ArcSwap::from_pointee(registry),
         scripts: scripts.clone(),
         status: StatusBoard::new(worker_count, config.status.tick),
         latest: LatestStore::new(worker_count, shared),
         interest,
-        bus: bus.clone(),
-        deadlines: shared
-            .then(|| SharedDeadlines::new(worker_count, config.status.tick.max(flush * 2))),
+        bus: buses.bus.clone(),
+        deadlines: shared.then(|| SharedDeadlines::new(worker_count)),
         records: records.is_some(),
-        seen: SeenDevices::new(worker_count),
+        seen: SeenDevices::new(worker_count, config.registry.max_unregistered),
+        tasks: tasks.clone(),
     });
-    restore_status(&state).await?;
+    // With a shared table, start from it and follow it from the position
+    // it had before it was read, so no change in between is missed.
+    let feed = match &buses.redis {
+        Some(client) => {
+            let feed = TransitionFeed::open(client, Duration::from_secs(2)).await?;
+            let devices = follow_table(&state).await?;
+            if devices > 0 {
+                tracing::info!(devices, "status restored from the bus");
+            }
+            Some(feed)
+        }
+        None => None,
+    };
 
-    let (effects_tx, effects_rx) = mpsc::channel::<Effect>(EFFECTS_QUEUE);
-    let effects = tokio::spawn(apply_effects(effects_rx, bus.clone(), records.clone()));
-    let mut queues = Vec::with_capacity(worker_count);
-    let mut workers = Vec::with_capacity(worker_count);
-    for index in 0..worker_count {
-        let (tx, rx) = mpsc::channel::<Envelope>(config.workers.queue);
-        queues.push(tx);
-        workers.push(spawn_worker(
-            index,
-            state.clone(),
-            effects_tx.clone(),
-            rx,
-            config.workers.batch,
-        )?);
-    }
-    let ingest = Ingest::new(queues, effects_tx.clone());
-
-    // Deadlines written behind must land before an expiry sweep may take them.
-    let grace = flush * 2 + Duration::from_millis(500);
-    timers.push(tokio::spawn(run_status_timers(
-        state.clone(),
-        effects_tx.clone(),
-        config.status.tick,
-        grace,
-        timers_rx.clone(),
-    )));
-    if shared {
-        timers.push(tokio::spawn(run_write_behind(
-            state.clone(),
-            flush,
-            timers_rx.clone(),
-        )));
-    }
+    let (effects_tx, effects) = start_effects(&tasks, &buses.bus, &records, &timers_rx);
+    let (ingest, workers) = start_workers(&config, &state, &effects_tx, worker_count)?;
+    let mut timers = start_timers(
+        &config,
+        &state,
+        &effects_tx,
+        &buses,
+        feed,
+        &tasks,
+        &timers_rx,
+    );
     drop(effects_tx);
 
     let (intake_stop, intake_rx) = watch::channel(false);
-    let mut intake = Vec::new();
-    let mut health = Vec::new();
     let router = Arc::new(
         Router::new(&config.routes, config.status.topic.as_deref()).map_err(RunError::Routes)?,
     );
-    for mqtt in &config.sources.mqtt {
-        let source_health = Arc::new(SourceHealth::default());
-        health.push((format!("mqtt {}", mqtt.url), source_health.clone()));
-        intake.push(tokio::spawn(run_mqtt(
-            mqtt.clone(),
-            router.clone(),
-            ingest.clone(),
-            source_health,
-            intake_rx.clone(),
-        )));
-    }
-    for kafka in &config.sources.kafka {
-        let consumer = kafka_consumer(kafka)?;
-        let source_health = Arc::new(SourceHealth::default());
-        health.push((format!("kafka {}", kafka.brokers), source_health.clone()));
-        intake.push(tokio::spawn(run_kafka(
-            kafka.clone(),
-            consumer,
-            ingest.clone(),
-            source_health,
-            config.workers.drain_timeout,
-            intake_rx.clone(),
-        )));
-    }
+    let (mut intake, health) = start_sources(&config, &router, &ingest, &tasks, &intake_rx)?;
     if config.scripts.watch {
         match spawn_reloader(
             engine.clone(),
             Arc::new(config.clone()),
             scripts,
+            &tasks,
             timers_rx.clone(),
         ) {
             Ok(task) => timers.push(task),
@@ -242,45 +189,35 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     }
     let (registry_tx, registry_changes) = watch::channel(0);
     if let Some(file) = &config.registry.file {
-        timers.push(tokio::spawn(follow_registry(
-            file.clone(),
-            state.clone(),
-            registry_tx,
-            timers_rx.clone(),
-        )));
+        let (file, state, stop) = (file.clone(), state.clone(), timers_rx.clone());
+        let changes = Arc::new(registry_tx);
+        timers.push(
+            tasks.spawn("registry follower", timers_rx.clone(), move || {
+                follow_registry(file.clone(), state.clone(), changes.clone(), stop.clone())
+            }),
+        );
     }
+    let (sessions_stop, sessions_rx) = watch::channel(false);
+    let connections = Arc::new(Connections::default());
     let app_state = AppState {
         pipeline: state.clone(),
         ingest: config.sources.http.enabled.then(|| ingest.clone()),
         http: config.sources.http.clone(),
         metrics,
         ws: Arc::new(WsContext {
-            hub,
+            hub: buses.hub.clone(),
             auth: Authenticator::new(config.auth.as_ref()),
             config: config.websocket.clone(),
-            connections: Arc::default(),
+            connections: connections.clone(),
             registry_changes,
+            shutdown: sessions_rx,
         }),
         sources: health.clone(),
     };
-    let mut http_stop = intake_rx.clone();
-    intake.push(tokio::spawn(async move {
-        // Small frames must leave at once: no Nagle delay on any connection.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(error) = tcp.set_nodelay(true) {
-                tracing::debug!(%error, "cannot set TCP_NODELAY");
-            }
-        });
-        let server = axum::serve(listener, app(app_state)).with_graceful_shutdown(async move {
-            let _ = http_stop.changed().await;
-        });
-        if let Err(error) = server.await {
-            tracing::error!(%error, "HTTP server failed");
-        }
-    }));
+    intake.push(serve_http(listener, app_state, intake_rx.clone()));
     tracing::info!(
         %addr,
-        bus = bus.kind(),
+        bus = buses.bus.kind(),
         workers = worker_count,
         products = state.scripts.list().len(),
         devices = state.registry.load().len(),
@@ -289,9 +226,12 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     Ok(Running {
         addr,
         state,
-        memory_bus,
+        memory_bus: buses.memory,
+        hub: buses.hub,
+        connections,
         intake_stop,
         timers_stop,
+        sessions_stop,
         intake,
         timers,
         workers,
@@ -300,6 +240,223 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         drain: config.workers.drain_timeout,
         health,
         ingest,
+    })
+}
+
+/// Compiles every product's script off the async threads.
+async fn load_scripts(
+    engine: &ScriptEngine,
+    config: &Config,
+) -> Result<Arc<ScriptRegistry>, RunError> {
+    let (engine, config) = (engine.clone(), config.clone());
+    tokio::task::spawn_blocking(move || Arc::new(ScriptRegistry::load(&engine, &config)))
+        .await
+        .map_err(|e| RunError::Io(std::io::Error::other(e.to_string())))
+}
+
+/// Connects the configured bus and starts the hub (and, with Redis, the
+/// interest mirror).
+async fn connect_bus(
+    config: &Config,
+    interest: &Arc<Interest>,
+    tasks: &Arc<Supervisor>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Buses, RunError> {
+    let Some(redis) = &config.bus.redis else {
+        let bus = Arc::new(MemoryBus::new(config.deadletter.capacity));
+        let hub = Hub::in_process(interest.clone(), bus.clone(), tasks, stop.clone());
+        return Ok(Buses {
+            bus: bus.clone(),
+            hub,
+            memory: Some(bus),
+            redis: None,
+        });
+    };
+    let stream = config
+        .records
+        .redis_stream
+        .as_ref()
+        .map(|s| (s.key.clone(), s.maxlen));
+    let bus = RedisBus::connect(redis, config.deadletter.capacity, stream).await?;
+    bus.ping().await?;
+    let client = bus.client().clone();
+    {
+        let (client, interest, resync, stop_rx) =
+            (client.clone(), interest.clone(), redis.resync, stop.clone());
+        tasks.spawn("interest mirror", stop.clone(), move || {
+            mirror_interest(client.clone(), interest.clone(), resync, stop_rx.clone())
+        });
+    }
+    let hub = Hub::with_redis(client.clone(), interest.clone(), tasks, stop.clone()).await?;
+    Ok(Buses {
+        bus: Arc::new(bus),
+        hub,
+        memory: None,
+        redis: Some(client),
+    })
+}
+
+/// Starts the task that applies effects, supervised.
+fn start_effects(
+    tasks: &Arc<Supervisor>,
+    bus: &Arc<dyn Bus>,
+    records: &Option<Arc<RecordsOutput>>,
+    stop: &watch::Receiver<bool>,
+) -> (mpsc::Sender<Effect>, JoinHandle<()>) {
+    let (effects_tx, effects_rx) = mpsc::channel::<Effect>(EFFECTS_QUEUE);
+    let queue = Arc::new(tokio::sync::Mutex::new(effects_rx));
+    let (bus, records) = (bus.clone(), records.clone());
+    // It ends when every sender is gone, not at a signal: what workers
+    // hand over is applied first.
+    let handle = tasks.spawn("effects", stop.clone(), move || {
+        apply_effects(queue.clone(), bus.clone(), records.clone())
+    });
+    (effects_tx, handle)
+}
+
+/// Starts one worker thread per shard and the way into their queues.
+fn start_workers(
+    config: &Config,
+    state: &Arc<PipelineState>,
+    effects: &mpsc::Sender<Effect>,
+    count: usize,
+) -> Result<(Ingest, Vec<std::thread::JoinHandle<()>>), RunError> {
+    let mut queues = Vec::with_capacity(count);
+    let mut workers = Vec::with_capacity(count);
+    for index in 0..count {
+        let (tx, rx) = mpsc::channel::<Envelope>(config.workers.queue);
+        queues.push(tx);
+        workers.push(spawn_worker(
+            index,
+            state.clone(),
+            effects.clone(),
+            rx,
+            config.workers.batch,
+        )?);
+    }
+    Ok((Ingest::new(queues, effects.clone()), workers))
+}
+
+/// Starts the status timers, the write-behind and, with a shared table,
+/// the follower of every instance's status changes; all supervised.
+fn start_timers(
+    config: &Config,
+    state: &Arc<PipelineState>,
+    effects: &mpsc::Sender<Effect>,
+    buses: &Buses,
+    feed: Option<TransitionFeed>,
+    tasks: &Arc<Supervisor>,
+    stop: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let mut timers = Vec::new();
+    let flush = config
+        .bus
+        .redis
+        .as_ref()
+        .map_or(Duration::from_millis(200), |r| r.flush);
+    // A deadline is taken only once it is a flush old: by then every
+    // refresh from before it has been written behind.
+    let (tick, grace) = (config.status.tick, flush);
+    {
+        let (state, effects, stop_rx) = (state.clone(), effects.clone(), stop.clone());
+        timers.push(tasks.spawn("status timers", stop.clone(), move || {
+            run_status_timers(state.clone(), effects.clone(), tick, grace, stop_rx.clone())
+        }));
+    }
+    if state.deadlines.is_some() {
+        let (state, stop_rx) = (state.clone(), stop.clone());
+        timers.push(tasks.spawn("write-behind", stop.clone(), move || {
+            run_write_behind(state.clone(), flush, stop_rx.clone())
+        }));
+    }
+    if let Some(client) = &buses.redis {
+        let (state, effects, client, stop_rx) =
+            (state.clone(), effects.clone(), client.clone(), stop.clone());
+        // The first run takes the feed opened at start; a restart opens a new one.
+        let feed = Arc::new(Mutex::new(feed));
+        timers.push(tasks.spawn("status follower", stop.clone(), move || {
+            let first = feed.lock().unwrap_or_else(|e| e.into_inner()).take();
+            follow_transitions(
+                state.clone(),
+                effects.clone(),
+                client.clone(),
+                first,
+                stop_rx.clone(),
+            )
+        }));
+    }
+    timers
+}
+
+/// Source tasks and the health of each source.
+type Sources = (Vec<JoinHandle<()>>, Vec<(String, Arc<SourceHealth>)>);
+
+/// Starts every MQTT and Kafka source, supervised.
+fn start_sources(
+    config: &Config,
+    router: &Arc<Router>,
+    ingest: &Ingest,
+    tasks: &Arc<Supervisor>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Sources, RunError> {
+    let mut intake = Vec::new();
+    let mut health = Vec::new();
+    for mqtt in &config.sources.mqtt {
+        let source_health = Arc::new(SourceHealth::default());
+        health.push((format!("mqtt {}", mqtt.url), source_health.clone()));
+        let (mqtt, router, ingest, stop_rx) =
+            (mqtt.clone(), router.clone(), ingest.clone(), stop.clone());
+        let drain = config.workers.drain_timeout;
+        intake.push(tasks.spawn("mqtt source", stop.clone(), move || {
+            run_mqtt(
+                mqtt.clone(),
+                router.clone(),
+                ingest.clone(),
+                source_health.clone(),
+                drain,
+                stop_rx.clone(),
+            )
+        }));
+    }
+    for kafka in &config.sources.kafka {
+        let consumer = Arc::new(kafka_consumer(kafka)?);
+        let source_health = Arc::new(SourceHealth::default());
+        health.push((format!("kafka {}", kafka.brokers), source_health.clone()));
+        let (kafka, ingest, stop_rx) = (kafka.clone(), ingest.clone(), stop.clone());
+        let drain = config.workers.drain_timeout;
+        intake.push(tasks.spawn("kafka source", stop.clone(), move || {
+            run_kafka(
+                kafka.clone(),
+                consumer.clone(),
+                ingest.clone(),
+                source_health.clone(),
+                drain,
+                stop_rx.clone(),
+            )
+        }));
+    }
+    Ok((intake, health))
+}
+
+/// Serves HTTP (the API and the WebSocket upgrades) until `stop`.
+fn serve_http(
+    listener: TcpListener,
+    app_state: AppState,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        // Small frames must leave at once: no Nagle delay on any connection.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        });
+        let server = axum::serve(listener, app(app_state)).with_graceful_shutdown(async move {
+            let _ = stop.changed().await;
+        });
+        if let Err(error) = server.await {
+            tracing::error!(%error, "HTTP server failed");
+        }
     })
 }
 
@@ -312,7 +469,7 @@ const REGISTRY_POLL: Duration = Duration::from_secs(1);
 async fn follow_registry(
     file: std::path::PathBuf,
     state: Arc<PipelineState>,
-    changes: watch::Sender<u64>,
+    changes: Arc<watch::Sender<u64>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let stamp = |file: &std::path::Path| {
@@ -335,6 +492,7 @@ async fn follow_registry(
         match DeviceRegistry::load(&file) {
             Ok(registry) => {
                 tracing::info!(devices = registry.len(), file = %file.display(), "device registry reloaded");
+                state.seen.forget_registered(&registry);
                 state.registry.store(Arc::new(registry));
                 changes.send_modify(|generation| *generation += 1);
             }
@@ -343,22 +501,6 @@ async fn follow_registry(
             }
         }
     }
-}
-
-/// Loads the shared status table so a restarted instance knows current status.
-async fn restore_status(state: &PipelineState) -> Result<(), BusError> {
-    let statuses = state.bus.load_status().await?;
-    let now = tokio::time::Instant::now();
-    for (device, status) in &statuses {
-        let product = state.product_of(device).unwrap_or_default();
-        state
-            .status
-            .restore(device, *status, state.mode_of(device, &product), now);
-    }
-    if !statuses.is_empty() {
-        tracing::info!(devices = statuses.len(), "status restored from the bus");
-    }
-    Ok(())
 }
 
 impl Running {
@@ -392,36 +534,48 @@ impl Running {
             .collect()
     }
 
-    /// Stops taking messages, lets the workers finish what they hold (up to
-    /// the drain timeout), writes state behind, and applies the last effects.
+    /// Stops in order, all within the drain timeout: sources stop reading
+    /// (and acknowledge what was processed) while every WebSocket client
+    /// is closed with 1001; the workers finish what they hold; timers
+    /// write state behind; the last effects are applied; this instance's
+    /// watcher counts are given back.
     pub async fn stop(self) {
         tracing::info!("sluice stopping: no new messages; draining");
+        let deadline = Instant::now() + self.drain;
         let _ = self.intake_stop.send(true);
+        let _ = self.sessions_stop.send(true);
         drop(self.ingest);
         for task in self.intake {
-            let _ = tokio::time::timeout(self.drain, task).await;
+            let _ = tokio::time::timeout_at(deadline, task).await;
         }
-        let drain = self.drain;
         let workers = tokio::task::spawn_blocking(move || {
             for worker in self.workers {
                 let _ = worker.join();
             }
         });
-        if tokio::time::timeout(drain, workers).await.is_err() {
+        if tokio::time::timeout_at(deadline, workers).await.is_err() {
             tracing::warn!(
-                ?drain,
-                "workers did not drain in time; their queued messages are dropped"
+                drain = ?self.drain,
+                "workers did not drain in time; their queued messages stay unacknowledged"
             );
         }
         let _ = self.timers_stop.send(true);
         for task in self.timers {
-            let _ = tokio::time::timeout(drain, task).await;
+            let _ = tokio::time::timeout_at(deadline, task).await;
         }
-        if tokio::time::timeout(drain, self.effects).await.is_err() {
+        if tokio::time::timeout_at(deadline, self.effects)
+            .await
+            .is_err()
+        {
             tracing::warn!("effects were still being applied at the drain timeout");
         }
+        // WebSocket sessions give back their own counts as they end.
+        while self.connections.open() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = tokio::time::timeout_at(deadline, self.hub.release_all()).await;
         if let Some(records) = &self.records {
-            records.flush(drain);
+            records.flush(deadline.saturating_duration_since(Instant::now()));
         }
         tracing::info!("sluice stopped");
     }

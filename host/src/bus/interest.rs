@@ -1,16 +1,33 @@
-//! The interest set: which devices someone is watching. Reads are
-//! wait-free (one atomic load), so checking it for every message costs no
-//! more than a hash lookup and never a network call.
+//! The interest set: which devices someone is watching. Checking it for
+//! every message costs a hash and an uncontended read lock, never a
+//! network call; adding or removing N devices costs O(N).
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use arc_swap::ArcSwap;
+/// Shards of the set: writers (a dashboard subscribing to thousands of
+/// devices) lock one shard at a time, so readers on the message path
+/// rarely wait.
+const SHARDS: usize = 64;
 
 /// The devices that have at least one watcher anywhere.
-#[derive(Debug, Default)]
+///
+/// A `std::sync::RwLock` is right here: each lock is held for one set
+/// operation, never across an `.await`.
+#[derive(Debug)]
 pub struct Interest {
-    watched: ArcSwap<HashSet<String>>,
+    shards: Vec<RwLock<HashSet<String>>>,
+    hasher: RandomState,
+}
+
+impl Default for Interest {
+    fn default() -> Self {
+        Interest {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
 }
 
 impl Interest {
@@ -19,46 +36,77 @@ impl Interest {
         Interest::default()
     }
 
+    fn shard(&self, device: &str) -> &RwLock<HashSet<String>> {
+        let hash = self.hasher.hash_one(device);
+        &self.shards[(hash % SHARDS as u64) as usize]
+    }
+
+    fn read(shard: &RwLock<HashSet<String>>) -> RwLockReadGuard<'_, HashSet<String>> {
+        // A poisoned lock means a panic during one insert or removal; the
+        // set is still a set.
+        shard
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(shard: &RwLock<HashSet<String>>) -> RwLockWriteGuard<'_, HashSet<String>> {
+        shard
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Whether someone watches `device`.
     pub fn is_watched(&self, device: &str) -> bool {
-        self.watched.load().contains(device)
+        Self::read(self.shard(device)).contains(device)
     }
 
     /// Whether anyone watches anything.
     pub fn is_empty(&self) -> bool {
-        self.watched.load().is_empty()
+        self.shards.iter().all(|s| Self::read(s).is_empty())
     }
 
     /// How many devices are watched.
     pub fn len(&self) -> usize {
-        self.watched.load().len()
+        self.shards.iter().map(|s| Self::read(s).len()).sum()
     }
 
-    /// Marks `device` watched or not. Changes are rare (a dashboard opens
-    /// or closes), so the set is copied on write.
+    /// Marks `device` watched or not.
     pub fn set(&self, device: &str, watched: bool) {
-        self.watched.rcu(|current| {
-            if current.contains(device) == watched {
-                return Arc::clone(current);
+        let mut shard = Self::write(self.shard(device));
+        if watched {
+            if !shard.contains(device) {
+                shard.insert(device.to_owned());
             }
-            let mut next = HashSet::clone(current);
-            if watched {
-                next.insert(device.to_owned());
-            } else {
-                next.remove(device);
-            }
-            Arc::new(next)
-        });
+        } else {
+            shard.remove(device);
+        }
+    }
+
+    /// Marks every one of `devices` watched or not.
+    pub fn set_many<'a>(&self, devices: impl IntoIterator<Item = &'a str>, watched: bool) {
+        for device in devices {
+            self.set(device, watched);
+        }
     }
 
     /// Replaces the whole set (a resync).
     pub fn replace(&self, devices: HashSet<String>) {
-        self.watched.store(Arc::new(devices));
+        let mut split: Vec<HashSet<String>> = (0..SHARDS).map(|_| HashSet::new()).collect();
+        for device in devices {
+            let hash = self.hasher.hash_one(device.as_str());
+            split[(hash % SHARDS as u64) as usize].insert(device);
+        }
+        for (shard, devices) in self.shards.iter().zip(split) {
+            *Self::write(shard) = devices;
+        }
     }
 
     /// A copy of the set.
     pub fn devices(&self) -> Vec<String> {
-        self.watched.load().iter().cloned().collect()
+        self.shards
+            .iter()
+            .flat_map(|s| Self::read(s).iter().cloned().collect::<Vec<_>>())
+            .collect()
     }
 }
 
@@ -78,5 +126,18 @@ mod tests {
         assert!(interest.is_empty());
         interest.replace(["x".to_owned(), "y".to_owned()].into());
         assert!(interest.is_watched("y"));
+        assert_eq!(interest.len(), 2);
+    }
+
+    #[test]
+    fn many_devices_at_once() {
+        let interest = Interest::new();
+        let devices: Vec<String> = (0..100_000).map(|i| format!("d-{i}")).collect();
+        interest.set_many(devices.iter().map(String::as_str), true);
+        assert_eq!(interest.len(), 100_000);
+        assert!(interest.is_watched("d-99999"));
+        interest.set_many(devices.iter().take(50_000).map(String::as_str), false);
+        assert_eq!(interest.len(), 50_000);
+        assert!(!interest.is_watched("d-0"));
     }
 }

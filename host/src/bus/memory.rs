@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use super::{Bus, BusError, Deadline, Publication, StatusChange};
 use crate::deadletter::{DeadLetter, DeadLetterRing};
 use crate::latest::{Delta, Snapshot};
-use crate::status::{DeviceStatus, StatusSource};
+use crate::status::DeviceStatus;
 
 /// How many publications an in-process subscriber may lag behind before it
 /// misses some (it is told how many).
@@ -91,15 +91,30 @@ impl Bus for MemoryBus {
         Ok(None)
     }
 
+    async fn load_latest_many(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<Option<Snapshot>>, BusError> {
+        Ok(vec![None; devices.len()])
+    }
+
+    async fn load_status_many(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<Option<DeviceStatus>>, BusError> {
+        Ok(vec![None; devices.len()])
+    }
+
     async fn store_deadlines(&self, _batch: &[Deadline]) -> Result<(), BusError> {
         Ok(())
     }
 
     async fn sweep_deadlines(
         &self,
+        _cutoff_ms: i64,
         _now_ms: i64,
         _limit: usize,
-    ) -> Result<Vec<(String, StatusSource)>, BusError> {
+    ) -> Result<Vec<StatusChange>, BusError> {
         Ok(Vec::new())
     }
 

@@ -13,9 +13,9 @@ pub use interest::Interest;
 pub use memory::MemoryBus;
 pub use publication::{
     AlertRaised, EventReported, Publication, StatusChange, TelemetryReport, alert_channel,
-    event_channel, status_channel, telemetry_channel,
+    event_channel, json_text, status_channel, telemetry_channel,
 };
-pub use redis::{INTEREST_CHANNEL, RedisBus, mirror_interest};
+pub use redis::{Followed, INTEREST_CHANNEL, RedisBus, TransitionFeed, mirror_interest};
 
 use crate::deadletter::DeadLetter;
 use crate::latest::{Delta, Snapshot};
@@ -79,22 +79,36 @@ pub trait Bus: Send + Sync + 'static {
     /// in-process bus, whose table is this process's own).
     async fn load_device_status(&self, device: &str) -> Result<Option<DeviceStatus>, BusError>;
 
+    /// The entries of many devices in the shared status table, in the
+    /// order asked, pipelined.
+    async fn load_status_many(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<Option<DeviceStatus>>, BusError>;
+
     /// Writes latest-value changes behind.
     async fn store_latest(&self, batch: &[(String, Delta)]) -> Result<(), BusError>;
 
     /// The latest values of a device as any instance last wrote them.
     async fn load_latest(&self, device: &str) -> Result<Option<Snapshot>, BusError>;
 
+    /// The latest values of many devices, in the order asked, pipelined.
+    async fn load_latest_many(&self, devices: &[String])
+    -> Result<Vec<Option<Snapshot>>, BusError>;
+
     /// Writes shared deadlines behind.
     async fn store_deadlines(&self, batch: &[Deadline]) -> Result<(), BusError>;
 
-    /// Takes up to `limit` deadlines that passed before `now_ms`; each is
-    /// handed to exactly one caller across all instances.
+    /// Takes up to `limit` deadlines due by `cutoff_ms` and, in the same
+    /// atomic step, records the offline transition (at `now_ms`) of each
+    /// device that was online; each is taken by exactly one caller across
+    /// all instances. Returns the transitions recorded.
     async fn sweep_deadlines(
         &self,
+        cutoff_ms: i64,
         now_ms: i64,
         limit: usize,
-    ) -> Result<Vec<(String, StatusSource)>, BusError>;
+    ) -> Result<Vec<StatusChange>, BusError>;
 
     /// Keeps dead letters.
     async fn add_dead_letters(&self, batch: &[DeadLetter]) -> Result<(), BusError>;

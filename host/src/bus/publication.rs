@@ -84,6 +84,19 @@ pub struct EventReported {
     pub data: Fields,
 }
 
+/// `value` as JSON text; `None` (logged and counted) if it cannot be,
+/// so no device data can stop the task that formats it.
+pub fn json_text<T: Serialize + ?Sized>(value: &T, what: &'static str) -> Option<String> {
+    match serde_json::to_string(value) {
+        Ok(text) => Some(text),
+        Err(error) => {
+            metrics::counter!("sluice_format_errors_total", "what" => what).increment(1);
+            tracing::warn!(%error, what, "cannot format as JSON; skipped");
+            None
+        }
+    }
+}
+
 fn as_int<S: serde::Serializer>(online: &bool, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u8(u8::from(*online))
 }
@@ -150,15 +163,14 @@ impl Publication {
         }
     }
 
-    /// The contract JSON payload.
-    pub fn payload(&self) -> String {
-        let json = match self {
-            Publication::Telemetry(t) => serde_json::to_string(t),
-            Publication::Status(s) => serde_json::to_string(s),
-            Publication::Alert(a) => serde_json::to_string(a),
-            Publication::Event(e) => serde_json::to_string(e),
-        };
-        json.expect("publications serialise to JSON")
+    /// The contract JSON payload; `None` (counted) if it cannot be written.
+    pub fn payload(&self) -> Option<String> {
+        match self {
+            Publication::Telemetry(t) => json_text(t, "publication"),
+            Publication::Status(s) => json_text(s, "publication"),
+            Publication::Alert(a) => json_text(a, "publication"),
+            Publication::Event(e) => json_text(e, "publication"),
+        }
     }
 
     /// Parses what arrived on `channel` (one of the four per-device channels).
@@ -221,7 +233,7 @@ mod tests {
         });
         assert_eq!(telemetry.channel(), "ws:device:th-1");
         assert_eq!(
-            telemetry.payload(),
+            telemetry.payload().unwrap(),
             r#"{"device_id":"th-1","tenant_id":"acme","timestamp":1732262400000,"data":{"temperature":21.5,"ok":true}}"#
         );
         let status = Publication::Status(StatusChange {
@@ -232,14 +244,16 @@ mod tests {
             source: StatusSource::HeartbeatExpired,
         });
         assert_eq!(status.channel(), "device:th-1:status");
-        let value: serde_json::Value = serde_json::from_str(&status.payload()).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&status.payload().unwrap()).unwrap();
         assert_eq!(
             value,
             json!({"device_id": "th-1", "device_name": "Lab", "is_online": 1, "timestamp": 5, "source": "heartbeat_expired"})
         );
         for publication in [telemetry, status] {
-            let parsed =
-                Publication::parse(&publication.channel(), publication.payload().as_bytes());
+            let parsed = Publication::parse(
+                &publication.channel(),
+                publication.payload().unwrap().as_bytes(),
+            );
             assert_eq!(parsed, Ok(publication));
         }
         assert!(Publication::parse("ws:device:x", b"{}").is_err());

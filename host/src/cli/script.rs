@@ -365,6 +365,20 @@ fn build(args: &BuildArgs) -> anyhow::Result<ExitCode> {
 /// Builds the Rust scripts of the cargo workspace (or crate) `dir` and puts
 /// each in `out` as `<name>.wasm` with its `<name>.examples.json`; returns
 /// the components written.
+/// Writes `bytes` as `dir/name` (through a hidden temporary file and a
+/// rename) unless the file already holds exactly them; returns the path.
+fn write_if_changed(dir: &Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    let target = dir.join(name);
+    if std::fs::read(&target).is_ok_and(|current| current == bytes) {
+        return Ok(target);
+    }
+    let partial = dir.join(format!(".{name}.partial"));
+    std::fs::write(&partial, bytes)
+        .and_then(|()| std::fs::rename(&partial, &target))
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    Ok(target)
+}
+
 pub(crate) fn build_into(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>> {
     eprintln!("building the scripts in {} ...", dir.display());
     let built = build_scripts(dir, None, BuildOutput::Show)?;
@@ -372,23 +386,20 @@ pub(crate) fn build_into(dir: &Path, out: &Path) -> anyhow::Result<Vec<PathBuf>>
     let mut written = Vec::new();
     for script in built {
         // Fixtures first (a reload checks the script against them), then the
-        // script under a temporary name and renamed, so a watcher never sees
-        // half a file.
+        // script; each is written only when its content changed (so other
+        // instances watching the directory see nothing), under a temporary
+        // name and renamed, so a watcher never sees half a file.
         let fixtures = script
             .crate_dir
             .join(format!("{}.examples.json", script.name));
         if fixtures.is_file() {
-            std::fs::copy(
-                &fixtures,
-                out.join(format!("{}.examples.json", script.name)),
-            )
-            .with_context(|| format!("cannot copy {}", fixtures.display()))?;
+            let bytes = std::fs::read(&fixtures)
+                .with_context(|| format!("cannot read {}", fixtures.display()))?;
+            write_if_changed(out, &format!("{}.examples.json", script.name), &bytes)?;
         }
-        let target = out.join(format!("{}.wasm", script.name));
-        let partial = out.join(format!(".{}.wasm.partial", script.name));
-        std::fs::copy(&script.wasm, &partial)
-            .and_then(|_| std::fs::rename(&partial, &target))
-            .with_context(|| format!("cannot write {}", target.display()))?;
+        let bytes = std::fs::read(&script.wasm)
+            .with_context(|| format!("cannot read {}", script.wasm.display()))?;
+        let target = write_if_changed(out, &format!("{}.wasm", script.name), &bytes)?;
         written.push(target);
     }
     Ok(written)

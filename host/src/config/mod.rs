@@ -1,6 +1,7 @@
 //! Configuration: one TOML file, `${VAR}` expansion, errors that name the
 //! file, the key and what was expected.
 
+mod checks;
 mod load;
 mod model;
 mod sources;
@@ -11,4 +12,4 @@ pub use model::{
     ProductConfig, RecordsConfig, RedisConfig, RedisStreamConfig, RegistryConfig, RouteConfig,
     ScriptsConfig, ServerConfig, StatusConfig, WebSocketConfig, WorkersConfig, check_name,
 };
-pub use sources::{HttpIngestConfig, KafkaConfig, MqttConfig, SourcesConfig};
+pub use sources::{HttpIngestConfig, KafkaConfig, MqttConfig, MqttProtocol, SourcesConfig};

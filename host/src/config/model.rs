@@ -89,15 +89,24 @@ pub struct WebSocketConfig {
     pub max_devices: usize,
     /// Status, alert, event and reply frames a connection may have waiting
     /// before it is closed as too slow (1013). Telemetry is conflated and
-    /// does not count.
+    /// does not count; subscription snapshots wait for the writer instead.
     pub send_queue: usize,
+    /// Bytes a connection may have waiting, conflated telemetry included;
+    /// over it the client is closed as too slow (1013).
+    pub send_buffer: bytesize::ByteSize,
+    /// A write the client does not take within this long closes the
+    /// connection (1013 when the close frame can still be written,
+    /// otherwise the TCP connection is dropped).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
     /// How long a client may take to authenticate.
     #[serde(with = "humantime_serde")]
     pub auth_timeout: Duration,
     /// The server pings this often.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
-    /// A connection that sends nothing (not even a pong) this long is closed.
+    /// A connection that neither answers the server's pings nor sends a
+    /// frame (its own pings do not count) this long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
@@ -110,6 +119,8 @@ impl Default for WebSocketConfig {
             max_subscriptions: 64,
             max_devices: 10_000,
             send_queue: 1024,
+            send_buffer: bytesize::ByteSize::mib(8),
+            write_timeout: Duration::from_secs(10),
             auth_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(90),
@@ -229,11 +240,24 @@ pub struct RedisConfig {
 }
 
 /// The device registry file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistryConfig {
     /// A TOML or JSON file with `[[devices]]`; relative to the config file.
     pub file: Option<PathBuf>,
+    /// How many devices outside the registry this instance keeps track of
+    /// (status, latest values); messages of further unknown devices are
+    /// dead letters (`device_limit`).
+    pub max_unregistered: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            file: None,
+            max_unregistered: 100_000,
+        }
+    }
 }
 
 /// An MQTT topic template.
@@ -422,30 +446,12 @@ impl Config {
     /// Checks what serde cannot: names, templates, ranges and combinations.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
         let bad = |key: String, reason: String| Err(ConfigError::invalid(file, key, reason));
-        if self.workers.queue == 0 {
-            return bad("workers.queue".into(), "expected at least 1".into());
-        }
-        if self.workers.batch == 0 {
-            return bad("workers.batch".into(), "expected at least 1".into());
-        }
-        for (name, product) in &self.products {
+        for name in self.products.keys() {
             if let Err(reason) = check_name(name) {
                 return bad(format!("products.{name}"), reason);
             }
-            if product
-                .status
-                .deadline()
-                .is_some_and(|d| d < self.status.tick)
-            {
-                return bad(
-                    format!("products.{name}.status"),
-                    format!(
-                        "expected a deadline of at least status.tick ({:?})",
-                        self.status.tick
-                    ),
-                );
-            }
         }
+        super::checks::check_ranges(self, file)?;
         for (i, route) in self.routes.iter().enumerate() {
             if let Err(reason) =
                 crate::route::TopicTemplate::parse(&route.topic, route.product.as_deref())
@@ -457,9 +463,6 @@ impl Config {
             && let Err(reason) = crate::route::TopicTemplate::parse_status(topic)
         {
             return bad("status.topic".into(), reason);
-        }
-        if self.status.tick.is_zero() {
-            return bad("status.tick".into(), "expected a positive duration".into());
         }
         if self.records.redis_stream.is_some() && self.bus.redis.is_none() {
             return bad(
@@ -475,11 +478,7 @@ impl Config {
                 "expected a redis:// or rediss:// URL".into(),
             );
         }
-        self.sources.validate(file)?;
-        if self.deadletter.capacity == 0 {
-            return bad("deadletter.capacity".into(), "expected at least 1".into());
-        }
-        Ok(())
+        self.sources.validate(file)
     }
 }
 

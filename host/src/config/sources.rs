@@ -88,9 +88,21 @@ pub struct MqttConfig {
     /// them to 3.1.1 clients).
     #[serde(default)]
     pub shared_group: Option<String>,
-    /// Largest packet accepted (the client library's default is 10 KiB).
+    /// The MQTT version spoken: `"5"` (the default) or `"3.1.1"`, for
+    /// brokers without MQTT 5.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Largest message processed. A larger one, up to four times this, is
+    /// acknowledged and dead-lettered (`too_large`, its first 1 KiB kept);
+    /// with MQTT 5 the broker is told the four-fold limit in CONNECT and
+    /// drops anything larger for this client.
     #[serde(default = "defaults::max_packet")]
     pub max_packet_size: ByteSize,
+    /// QoS 1 messages the broker may send before sluice has acknowledged
+    /// them (MQTT 5 Receive Maximum); the broker's own limit applies too
+    /// (mosquitto: `max_inflight_messages`, default 20).
+    #[serde(default = "defaults::max_inflight")]
+    pub max_inflight: u16,
     /// MQTT keep-alive.
     #[serde(default = "defaults::keep_alive", with = "humantime_serde")]
     pub keep_alive: Duration,
@@ -101,6 +113,18 @@ pub struct MqttConfig {
     /// The longest wait between reconnection attempts.
     #[serde(default = "defaults::backoff_max", with = "humantime_serde")]
     pub reconnect_max: Duration,
+}
+
+/// The MQTT version a source speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum MqttProtocol {
+    /// MQTT 5.
+    #[default]
+    #[serde(rename = "5")]
+    V5,
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
 }
 
 impl MqttConfig {
@@ -143,6 +167,10 @@ pub struct KafkaConfig {
     /// How often processed offsets are committed.
     #[serde(default = "defaults::commit", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Largest record value processed; a larger one is dead-lettered
+    /// (`too_large`, its first 1 KiB kept) and committed.
+    #[serde(default = "defaults::max_packet")]
+    pub max_message_size: ByteSize,
     /// Extra librdkafka consumer settings.
     #[serde(default)]
     pub options: BTreeMap<String, String>,
@@ -184,6 +212,9 @@ mod defaults {
     }
     pub(super) fn max_packet() -> ByteSize {
         ByteSize::mib(1)
+    }
+    pub(super) fn max_inflight() -> u16 {
+        1000
     }
     pub(super) fn keep_alive() -> Duration {
         Duration::from_secs(30)

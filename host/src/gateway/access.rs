@@ -89,26 +89,79 @@ pub(super) fn visible_devices(state: &PipelineState, identity: Option<&Identity>
 
 /// The latest values of `device`: this instance's, else the bus's.
 pub(super) async fn latest_of(state: &PipelineState, device: &str) -> Option<Snapshot> {
-    match state.latest.get(device) {
-        Some(snapshot) => Some(snapshot),
-        None => state.bus.load_latest(device).await.unwrap_or_else(|error| {
-            tracing::warn!(%error, device, "cannot load latest values");
-            None
-        }),
-    }
+    latest_of_many(state, &[device.to_owned()])
+        .await
+        .pop()
+        .flatten()
 }
 
 /// The status of `device`: this instance's, else the bus's table.
 pub(super) async fn status_of(state: &PipelineState, device: &str) -> Option<DeviceStatus> {
-    match state.status.get(device) {
-        Some(status) => Some(status),
-        None => state
-            .bus
-            .load_device_status(device)
-            .await
-            .unwrap_or_else(|error| {
-                tracing::warn!(%error, device, "cannot load status");
-                None
-            }),
+    status_of_many(state, &[device.to_owned()])
+        .await
+        .pop()
+        .flatten()
+}
+
+/// The latest values of each of `devices`, in order: this instance's,
+/// else the bus's, fetched for all of them in pipelined round trips.
+pub(super) async fn latest_of_many(
+    state: &PipelineState,
+    devices: &[String],
+) -> Vec<Option<Snapshot>> {
+    here_else_bus(
+        devices,
+        |d| state.latest.get(d),
+        |missing| async move { state.bus.load_latest_many(&missing).await },
+    )
+    .await
+}
+
+/// The status of each of `devices`, in order: this instance's, else the
+/// bus's table, fetched for all of them in pipelined round trips.
+pub(super) async fn status_of_many(
+    state: &PipelineState,
+    devices: &[String],
+) -> Vec<Option<DeviceStatus>> {
+    here_else_bus(
+        devices,
+        |d| state.status.get(d),
+        |missing| async move { state.bus.load_status_many(&missing).await },
+    )
+    .await
+}
+
+/// What `here` knows of each device, and for the devices it does not
+/// know, what `load` fetches from the bus in one go (nothing, logged, when
+/// the bus fails).
+async fn here_else_bus<T, Load, Loading>(
+    devices: &[String],
+    here: impl Fn(&str) -> Option<T>,
+    load: Load,
+) -> Vec<Option<T>>
+where
+    Load: FnOnce(Vec<String>) -> Loading,
+    Loading: std::future::Future<Output = Result<Vec<Option<T>>, crate::bus::BusError>>,
+{
+    let mut found: Vec<Option<T>> = devices.iter().map(|d| here(d)).collect();
+    let missing: Vec<String> = devices
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| f.is_none())
+        .map(|(d, _)| d.clone())
+        .collect();
+    if missing.is_empty() {
+        return found;
     }
+    let count = missing.len();
+    match load(missing).await {
+        Ok(loaded) => {
+            let mut loaded = loaded.into_iter();
+            for slot in found.iter_mut().filter(|f| f.is_none()) {
+                *slot = loaded.next().flatten();
+            }
+        }
+        Err(error) => tracing::warn!(%error, devices = count, "cannot load from the bus"),
+    }
+    found
 }

@@ -65,6 +65,8 @@ pub(super) struct ScriptView {
     pub(super) reloads: u64,
     /// How many changed files hot reload refused.
     pub(super) rejected_reloads: u64,
+    /// How many times hot reload compiled and validated a changed file.
+    pub(super) validations: u64,
 }
 
 /// `GET /api/v1/scripts`: every product and its script.
@@ -101,6 +103,7 @@ pub(super) fn script_views(pipeline: &PipelineState) -> Vec<ScriptView> {
                 stats,
                 reloads: product.reloads,
                 rejected_reloads: product.rejected,
+                validations: product.validations,
             }
         })
         .collect()
@@ -166,8 +169,9 @@ pub(super) async fn health() -> impl IntoResponse {
 /// How long `/ready` waits for the bus to answer.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// `GET /ready`: readiness. 200 when the bus answers and every broker
-/// source (MQTT, Kafka) is connected; 503 naming what is not, otherwise.
+/// `GET /ready`: readiness. 200 when the bus answers, every broker source
+/// (MQTT, Kafka) is connected and subscribed, and no task keeps failing;
+/// 503 naming what is not, otherwise.
 pub(super) async fn ready(State(app): State<AppState>) -> impl IntoResponse {
     let bus = app.pipeline.bus.kind();
     let bus_error = match tokio::time::timeout(READY_TIMEOUT, app.pipeline.bus.ping()).await {
@@ -184,7 +188,17 @@ pub(super) async fn ready(State(app): State<AppState>) -> impl IntoResponse {
         checks.push(serde_json::json!({
             "name": name,
             "ready": source.is_connected(),
-            "error": (!source.is_connected()).then_some("not connected"),
+            "error": (!source.is_connected()).then_some("not connected (or a subscription was refused)"),
+        }));
+    }
+    for failing in app.pipeline.tasks.failing() {
+        checks.push(serde_json::json!({
+            "name": format!("task {}", failing.task),
+            "ready": false,
+            "error": format!(
+                "panicked {} times in the last minute; last: {}",
+                failing.recent_panics, failing.last_panic
+            ),
         }));
     }
     let ready = checks.iter().all(|c| c["ready"] == true);

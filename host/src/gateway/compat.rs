@@ -61,21 +61,23 @@ impl Watcher for CompatWatcher {
     fn deliver(&self, rendered: &Rendered<'_>) {
         match (self.endpoint, rendered.publication) {
             (Endpoint::Status, Publication::Status(_)) => {
-                self.outbox.push(rendered.compat().to_owned());
+                if let Some(frame) = rendered.compat() {
+                    self.outbox.push(frame.to_owned());
+                }
             }
             (Endpoint::Telemetry, Publication::Telemetry(report)) => {
-                self.outbox
-                    .push_latest(&report.device_id, rendered.compat().to_owned());
+                if let Some(frame) = rendered.compat() {
+                    self.outbox.push_latest(&report.device_id, frame.to_owned());
+                }
             }
             (Endpoint::TelemetryKeys, Publication::Telemetry(report)) => {
                 let fields = select_keys(&report.data, &self.keys);
                 if !self.keys.is_empty() && fields.is_empty() {
                     return;
                 }
-                self.outbox.push_latest(
-                    &report.device_id,
-                    compat_telemetry(&fields, report.timestamp),
-                );
+                if let Some(frame) = compat_telemetry(&fields, report.timestamp) {
+                    self.outbox.push_latest(&report.device_id, frame);
+                }
             }
             _ => {}
         }
@@ -145,7 +147,7 @@ pub(super) fn unreadable(incoming: &Incoming) -> FrameError {
 }
 
 async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint) {
-    let mut session = Session::start(socket, &app.ws.config, slot);
+    let mut session = Session::start(socket, &app.ws.config, slot, app.ws.shutdown.clone());
     // Rare, large futures are boxed so an idle connection stays small.
     let Some((hello, _identity)) = Box::pin(hello(&mut session, &app, endpoint)).await else {
         Box::pin(session.close(close::POLICY, "not authenticated")).await;
@@ -164,8 +166,9 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint)
         Box::pin(session.close(close::GOING_AWAY, "bus unavailable")).await;
         return;
     }
-    let first = Box::pin(first_frame(&app, endpoint, &device, &keys)).await;
-    session.send(first);
+    if let Some(first) = Box::pin(first_frame(&app, endpoint, &device, &keys)).await {
+        session.send(first);
+    }
     while let Some(incoming) = session.next().await {
         let error = match incoming {
             Incoming::Text(_) => FrameError::new(
@@ -183,19 +186,26 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint)
 }
 
 /// What is known of `device` now, as the endpoint's first frame.
-async fn first_frame(app: &AppState, endpoint: Endpoint, device: &str, keys: &[String]) -> String {
+async fn first_frame(
+    app: &AppState,
+    endpoint: Endpoint,
+    device: &str,
+    keys: &[String],
+) -> Option<String> {
     let state = &app.pipeline;
     match endpoint {
         Endpoint::Status => {
             let status = status_of(state, device).await;
-            json!({
-                "device_id": device,
-                "device_name": state.name_of(device),
-                "is_online": status.map_or(0, |s| u8::from(s.online)),
-                "timestamp": status.map_or(0, |s| s.since_ms),
-                "source": status.map_or("unknown", |s| s.source.as_str()),
-            })
-            .to_string()
+            Some(
+                json!({
+                    "device_id": device,
+                    "device_name": state.name_of(device),
+                    "is_online": status.map_or(0, |s| u8::from(s.online)),
+                    "timestamp": status.map_or(0, |s| s.since_ms),
+                    "source": status.map_or("unknown", |s| s.source.as_str()),
+                })
+                .to_string(),
+            )
         }
         Endpoint::Telemetry | Endpoint::TelemetryKeys => match latest_of(state, device).await {
             Some(snapshot) => {

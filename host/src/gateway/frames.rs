@@ -6,7 +6,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::auth::Credentials;
-use crate::bus::{AlertRaised, EventReported, Publication, StatusChange};
+use crate::bus::{AlertRaised, EventReported, Publication, StatusChange, json_text};
 use crate::script::{Fields, Severity};
 use crate::status::DeviceStatus;
 
@@ -262,41 +262,54 @@ pub fn select_keys(fields: &Fields, keys: &[String]) -> Fields {
     )
 }
 
-/// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds).
-pub fn rfc3339(ms: i64) -> String {
-    let ms = u64::try_from(ms).unwrap_or(0);
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
+/// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds);
+/// `None` outside the years 1970 to 9999, which RFC 3339 cannot write.
+pub fn rfc3339(ms: i64) -> Option<String> {
+    use std::fmt::Write as _;
+    let ms = u64::try_from(ms).ok()?;
+    let time = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))?;
+    let mut text = String::with_capacity(24);
+    write!(text, "{}", humantime::format_rfc3339_millis(time)).ok()?;
+    Some(text)
 }
 
-/// The compatibility telemetry frame: `{key: value, ..., "systime": RFC 3339}`.
-pub fn compat_telemetry(fields: &Fields, at_ms: i64) -> String {
+/// The compatibility telemetry frame: `{key: value, ..., "systime": RFC 3339}`;
+/// `None` when `at_ms` has no RFC 3339 form.
+pub fn compat_telemetry(fields: &Fields, at_ms: i64) -> Option<String> {
+    let Some(systime) = rfc3339(at_ms) else {
+        metrics::counter!("sluice_format_errors_total", "what" => "systime").increment(1);
+        tracing::warn!(at_ms, "a report's time has no RFC 3339 form; frame skipped");
+        return None;
+    };
     let mut object = serde_json::Map::new();
     for (key, value) in fields.iter() {
-        object.insert(key.to_owned(), json!(value));
+        object.insert(key.to_owned(), value.clone());
     }
-    object.insert("systime".into(), Value::String(rfc3339(at_ms)));
-    Value::Object(object).to_string()
+    object.insert("systime".into(), Value::String(systime));
+    json_text(&Value::Object(object), "compat_telemetry")
 }
 
 /// The compatibility status frame (the status channel's JSON).
-pub fn compat_status(change: &StatusChange) -> String {
-    serde_json::to_string(change).expect("status changes serialise")
+pub fn compat_status(change: &StatusChange) -> Option<String> {
+    json_text(change, "compat_status")
 }
 
 /// A `device_data` frame of subscription `id`.
-pub fn device_data(id: &str, device: &str, timestamp: i64, data: &Fields) -> String {
-    device_data_with(id, &device_data_tail(device, timestamp, data))
+pub fn device_data(id: &str, device: &str, timestamp: i64, data: &Fields) -> Option<String> {
+    Some(device_data_with(
+        id,
+        &device_data_tail(device, timestamp, data)?,
+    ))
 }
 
 /// What every `device_data` frame of one report shares, after the
 /// subscription id: `,"device":…,"timestamp":…,"data":{…}}`.
-pub fn device_data_tail(device: &str, timestamp: i64, data: &Fields) -> String {
-    format!(
-        r#","device":{},"timestamp":{timestamp},"data":{}}}"#,
-        Value::String(device.to_owned()),
-        serde_json::to_string(data).expect("fields serialise")
-    )
+pub fn device_data_tail(device: &str, timestamp: i64, data: &Fields) -> Option<String> {
+    let device = json_text(device, "device_data")?;
+    let data = json_text(data, "device_data")?;
+    Some(format!(
+        r#","device":{device},"timestamp":{timestamp},"data":{data}}}"#
+    ))
 }
 
 /// A `device_data` frame of subscription `id` from a shared tail.
@@ -316,8 +329,8 @@ pub fn device_data_with(id: &str, tail: &str) -> String {
 pub struct Rendered<'a> {
     /// The publication.
     pub publication: &'a Publication,
-    tail: std::sync::OnceLock<String>,
-    compat: std::sync::OnceLock<String>,
+    tail: std::sync::OnceLock<Option<String>>,
+    compat: std::sync::OnceLock<Option<String>>,
 }
 
 impl<'a> Rendered<'a> {
@@ -331,20 +344,24 @@ impl<'a> Rendered<'a> {
     }
 
     /// The `device_data` tail of a telemetry report (all its keys).
-    pub fn device_data_tail(&self) -> &str {
-        self.tail.get_or_init(|| match self.publication {
-            Publication::Telemetry(t) => device_data_tail(&t.device_id, t.timestamp, &t.data),
-            _ => String::new(),
-        })
+    pub fn device_data_tail(&self) -> Option<&str> {
+        self.tail
+            .get_or_init(|| match self.publication {
+                Publication::Telemetry(t) => device_data_tail(&t.device_id, t.timestamp, &t.data),
+                _ => None,
+            })
+            .as_deref()
     }
 
     /// The compatibility frame: a report (all its keys) or a status change.
-    pub fn compat(&self) -> &str {
-        self.compat.get_or_init(|| match self.publication {
-            Publication::Telemetry(t) => compat_telemetry(&t.data, t.timestamp),
-            Publication::Status(s) => compat_status(s),
-            _ => String::new(),
-        })
+    pub fn compat(&self) -> Option<&str> {
+        self.compat
+            .get_or_init(|| match self.publication {
+                Publication::Telemetry(t) => compat_telemetry(&t.data, t.timestamp),
+                Publication::Status(s) => compat_status(s),
+                _ => None,
+            })
+            .as_deref()
     }
 }
 
@@ -439,7 +456,7 @@ mod tests {
     #[test]
     fn shared_tails_make_the_same_frames() {
         let data = Fields::new().with("t", 1.5).with("s", "a\"b");
-        let built = device_data("sub \"1\"", "d-1", 7, &data);
+        let built = device_data("sub \"1\"", "d-1", 7, &data).unwrap();
         let expected = json!({"type": "device_data", "id": "sub \"1\"", "device": "d-1", "timestamp": 7, "data": data});
         assert_eq!(built, expected.to_string());
     }
@@ -448,9 +465,97 @@ mod tests {
     fn compat_frames_have_the_seed_shape() {
         let fields = Fields::new().with("temperature", 21.5);
         assert_eq!(
-            compat_telemetry(&fields, 1_732_262_400_000),
-            r#"{"temperature":21.5,"systime":"2024-11-22T08:00:00.000Z"}"#
+            compat_telemetry(&fields, 1_732_262_400_000).as_deref(),
+            Some(r#"{"temperature":21.5,"systime":"2024-11-22T08:00:00.000Z"}"#)
         );
+        // Past the year 9999 and before 1970 there is no RFC 3339 form.
+        assert_eq!(compat_telemetry(&fields, 253_402_300_800_000), None);
+        assert_eq!(compat_telemetry(&fields, i64::MAX), None);
+        assert_eq!(compat_telemetry(&fields, -1), None);
         assert_eq!(select_keys(&fields, &["humidity".into()]), Fields::new());
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    /// Any JSON value, a few levels deep.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,20}".prop_map(Value::String),
+            prop_oneof![
+                Just("subscribe"),
+                Just("auth"),
+                Just("call"),
+                Just("ping"),
+                Just("unsubscribe"),
+                Just("telemetry"),
+                Just("status"),
+                Just("alerts"),
+                Just("critical"),
+            ]
+            .prop_map(|s| Value::String(s.to_owned())),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::vec(
+                    (
+                        prop_oneof![
+                            Just("type".to_owned()),
+                            Just("id".to_owned()),
+                            Just("channel".to_owned()),
+                            Just("device_ids".to_owned()),
+                            Just("keys".to_owned()),
+                            Just("groups".to_owned()),
+                            Just("alert_levels".to_owned()),
+                            Just("token".to_owned()),
+                            Just("args".to_owned()),
+                            Just("request_id".to_owned()),
+                            Just("service".to_owned()),
+                            ".{0,8}",
+                        ],
+                        inner
+                    ),
+                    0..8
+                )
+                .prop_map(|pairs| Value::Object(pairs.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_frame_parses_or_is_an_error(text in ".{0,200}") {
+            let _ = parse_client_frame(&text);
+            let _ = parse_json::<CompatHello>(&text);
+        }
+
+        #[test]
+        fn any_json_frame_parses_or_is_an_error(value in json()) {
+            let text = value.to_string();
+            if let Err(error) = parse_client_frame(&text) {
+                prop_assert!(!error.code.is_empty());
+                prop_assert!(error.frame().starts_with('{'), "an error frame is JSON");
+            }
+            let _ = parse_json::<CompatHello>(&text);
+        }
+
+        #[test]
+        fn any_report_renders_or_is_skipped(timestamp in any::<i64>(), key in ".{0,10}", value in json()) {
+            let fields = Fields::new().with(key, value);
+            let _ = compat_telemetry(&fields, timestamp);
+            let _ = device_data("s", "d", timestamp, &fields);
+            let _ = rfc3339(timestamp);
+        }
     }
 }

@@ -6,9 +6,12 @@
 //! after the last; it keeps `ws:sub:{device}` as the contract says (INCR per
 //! watching client, DECR when it leaves, EXPIRE 300 s refreshed every
 //! 120 s) and announces a device's first and last watcher on
-//! `sluice:interest`, so every publisher's interest mirror follows. With
-//! the in-process bus, the same hub takes publications from the process
-//! and keeps the interest set itself.
+//! `sluice:interest`, so every publisher's interest mirror follows. Many
+//! devices are watched in a few pipelined round trips, not two per device.
+//! When the subscriber connection comes back (Redis restarted, even
+//! empty), every watched device is subscribed again and its count put
+//! back. With the in-process bus, the same hub takes publications from the
+//! process and keeps the interest set itself.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,45 +24,61 @@ use redis::{Client, Script};
 use tokio::sync::{broadcast, watch};
 
 use super::frames::Rendered;
-use crate::bus::{BusError, INTEREST_CHANNEL, Interest, Publication};
+use crate::bus::{BusError, INTEREST_CHANNEL, Interest, MemoryBus, Publication};
+use crate::supervisor::Supervisor;
 
 /// How long a watcher count lives without a refresh.
 pub const WATCH_TTL_SECS: u64 = 300;
 /// How often held watcher counts are refreshed.
 pub const WATCH_REFRESH: Duration = Duration::from_secs(120);
+/// Devices per Redis round trip when many are watched at once.
+const CHUNK: usize = 500;
+/// How often a lost count restore is tried again.
+const RESTORE_RETRY: Duration = Duration::from_millis(500);
 
-/// INCR the watcher count, set its TTL, announce a first watcher.
-/// KEYS: ws:sub:{device}. ARGV: ttl, interest channel, event.
+/// INCRBY each watcher count, set its TTL, announce a first watcher.
+/// KEYS: ws:sub:{device}…. ARGV: ttl, interest channel, then per key its
+/// count and its event.
 const WATCH_LUA: &str = r"
-local n = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if n == 1 then redis.call('PUBLISH', ARGV[2], ARGV[3]) end
-return n
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCRBY', key, ARGV[1 + 2 * i])
+  redis.call('EXPIRE', key, ARGV[1])
+  if n == tonumber(ARGV[1 + 2 * i]) then redis.call('PUBLISH', ARGV[2], ARGV[2 + 2 * i]) end
+  out[i] = n
+end
+return out
 ";
 
-/// DECR the watcher count; at zero delete it and announce the last watcher.
-/// KEYS: ws:sub:{device}. ARGV: ttl, interest channel, event.
+/// DECRBY each watcher count; at zero delete it and announce the last
+/// watcher. Same KEYS and ARGV as [`WATCH_LUA`].
 const UNWATCH_LUA: &str = r"
-local n = redis.call('DECR', KEYS[1])
-if n <= 0 then
-  redis.call('DEL', KEYS[1])
-  redis.call('PUBLISH', ARGV[2], ARGV[3])
-else
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('DECRBY', key, ARGV[1 + 2 * i])
+  if n <= 0 then
+    redis.call('DEL', key)
+    redis.call('PUBLISH', ARGV[2], ARGV[2 + 2 * i])
+  else
+    redis.call('EXPIRE', key, ARGV[1])
+  end
+  out[i] = n
 end
-return n
+return out
 ";
 
-/// Refresh the TTL; if the key is gone (expired, or Redis restarted
-/// empty), put this instance's count back and announce it.
-/// KEYS: ws:sub:{device}. ARGV: ttl, count, interest channel, event.
+/// Refresh each TTL; a count that is gone (expired, or Redis restarted
+/// empty) is put back with this instance's count and announced. Same KEYS
+/// and ARGV as [`WATCH_LUA`], the events announcing a watcher.
 const REFRESH_LUA: &str = r"
-if redis.call('EXPIRE', KEYS[1], ARGV[1]) == 0 then
-  redis.call('INCRBY', KEYS[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[1])
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+for i, key in ipairs(KEYS) do
+  if redis.call('EXPIRE', key, ARGV[1]) == 0 then
+    redis.call('INCRBY', key, ARGV[1 + 2 * i])
+    redis.call('EXPIRE', key, ARGV[1])
+    redis.call('PUBLISH', ARGV[2], ARGV[2 + 2 * i])
+  end
 end
-return 1
+return #KEYS
 ";
 
 /// Something that takes publications about the devices it watches.
@@ -86,6 +105,7 @@ struct RedisSide {
     subscribed: Mutex<HashSet<String>>,
     watch: Script,
     unwatch: Script,
+    refresh: Script,
 }
 
 /// The hub of one instance.
@@ -117,11 +137,19 @@ fn unavailable(error: redis::RedisError) -> BusError {
     BusError::Unavailable(error.to_string())
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Held for a few map operations, never across an await.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Hub {
     /// A hub fed by the in-process bus.
     pub fn in_process(
         interest: Arc<Interest>,
-        publications: broadcast::Receiver<Arc<Publication>>,
+        bus: Arc<MemoryBus>,
+        tasks: &Arc<Supervisor>,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Hub> {
         let hub = Arc::new(Hub {
@@ -130,7 +158,10 @@ impl Hub {
             interest,
             redis: None,
         });
-        tokio::spawn(relay_in_process(hub.clone(), publications, shutdown));
+        let (relay, stop) = (hub.clone(), shutdown.clone());
+        tasks.spawn("hub relay", shutdown, move || {
+            relay_in_process(relay.clone(), bus.subscribe(), stop.clone())
+        });
         hub
     }
 
@@ -138,6 +169,7 @@ impl Hub {
     pub async fn with_redis(
         client: Client,
         interest: Arc<Interest>,
+        tasks: &Arc<Supervisor>,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Hub>, BusError> {
         let connection = ConnectionManager::new(client.clone())
@@ -153,15 +185,18 @@ impl Hub {
                 subscribed: Mutex::default(),
                 watch: Script::new(WATCH_LUA),
                 unwatch: Script::new(UNWATCH_LUA),
+                refresh: Script::new(REFRESH_LUA),
             }),
         });
-        tokio::spawn(relay_redis(hub.clone(), client, shutdown.clone()));
-        tokio::spawn(refresh_watches(hub.clone(), shutdown));
+        let (relay, stop) = (hub.clone(), shutdown.clone());
+        tasks.spawn("hub relay", shutdown.clone(), move || {
+            relay_redis(relay.clone(), client.clone(), stop.clone())
+        });
+        let (refresher, stop) = (hub.clone(), shutdown.clone());
+        tasks.spawn("watch refresh", shutdown, move || {
+            refresh_watches(refresher.clone(), stop.clone())
+        });
         Ok(hub)
-    }
-
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new watcher id.
@@ -171,7 +206,7 @@ impl Hub {
 
     /// Devices some local client watches.
     pub fn watched_devices(&self) -> usize {
-        self.table().devices.len()
+        lock(&self.table).devices.len()
     }
 
     /// `watcher` (under `id`) watches `device` from now on. Returns once
@@ -182,135 +217,230 @@ impl Hub {
         watcher: Arc<dyn Watcher>,
         device: &str,
     ) -> Result<(), BusError> {
-        let first = {
-            let mut table = self.table();
-            let watchers = table.devices.entry(device.to_owned()).or_default();
-            watchers.insert(id, watcher);
-            watchers.len() == 1
+        self.watch_many(id, watcher, &[device.to_owned()]).await
+    }
+
+    /// `watcher` (under `id`) watches every one of `devices` (which it does
+    /// not watch yet) from now on, in a few round trips. Returns once
+    /// publications about them can reach this instance; on failure none of
+    /// them is watched or counted.
+    pub async fn watch_many(
+        &self,
+        id: WatcherId,
+        watcher: Arc<dyn Watcher>,
+        devices: &[String],
+    ) -> Result<(), BusError> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let first: Vec<String> = {
+            let mut table = lock(&self.table);
+            devices
+                .iter()
+                .filter(|device| {
+                    let watchers = table.devices.entry((*device).clone()).or_default();
+                    watchers.insert(id, watcher.clone());
+                    watchers.len() == 1
+                })
+                .cloned()
+                .collect()
         };
-        self.interest.set(device, true);
+        self.interest
+            .set_many(devices.iter().map(String::as_str), true);
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let counted = redis
-            .watch
-            .key(watch_key(device))
-            .arg(WATCH_TTL_SECS)
-            .arg(INTEREST_CHANNEL)
-            .arg(interest_event(device, true))
-            .invoke_async::<i64>(&mut redis.connection.clone())
-            .await;
-        if let Err(error) = counted {
-            // Not counted in Redis, so not held here either: a later
-            // unwatch must not take away another client's count.
-            self.forget(id, device);
-            return Err(unavailable(error));
+        let mut counted = 0;
+        for chunk in devices.chunks(CHUNK) {
+            let result = counts(&redis.watch, chunk.iter().map(|d| (d.as_str(), 1)), true)
+                .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
+                .await;
+            if let Err(error) = result {
+                // Not counted in Redis, so not held here either: a later
+                // unwatch must not take away another client's count.
+                self.release_counted(id, devices, counted).await;
+                return Err(unavailable(error));
+            }
+            counted += chunk.len();
         }
-        if first {
-            self.reconcile(device).await?;
+        if let Err(error) = self.reconcile(&first).await {
+            self.release_counted(id, devices, counted).await;
+            return Err(error);
         }
         Ok(())
     }
 
-    /// Removes `id`'s watch of `device` from the local table only.
-    fn forget(&self, id: WatcherId, device: &str) {
-        let mut table = self.table();
-        if let Some(watchers) = table.devices.get_mut(device) {
-            watchers.remove(&id);
-            if watchers.is_empty() {
-                table.devices.remove(device);
+    /// Undoes a failed [`Hub::watch_many`]: forgets every device of it
+    /// here, gives back the first `counted` counts, and drops channels no
+    /// longer wanted.
+    async fn release_counted(&self, id: WatcherId, devices: &[String], counted: usize) {
+        let last = self.forget(id, devices);
+        if let Some(redis) = &self.redis {
+            for chunk in devices[..counted].chunks(CHUNK) {
+                let released = counts(&redis.unwatch, chunk.iter().map(|d| (d.as_str(), 1)), false)
+                    .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
+                    .await;
+                if let Err(error) = released {
+                    tracing::warn!(%error, "could not give back watcher counts; they expire with their TTL");
+                    break;
+                }
             }
         }
+        if let Err(error) = self.reconcile(&last).await {
+            tracing::debug!(%error, "channels are dropped when the subscriber connection returns");
+        }
+    }
+
+    /// Removes `id`'s watch of `devices` from the local table only;
+    /// returns the devices nobody here watches any more.
+    fn forget(&self, id: WatcherId, devices: &[String]) -> Vec<String> {
+        let mut table = lock(&self.table);
+        let mut last = Vec::new();
+        for device in devices {
+            if let Some(watchers) = table.devices.get_mut(device) {
+                watchers.remove(&id);
+                if watchers.is_empty() {
+                    table.devices.remove(device);
+                    last.push(device.clone());
+                }
+            }
+        }
+        last
     }
 
     /// `id` no longer watches `device`.
     pub async fn unwatch(&self, id: WatcherId, device: &str) -> Result<(), BusError> {
-        let (was_watching, last) = {
-            let mut table = self.table();
-            let Some(watchers) = table.devices.get_mut(device) else {
-                return Ok(());
-            };
-            let was = watchers.remove(&id).is_some();
-            let last = watchers.is_empty();
-            if last {
-                table.devices.remove(device);
-            }
-            (was, last)
-        };
-        if !was_watching {
-            return Ok(());
-        }
-        let Some(redis) = &self.redis else {
-            if last {
-                self.interest.set(device, false);
-            }
-            return Ok(());
-        };
-        redis
-            .unwatch
-            .key(watch_key(device))
-            .arg(WATCH_TTL_SECS)
-            .arg(INTEREST_CHANNEL)
-            .arg(interest_event(device, false))
-            .invoke_async::<i64>(&mut redis.connection.clone())
-            .await
-            .map_err(unavailable)?;
-        if last {
-            self.reconcile(device).await?;
-        }
-        Ok(())
+        self.unwatch_many(id, &[device.to_owned()]).await
     }
 
-    /// Brings the subscriber connection in line with the table for `device`.
-    async fn reconcile(&self, device: &str) -> Result<(), BusError> {
+    /// `id` no longer watches any of `devices`.
+    pub async fn unwatch_many(&self, id: WatcherId, devices: &[String]) -> Result<(), BusError> {
+        let (held, last) = {
+            let mut table = lock(&self.table);
+            let mut held = Vec::new();
+            let mut last = Vec::new();
+            for device in devices {
+                let Some(watchers) = table.devices.get_mut(device) else {
+                    continue;
+                };
+                if watchers.remove(&id).is_some() {
+                    held.push(device.clone());
+                }
+                if watchers.is_empty() {
+                    table.devices.remove(device);
+                    last.push(device.clone());
+                }
+            }
+            (held, last)
+        };
+        let Some(redis) = &self.redis else {
+            self.interest
+                .set_many(last.iter().map(String::as_str), false);
+            return Ok(());
+        };
+        for chunk in held.chunks(CHUNK) {
+            counts(&redis.unwatch, chunk.iter().map(|d| (d.as_str(), 1)), false)
+                .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
+                .await
+                .map_err(unavailable)?;
+        }
+        self.reconcile(&last).await
+    }
+
+    /// Gives back every count this instance holds and forgets every
+    /// watcher: the last step of shutdown, for connections that did not
+    /// leave by themselves.
+    pub async fn release_all(&self) {
+        let held: Vec<(String, usize)> = {
+            let mut table = lock(&self.table);
+            table
+                .devices
+                .drain()
+                .map(|(device, watchers)| (device, watchers.len()))
+                .collect()
+        };
+        if held.is_empty() {
+            return;
+        }
+        let Some(redis) = &self.redis else {
+            self.interest
+                .set_many(held.iter().map(|(d, _)| d.as_str()), false);
+            return;
+        };
+        for chunk in held.chunks(CHUNK) {
+            let released = counts(
+                &redis.unwatch,
+                chunk.iter().map(|(d, n)| (d.as_str(), *n)),
+                false,
+            )
+            .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
+            .await;
+            if let Err(error) = released {
+                tracing::warn!(%error, devices = held.len(), "could not give back watcher counts at shutdown; they expire with their TTL");
+                return;
+            }
+        }
+        tracing::info!(devices = held.len(), "watcher counts given back");
+    }
+
+    /// Brings the subscriber connection in line with the table for `devices`.
+    async fn reconcile(&self, devices: &[String]) -> Result<(), BusError> {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
+        if devices.is_empty() {
+            return Ok(());
+        }
         // One reconciliation at a time: the sink lock orders them.
         let mut sink = redis.sink.lock().await;
         let Some(sink) = sink.as_mut() else {
             // Not connected: the relay subscribes everything watched when it connects.
             return Ok(());
         };
-        let wanted = self.table().devices.contains_key(device);
-        let held = redis
-            .subscribed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(device);
-        if wanted && !held {
-            sink.subscribe(&Publication::channels(device))
+        let (subscribe, unsubscribe): (Vec<String>, Vec<String>) = {
+            let table = lock(&self.table);
+            let held = lock(&redis.subscribed);
+            let subscribe = devices
+                .iter()
+                .filter(|d| table.devices.contains_key(*d) && !held.contains(*d))
+                .cloned()
+                .collect();
+            let unsubscribe = devices
+                .iter()
+                .filter(|d| !table.devices.contains_key(*d) && held.contains(*d))
+                .cloned()
+                .collect();
+            (subscribe, unsubscribe)
+        };
+        for chunk in subscribe.chunks(CHUNK) {
+            sink.subscribe(channels_of(chunk))
                 .await
                 .map_err(unavailable)?;
-            lock_set(&redis.subscribed).insert(device.to_owned());
-        } else if !wanted && held {
-            sink.unsubscribe(&Publication::channels(device))
+            lock(&redis.subscribed).extend(chunk.iter().cloned());
+        }
+        for chunk in unsubscribe.chunks(CHUNK) {
+            sink.unsubscribe(channels_of(chunk))
                 .await
                 .map_err(unavailable)?;
-            lock_set(&redis.subscribed).remove(device);
+            let mut held = lock(&redis.subscribed);
+            for device in chunk {
+                held.remove(device);
+            }
         }
         Ok(())
     }
 
     /// Hands `publication` to the local watchers of its device.
     pub fn dispatch(&self, publication: &Publication) {
-        let watchers: Vec<Arc<dyn Watcher>> = match self.table().devices.get(publication.device()) {
-            Some(watchers) => watchers.values().cloned().collect(),
-            None => return,
-        };
+        let watchers: Vec<Arc<dyn Watcher>> =
+            match lock(&self.table).devices.get(publication.device()) {
+                Some(watchers) => watchers.values().cloned().collect(),
+                None => return,
+            };
         let rendered = Rendered::new(publication);
         for watcher in watchers {
             watcher.deliver(&rendered);
         }
-    }
-
-    /// Local watcher counts of every watched device.
-    fn counts(&self) -> Vec<(String, usize)> {
-        self.table()
-            .devices
-            .iter()
-            .map(|(d, w)| (d.clone(), w.len()))
-            .collect()
     }
 
     /// Refreshes (or restores) the watcher counts this instance holds.
@@ -318,30 +448,48 @@ impl Hub {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let counts = self.counts();
-        for chunk in counts.chunks(500) {
-            let mut pipe = redis::pipe();
-            for (device, count) in chunk {
-                pipe.cmd("EVAL")
-                    .arg(REFRESH_LUA)
-                    .arg(1)
-                    .arg(watch_key(device))
-                    .arg(WATCH_TTL_SECS)
-                    .arg(*count)
-                    .arg(INTEREST_CHANNEL)
-                    .arg(interest_event(device, true))
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut redis.connection.clone())
-                .await
-                .map_err(unavailable)?;
+        let held: Vec<(String, usize)> = lock(&self.table)
+            .devices
+            .iter()
+            .map(|(d, w)| (d.clone(), w.len()))
+            .collect();
+        for chunk in held.chunks(CHUNK) {
+            counts(
+                &redis.refresh,
+                chunk.iter().map(|(d, n)| (d.as_str(), *n)),
+                true,
+            )
+            .invoke_async::<i64>(&mut redis.connection.clone())
+            .await
+            .map_err(unavailable)?;
         }
         Ok(())
     }
 }
 
-fn lock_set(set: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
-    set.lock().unwrap_or_else(|e| e.into_inner())
+/// An invocation of one of the count scripts for `(device, count)` pairs.
+fn counts<'a>(
+    script: &'a Script,
+    pairs: impl Iterator<Item = (&'a str, usize)>,
+    watched: bool,
+) -> redis::ScriptInvocation<'a> {
+    let mut invocation = script.prepare_invoke();
+    invocation.arg(WATCH_TTL_SECS).arg(INTEREST_CHANNEL);
+    for (device, count) in pairs {
+        invocation
+            .key(watch_key(device))
+            .arg(count)
+            .arg(interest_event(device, watched));
+    }
+    invocation
+}
+
+/// The four channels of each of `devices`.
+fn channels_of(devices: &[String]) -> Vec<String> {
+    devices
+        .iter()
+        .flat_map(|d| Publication::channels(d))
+        .collect()
 }
 
 async fn relay_in_process(
@@ -365,7 +513,8 @@ async fn relay_in_process(
 }
 
 /// Holds the subscriber connection: connects, subscribes every watched
-/// device, relays messages; on loss, reconnects with backoff.
+/// device, puts back this instance's counts, relays messages; on loss,
+/// reconnects with backoff.
 async fn relay_redis(hub: Arc<Hub>, client: Client, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -378,7 +527,7 @@ async fn relay_redis(hub: Arc<Hub>, client: Client, mut shutdown: watch::Receive
         }
         if let Some(redis) = &hub.redis {
             *redis.sink.lock().await = None;
-            lock_set(&redis.subscribed).clear();
+            lock(&redis.subscribed).clear();
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -399,17 +548,17 @@ async fn relay_once(
     let (mut sink, mut stream) = client.get_async_pubsub().await?.split();
     {
         let mut held = redis.sink.lock().await;
-        let devices: Vec<String> = hub.table().devices.keys().cloned().collect();
-        for device in &devices {
-            sink.subscribe(&Publication::channels(device)).await?;
+        let devices: Vec<String> = lock(&hub.table).devices.keys().cloned().collect();
+        for chunk in devices.chunks(CHUNK) {
+            sink.subscribe(channels_of(chunk)).await?;
         }
-        lock_set(&redis.subscribed).extend(devices);
+        lock(&redis.subscribed).extend(devices);
         *held = Some(sink);
     }
-    // Counts may have expired or vanished with a restarted Redis.
-    if let Err(error) = hub.refresh().await {
-        tracing::warn!(%error, "could not restore watcher counts");
-    }
+    // Counts may have expired or vanished with a restarted Redis: put them
+    // back, retrying until Redis takes them.
+    let mut restored = false;
+    let mut retry = tokio::time::interval(RESTORE_RETRY);
     loop {
         tokio::select! {
             message = stream.next() => {
@@ -419,6 +568,12 @@ async fn relay_once(
                 match Publication::parse(message.get_channel_name(), message.get_payload_bytes()) {
                     Ok(publication) => hub.dispatch(&publication),
                     Err(error) => tracing::warn!(%error, "ignoring a malformed publication"),
+                }
+            }
+            _ = retry.tick(), if !restored => {
+                match hub.refresh().await {
+                    Ok(()) => restored = true,
+                    Err(error) => tracing::debug!(%error, "watcher counts not restored yet; retrying"),
                 }
             }
             _ = shutdown.changed() => return Ok(()),
@@ -460,25 +615,29 @@ mod tests {
     #[tokio::test]
     async fn in_process_watchers_get_their_devices_and_set_interest() {
         let interest = Arc::new(Interest::new());
-        let (tx, rx) = broadcast::channel(16);
+        let bus = Arc::new(MemoryBus::new(10));
         let (_stop, stop_rx) = watch::channel(false);
-        let hub = Hub::in_process(interest.clone(), rx, stop_rx);
+        let hub = Hub::in_process(interest.clone(), bus.clone(), &Supervisor::new(), stop_rx);
         let watcher = Arc::new(Collect::default());
         let id = hub.register();
         hub.watch(id, watcher.clone(), "d1").await.unwrap();
         assert!(interest.is_watched("d1"));
         let report = |device: &str| {
-            Arc::new(Publication::Telemetry(crate::bus::TelemetryReport {
+            Publication::Telemetry(crate::bus::TelemetryReport {
                 device_id: device.into(),
                 tenant_id: String::new(),
                 timestamp: 1,
                 data: crate::script::Fields::new(),
-            }))
+            })
         };
-        tx.send(report("d1")).unwrap();
-        tx.send(report("d2")).unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(*watcher.0.lock().unwrap(), vec!["d1".to_owned()]);
+        use crate::bus::Bus;
+        // The relay subscribes to the bus in its own task: publish until
+        // it has.
+        while watcher.0.lock().unwrap().is_empty() {
+            bus.publish(&[report("d2"), report("d1")]).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(watcher.0.lock().unwrap().iter().all(|d| d == "d1"));
         hub.unwatch(id, "d1").await.unwrap();
         assert!(!interest.is_watched("d1"));
         assert_eq!(hub.watched_devices(), 0);

@@ -11,6 +11,7 @@ pub mod frames;
 pub mod hub;
 mod native;
 pub mod outbox;
+mod services;
 pub mod socket;
 
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub struct WsContext {
     pub connections: Arc<socket::Connections>,
     /// Bumped whenever the device registry is reloaded.
     pub registry_changes: watch::Receiver<u64>,
+    /// Turns true when sluice stops: every session ends with 1001.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// Upgrades to a WebSocket served by `serve`, unless the instance holds

@@ -1,5 +1,6 @@
 //! The native endpoint `GET /ws`: several filtered subscriptions per
-//! connection, service calls, JSON frames tagged by `type`.
+//! connection, service calls (see [`super::services`]), JSON frames tagged
+//! by `type`.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -9,20 +10,23 @@ use axum::extract::{Query, State, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::access::{check_device, latest_of, resolve, status_of, visible_devices};
+use super::access::{latest_of_many, resolve, status_of_many};
 use super::auth::{AuthError, Credentials, Identity};
 use super::compat::unreadable;
 use super::frames::{
-    self, Call, Channel, ClientFrame, FrameError, Rendered, Subscribe, parse_client_frame,
-    select_keys,
+    self, Channel, ClientFrame, FrameError, Rendered, Subscribe, parse_client_frame, select_keys,
 };
 use super::hub::{Watcher, WatcherId};
 use super::outbox::Outbox;
+use super::services::{self, ServiceContext};
 use super::socket::{Incoming, Session, Slot, close};
 use super::{AppState, upgrade};
 use crate::bus::Publication;
+
+/// Devices whose snapshots are looked up in one go.
+const SNAPSHOT_CHUNK: usize = 1000;
 
 /// `?token=` or `?api_key=` on the upgrade request.
 #[derive(Debug, Default, Deserialize)]
@@ -52,9 +56,9 @@ pub(super) async fn native(
     })
 }
 
-struct Subscription {
-    request: Subscribe,
-    devices: BTreeSet<String>,
+pub(super) struct Subscription {
+    pub(super) request: Subscribe,
+    pub(super) devices: BTreeSet<String>,
 }
 
 struct NativeWatcher {
@@ -64,6 +68,7 @@ struct NativeWatcher {
 
 impl NativeWatcher {
     fn subscriptions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Subscription>> {
+        // Held while frames are queued, never across an await.
         self.subscriptions.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -80,7 +85,9 @@ impl Watcher for NativeWatcher {
             match (request.channel, publication) {
                 (Channel::Telemetry, Publication::Telemetry(report)) => {
                     let frame = if request.keys.is_empty() {
-                        frames::device_data_with(id, rendered.device_data_tail())
+                        rendered
+                            .device_data_tail()
+                            .map(|tail| frames::device_data_with(id, tail))
                     } else {
                         let data = select_keys(&report.data, &request.keys);
                         if data.is_empty() {
@@ -88,8 +95,10 @@ impl Watcher for NativeWatcher {
                         }
                         frames::device_data(id, device, report.timestamp, &data)
                     };
-                    self.outbox
-                        .push_latest(&format!("{id}\u{0}{device}"), frame);
+                    if let Some(frame) = frame {
+                        self.outbox
+                            .push_latest(&format!("{id}\u{0}{device}"), frame);
+                    }
                 }
                 (Channel::Status, Publication::Status(change)) => {
                     self.outbox.push(frames::status(
@@ -184,7 +193,7 @@ async fn authenticate(
 }
 
 async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Credentials) {
-    let mut session = Session::start(socket, &app.ws.config, slot);
+    let mut session = Session::start(socket, &app.ws.config, slot, app.ws.shutdown.clone());
     // Rare, large futures are boxed so an idle connection stays small.
     let Ok(identity) = Box::pin(authenticate(&mut session, &app, credentials)).await else {
         Box::pin(session.close(close::POLICY, "not authenticated")).await;
@@ -215,7 +224,15 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Creden
                     Err(error) => Err(error),
                 };
                 match reply {
-                    Ok(frames) => frames.into_iter().for_each(|f| session.send(f)),
+                    // Replies wait for the writer: a response listing
+                    // thousands of devices is answered, not refused.
+                    Ok(frames) => {
+                        for frame in frames {
+                            if !session.outbox().push_paced(frame).await {
+                                break;
+                            }
+                        }
+                    }
                     Err(error) => session.send(error.frame()),
                 }
             }
@@ -246,11 +263,22 @@ impl Client {
             ClientFrame::Unsubscribe(id) => self.unsubscribe(&id).await.map_err(|e| e.about(&id)),
             ClientFrame::Call(call) => {
                 let request_id = call.request_id.clone();
-                self.call(call).await.map_err(|e| e.about(&request_id))
+                let context = ServiceContext {
+                    app: &self.app,
+                    identity: self.identity.as_ref(),
+                    subscriptions: self.watcher.subscriptions().len(),
+                    connection_devices: self.devices.len(),
+                };
+                services::call(&context, call)
+                    .await
+                    .map(|frame| vec![frame])
+                    .map_err(|e| e.about(&request_id))
             }
         }
     }
 
+    /// Checks and holds a subscription, then answers `subscribed` and the
+    /// snapshot of every device it covers, paced by the writer.
     async fn subscribe(&mut self, request: Subscribe) -> Result<Vec<String>, FrameError> {
         let config = &self.app.ws.config;
         {
@@ -298,50 +326,56 @@ impl Client {
                 ),
             ));
         }
+        self.hold(&devices).await?;
         let id = request.id.clone();
         let channel = request.channel;
         let keys = request.keys.clone();
-        self.watcher.subscriptions().insert(
-            id.clone(),
-            Subscription {
-                request,
-                devices: devices.clone(),
-            },
-        );
-        if let Err(error) = self.hold(&devices).await {
-            self.watcher.subscriptions().remove(&id);
-            return Err(error);
+        let subscribed = json!({"type": "subscribed", "id": id, "channel": channel_name(channel), "devices": devices})
+            .to_string();
+        let list: Vec<String> = devices.iter().cloned().collect();
+        // `subscribed` first, then live frames and snapshots: each snapshot
+        // is read after the subscription delivers, so it is never older
+        // than a live frame before it.
+        let outbox = self.watcher.outbox.clone();
+        let answered = outbox.push_paced(subscribed).await;
+        self.watcher
+            .subscriptions()
+            .insert(id.clone(), Subscription { request, devices });
+        if !answered {
+            return Ok(Vec::new());
         }
-        let mut frames = vec![
-            json!({"type": "subscribed", "id": id, "channel": channel_name(channel), "devices": devices})
-                .to_string(),
-        ];
         let state = &self.app.pipeline;
-        for device in &devices {
-            match channel {
-                Channel::Telemetry => {
-                    if let Some(snapshot) = latest_of(state, device).await {
+        for chunk in list.chunks(SNAPSHOT_CHUNK) {
+            let snapshots: Vec<String> = match channel {
+                Channel::Telemetry => latest_of_many(state, chunk)
+                    .await
+                    .into_iter()
+                    .zip(chunk)
+                    .filter_map(|(snapshot, device)| {
+                        let snapshot = snapshot?;
                         let data = select_keys(&snapshot.telemetry, &keys);
-                        if keys.is_empty() || !data.is_empty() {
-                            frames.push(frames::device_data(
-                                &id,
-                                device,
-                                snapshot.updated_ms,
-                                &data,
-                            ));
-                        }
-                    }
+                        (keys.is_empty() || !data.is_empty())
+                            .then(|| frames::device_data(&id, device, snapshot.updated_ms, &data))
+                            .flatten()
+                    })
+                    .collect(),
+                Channel::Status => status_of_many(state, chunk)
+                    .await
+                    .into_iter()
+                    .zip(chunk)
+                    .map(|(status, device)| {
+                        frames::status(&id, device, &state.name_of(device), status)
+                    })
+                    .collect(),
+                Channel::Alerts | Channel::Events => Vec::new(),
+            };
+            for frame in snapshots {
+                if !outbox.push_paced(frame).await {
+                    return Ok(Vec::new());
                 }
-                Channel::Status => frames.push(frames::status(
-                    &id,
-                    device,
-                    &state.name_of(device),
-                    status_of(state, device).await,
-                )),
-                Channel::Alerts | Channel::Events => {}
             }
         }
-        Ok(frames)
+        Ok(Vec::new())
     }
 
     async fn unsubscribe(&mut self, id: &str) -> Result<Vec<String>, FrameError> {
@@ -355,32 +389,29 @@ impl Client {
         Ok(vec![json!({"type": "unsubscribed", "id": id}).to_string()])
     }
 
-    /// Counts `devices` as covered once more, watching newly covered ones;
-    /// on failure, nothing stays counted.
+    /// Counts `devices` as covered once more, watching newly covered ones
+    /// in one batch; on failure, nothing stays counted.
     async fn hold(&mut self, devices: &BTreeSet<String>) -> Result<(), FrameError> {
-        let mut held = BTreeSet::new();
+        let new: Vec<String> = devices
+            .iter()
+            .filter(|d| !self.devices.contains_key(*d))
+            .cloned()
+            .collect();
+        self.app
+            .ws
+            .hub
+            .watch_many(self.id, self.watcher.clone(), &new)
+            .await
+            .map_err(|error| FrameError::new("unavailable", error.to_string()))?;
         for device in devices {
-            let count = self.devices.entry(device.clone()).or_default();
-            *count += 1;
-            if *count == 1
-                && let Err(error) = self
-                    .app
-                    .ws
-                    .hub
-                    .watch(self.id, self.watcher.clone(), device)
-                    .await
-            {
-                self.devices.remove(device);
-                self.release(&held).await;
-                return Err(FrameError::new("unavailable", error.to_string()));
-            }
-            held.insert(device.clone());
+            *self.devices.entry(device.clone()).or_default() += 1;
         }
         Ok(())
     }
 
     /// Counts `devices` as covered once less, unwatching uncovered ones.
     async fn release(&mut self, devices: &BTreeSet<String>) {
+        let mut uncovered = Vec::new();
         for device in devices {
             let Some(count) = self.devices.get_mut(device) else {
                 continue;
@@ -388,10 +419,11 @@ impl Client {
             *count -= 1;
             if *count == 0 {
                 self.devices.remove(device);
-                if let Err(error) = self.app.ws.hub.unwatch(self.id, device).await {
-                    tracing::warn!(%error, device, "could not release a watch");
-                }
+                uncovered.push(device.clone());
             }
+        }
+        if let Err(error) = self.app.ws.hub.unwatch_many(self.id, &uncovered).await {
+            tracing::warn!(%error, devices = uncovered.len(), "could not release watches");
         }
     }
 
@@ -425,141 +457,13 @@ impl Client {
     }
 
     async fn leave(&mut self) {
-        let devices: BTreeSet<String> = self.devices.keys().cloned().collect();
+        let devices: Vec<String> = self.devices.keys().cloned().collect();
         self.watcher.subscriptions().clear();
-        for device in devices {
-            if let Err(error) = self.app.ws.hub.unwatch(self.id, &device).await {
-                tracing::warn!(%error, device, "could not release a watch");
-            }
+        if let Err(error) = self.app.ws.hub.unwatch_many(self.id, &devices).await {
+            tracing::warn!(%error, devices = devices.len(), "could not release watches");
         }
         self.devices.clear();
     }
-
-    async fn call(&mut self, call: Call) -> Result<Vec<String>, FrameError> {
-        let result = self.service(&call.service, &call.args).await?;
-        Ok(vec![
-            json!({
-                "type": "response",
-                "request_id": call.request_id,
-                "service": call.service,
-                "code": 0,
-                "msg": "ok",
-                "values": call.args,
-                "result": result,
-            })
-            .to_string(),
-        ])
-    }
-
-    async fn service(&self, service: &str, args: &Value) -> Result<Value, FrameError> {
-        let state = &self.app.pipeline;
-        let identity = self.identity.as_ref();
-        match service {
-            "devices.list" => {
-                let filter: Subscribe = parse_args(args, |object| {
-                    object.insert("id".into(), json!(""));
-                    object.insert("channel".into(), json!("status"));
-                })?;
-                let devices: Vec<_> = visible_devices(state, identity)
-                    .into_iter()
-                    .filter(|d| super::access::matches(d, &filter))
-                    .collect();
-                Ok(json!(devices))
-            }
-            "devices.status" => {
-                let ids = self.named_devices(args)?;
-                let mut out = Vec::with_capacity(ids.len());
-                for device in ids {
-                    let status = status_of(state, &device).await;
-                    out.push(json!({
-                        "device_id": device,
-                        "device_name": state.name_of(&device),
-                        "is_online": status.map(|s| s.online),
-                        "timestamp": status.map(|s| s.since_ms),
-                        "source": status.map(|s| s.source.as_str()),
-                    }));
-                }
-                Ok(Value::Array(out))
-            }
-            "telemetry.latest" => {
-                let ids = self.named_devices(args)?;
-                let keys: Vec<String> = match args.get("keys") {
-                    None | Some(Value::Null) => Vec::new(),
-                    Some(keys) => serde_json::from_value(keys.clone())
-                        .map_err(|e| FrameError::new("bad_args", format!("keys: {e}")))?,
-                };
-                let mut out = serde_json::Map::new();
-                for device in ids {
-                    let snapshot = latest_of(state, &device).await;
-                    out.insert(
-                        device,
-                        snapshot.map_or(Value::Null, |s| {
-                            json!({
-                                "timestamp": s.updated_ms,
-                                "data": select_keys(&s.telemetry, &keys),
-                                "attributes": s.attributes,
-                            })
-                        }),
-                    );
-                }
-                Ok(Value::Object(out))
-            }
-            "scripts.list" => Ok(json!(super::api::script_views(state))),
-            "stats" => Ok(json!({
-                "connections": self.app.ws.connections.open(),
-                "watched_devices": self.app.ws.hub.watched_devices(),
-                "interest_devices": state.interest.len(),
-                "subscriptions": self.watcher.subscriptions().len(),
-                "connection_devices": self.devices.len(),
-                "tracked_devices": state.status.len(),
-                "bus": state.bus.kind(),
-            })),
-            other => Err(FrameError::new(
-                "unknown_service",
-                format!(
-                    "unknown service {other:?} (devices.list, devices.status, telemetry.latest, scripts.list or stats)"
-                ),
-            )),
-        }
-    }
-
-    /// `args.device_ids`, each checked; absent means every visible device.
-    fn named_devices(&self, args: &Value) -> Result<Vec<String>, FrameError> {
-        let state = &self.app.pipeline;
-        match args.get("device_ids") {
-            None | Some(Value::Null) => Ok(visible_devices(state, self.identity.as_ref())
-                .into_iter()
-                .map(|d| d.id)
-                .collect()),
-            Some(ids) => {
-                let ids: Vec<String> = serde_json::from_value(ids.clone())
-                    .map_err(|e| FrameError::new("bad_args", format!("device_ids: {e}")))?;
-                for device in &ids {
-                    check_device(state, self.identity.as_ref(), device)?;
-                }
-                Ok(ids)
-            }
-        }
-    }
-}
-
-fn parse_args<T: serde::de::DeserializeOwned>(
-    args: &Value,
-    complete: impl FnOnce(&mut serde_json::Map<String, Value>),
-) -> Result<T, FrameError> {
-    let mut object = match args {
-        Value::Object(object) => object.clone(),
-        Value::Null => serde_json::Map::new(),
-        other => {
-            return Err(FrameError::new(
-                "bad_args",
-                format!("args must be an object, not {other}"),
-            ));
-        }
-    };
-    complete(&mut object);
-    serde_json::from_value(Value::Object(object))
-        .map_err(|e| FrameError::new("bad_args", e.to_string()))
 }
 
 fn channel_name(channel: Channel) -> &'static str {

@@ -1,6 +1,7 @@
 //! What every WebSocket connection shares: a writer task draining the
-//! outbox and pinging, a reader that enforces frame size and idle limits
-//! and answers text `ping`, and the connection count.
+//! outbox and pinging, with a write timeout, a reader that enforces frame
+//! size and idle limits and answers text `ping`, the end of every
+//! connection with 1001 when sluice stops, and the connection count.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -99,7 +100,10 @@ pub struct Session {
     outbox: Arc<Outbox>,
     max_frame: usize,
     idle_timeout: Duration,
+    /// When the client last proved it reads: a pong to the server's ping,
+    /// or a frame of its own other than a ping.
     last_heard: Instant,
+    shutdown: watch::Receiver<bool>,
     _slot: Slot,
 }
 
@@ -112,16 +116,24 @@ impl std::fmt::Debug for Session {
 }
 
 impl Session {
-    /// Starts the writer of `socket`.
-    pub fn start(socket: WebSocket, config: &WebSocketConfig, slot: Slot) -> Session {
+    /// Starts the writer of `socket`; the session ends with 1001 "going
+    /// away" when `shutdown` turns true.
+    pub fn start(
+        socket: WebSocket,
+        config: &WebSocketConfig,
+        slot: Slot,
+        shutdown: watch::Receiver<bool>,
+    ) -> Session {
         let (sink, reader) = socket.split();
-        let outbox = Arc::new(Outbox::new(config.send_queue));
+        let byte_limit = usize::try_from(config.send_buffer.as_u64()).unwrap_or(usize::MAX);
+        let outbox = Arc::new(Outbox::new(config.send_queue, byte_limit));
         let (control, control_rx) = mpsc::channel(1);
         let writer = tokio::spawn(write(
             sink,
             outbox.clone(),
             control_rx,
             config.ping_interval,
+            config.write_timeout,
         ));
         Session {
             reader,
@@ -131,8 +143,14 @@ impl Session {
             max_frame: usize::try_from(config.max_frame.as_u64()).unwrap_or(usize::MAX),
             idle_timeout: config.idle_timeout,
             last_heard: Instant::now(),
+            shutdown,
             _slot: slot,
         }
+    }
+
+    /// Whether sluice is stopping.
+    pub fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
     }
 
     /// The connection's send queue.
@@ -150,6 +168,11 @@ impl Session {
         if self.writer.is_finished() {
             return;
         }
+        let (code, reason) = if self.stopping() {
+            (close::GOING_AWAY, "going away")
+        } else {
+            (code, reason)
+        };
         let _ = self
             .control
             .send(Control::Close(code, reason.to_owned()))
@@ -158,23 +181,36 @@ impl Session {
     }
 
     /// The next frame from the client; `None` once the connection is over
-    /// (closed by the client, idle past the timeout, or the writer ended).
-    /// Cancel-safe.
+    /// (closed by the client, idle past the timeout, the writer ended, or
+    /// sluice stopping). Cancel-safe.
     pub async fn next(&mut self) -> Option<Incoming> {
         loop {
             if self.writer.is_finished() {
+                return None;
+            }
+            if self.stopping() {
+                let _ = self
+                    .control
+                    .try_send(Control::Close(close::GOING_AWAY, "going away".into()));
                 return None;
             }
             let idle_at = self.last_heard + self.idle_timeout;
             let message = tokio::select! {
                 message = self.reader.next() => message,
                 _ = tokio::time::sleep_until(idle_at) => {
+                    metrics::counter!("sluice_ws_idle_closes_total").increment(1);
                     let _ = self.control.try_send(Control::Close(close::GOING_AWAY, "idle".into()));
                     return None;
                 }
                 _ = &mut self.writer => return None,
+                _ = self.shutdown.changed() => continue,
             };
-            self.last_heard = Instant::now();
+            // A client's own pings do not prove it reads what it is sent.
+            if !matches!(&message, Some(Ok(Message::Ping(_))))
+                && !matches!(&message, Some(Ok(Message::Text(text))) if text.as_str() == "ping")
+            {
+                self.last_heard = Instant::now();
+            }
             match message {
                 None | Some(Ok(Message::Close(_))) => return None,
                 Some(Err(error)) => {
@@ -212,8 +248,28 @@ impl Session {
 async fn write(
     mut sink: SplitSink<WebSocket, Message>,
     outbox: Arc<Outbox>,
+    control: mpsc::Receiver<Control>,
+    ping_interval: Duration,
+    write_timeout: Duration,
+) {
+    write_until_closed(&mut sink, &outbox, control, ping_interval, write_timeout).await;
+    outbox.shut();
+}
+
+/// Why the writer stopped sending.
+enum Ended {
+    /// The connection is closed (or a close frame was sent).
+    Closed,
+    /// A write did not finish within the write timeout.
+    Stalled,
+}
+
+async fn write_until_closed(
+    sink: &mut SplitSink<WebSocket, Message>,
+    outbox: &Outbox,
     mut control: mpsc::Receiver<Control>,
     ping_interval: Duration,
+    write_timeout: Duration,
 ) {
     let mut ping = tokio::time::interval(ping_interval);
     ping.tick().await;
@@ -223,18 +279,31 @@ async fn write(
             reason: Utf8Bytes::from(reason),
         }))
     };
-    loop {
+    // Every write gets the write timeout: a client that stops reading
+    // fills its TCP window, and then the write waits.
+    async fn send(
+        sink: &mut SplitSink<WebSocket, Message>,
+        message: Message,
+        timeout: Duration,
+    ) -> Result<(), Ended> {
+        match tokio::time::timeout(timeout, sink.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Ended::Closed),
+            Err(_) => Err(Ended::Stalled),
+        }
+    }
+    let ended = loop {
         let sent = tokio::select! {
             biased;
             next = outbox.next() => match next {
                 Next::Frame(frame) => {
                     metrics::counter!("sluice_ws_frames_sent_total").increment(1);
-                    sink.send(Message::Text(frame.into())).await
+                    send(sink, Message::Text(frame.into()), write_timeout).await
                 }
                 Next::TooSlow => {
                     metrics::counter!("sluice_ws_slow_consumer_closes_total").increment(1);
                     tracing::info!("closing a WebSocket client that fell too far behind");
-                    let _ = sink.send(closing(close::TRY_AGAIN_LATER, "too slow: send queue full")).await;
+                    let _ = send(sink, closing(close::TRY_AGAIN_LATER, "too slow: send queue full"), write_timeout).await;
                     return;
                 }
             },
@@ -242,18 +311,32 @@ async fn write(
                 if let Some(Control::Close(code, reason)) = command {
                     // What is queued goes first (an error frame before a close).
                     while let Some(frame) = outbox.try_frame() {
-                        if sink.send(Message::Text(frame.into())).await.is_err() {
+                        if send(sink, Message::Text(frame.into()), write_timeout).await.is_err() {
                             return;
                         }
                     }
-                    let _ = sink.send(closing(code, &reason)).await;
+                    let _ = send(sink, closing(code, &reason), write_timeout).await;
                 }
                 return;
             }
-            _ = ping.tick() => sink.send(Message::Ping(Default::default())).await,
+            _ = ping.tick() => send(sink, Message::Ping(Default::default()), write_timeout).await,
         };
-        if sent.is_err() {
-            return;
+        if let Err(ended) = sent {
+            break ended;
         }
+    };
+    if let Ended::Stalled = ended {
+        metrics::counter!("sluice_ws_write_timeouts_total").increment(1);
+        tracing::info!(
+            ?write_timeout,
+            "closing a WebSocket client that stopped reading"
+        );
+        // The close frame gets one more short chance; then the TCP
+        // connection is simply dropped.
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            sink.send(closing(close::TRY_AGAIN_LATER, "too slow: write timed out")),
+        )
+        .await;
     }
 }

@@ -1,16 +1,24 @@
 //! Effects: what workers hand to the bus (publications, status changes,
 //! dead letters, records), applied in batches by one task so no message
-//! waits on a network round trip. When the bus is down, publications are
-//! dropped (they are live data), and status changes, dead letters and
-//! records wait in bounded buffers until it is back.
+//! waits on a network round trip.
+//!
+//! A message is acknowledged at its source (MQTT PUBACK, Kafka commit)
+//! only once the effects it caused were accepted by the bus: workers send
+//! each batch's effects, then its [`Effect::Acknowledge`], and this task
+//! completes those acknowledgements only after everything before them was
+//! applied. When the bus is down, publications are dropped (they are live
+//! data), and status changes, dead letters and records wait, up to a
+//! bounded backlog; when that is full, this task stops taking effects, so
+//! the workers and then the sources wait (backpressure) and nothing
+//! accepted is dropped.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
+use super::envelope::Completion;
 use crate::bus::{Bus, BusError, Publication, StatusChange};
 use crate::deadletter::DeadLetter;
 use crate::records::RecordsOutput;
@@ -31,66 +39,92 @@ pub enum Effect {
     DeadLetter(DeadLetter),
     /// Append a processed record (JSON).
     Record(String),
+    /// The messages whose effects came before are finished: acknowledge
+    /// them at their sources once those effects are applied.
+    Acknowledge(Vec<Completion>),
 }
 
 /// Effects taken per batch, at most.
 const BATCH: usize = 1024;
-/// What waits for the bus while it is down, per kind.
-const BACKLOG: usize = 100_000;
+/// Status changes, dead letters and records that may wait for the bus
+/// while it is down; beyond it, intake waits.
+pub const BACKLOG: usize = 100_000;
+/// The first wait before trying a failed bus again; it doubles up to 5 s.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
 
-/// Applies effects until every sender is gone, then drains what is left.
+/// The queue from workers to the effects task, shared so a restarted task
+/// (after a panic) takes it up again.
+pub type EffectsQueue = Arc<Mutex<mpsc::Receiver<Effect>>>;
+
+/// Applies effects until every sender is gone, then drains what is left
+/// (once: a bus that is down at the end leaves those messages
+/// unacknowledged, so their sources deliver them again).
 pub async fn apply_effects(
-    mut effects: mpsc::Receiver<Effect>,
+    queue: EffectsQueue,
     bus: Arc<dyn Bus>,
     records: Option<Arc<RecordsOutput>>,
 ) {
+    // Held for the life of the task; a panic releases it for the next one.
+    let mut effects = queue.lock().await;
     let mut pending = Pending::default();
-    let mut backoff = Duration::from_millis(100);
-    let mut down_until: Option<Instant> = None;
+    let mut backoff = FIRST_RETRY;
+    let mut retry_at: Option<Instant> = None;
     let mut received = Vec::with_capacity(BATCH);
+    let mut closed = false;
     loop {
-        let (count, timed_out) = match down_until {
-            Some(until) => tokio::select! {
-                n = effects.recv_many(&mut received, BATCH) => (n, false),
-                _ = tokio::time::sleep_until(until) => (0, true),
-            },
-            None => (effects.recv_many(&mut received, BATCH).await, false),
-        };
-        let closed = count == 0 && !timed_out;
-        pending.add(received.drain(..));
-        let backing_off = down_until.is_some_and(|until| Instant::now() < until);
-        if backing_off && !closed {
+        let room = BACKLOG.saturating_sub(pending.held());
+        if !closed && room > 0 {
+            let limit = room.min(BATCH);
+            let count = match retry_at {
+                Some(at) => tokio::select! {
+                    n = effects.recv_many(&mut received, limit) => Some(n),
+                    _ = tokio::time::sleep_until(at) => None,
+                },
+                None => Some(effects.recv_many(&mut received, limit).await),
+            };
+            closed = count == Some(0);
+            pending.add(received.drain(..));
+        } else if let Some(at) = retry_at {
+            if room == 0 && !closed {
+                metrics::counter!("sluice_effects_backpressure_total").increment(1);
+            }
+            tokio::time::sleep_until(at).await;
+        }
+        if retry_at.is_some_and(|at| Instant::now() < at) && !closed {
             // Live data cannot wait for the bus.
             pending.drop_publications();
             continue;
         }
         match pending.apply(&*bus, records.as_deref()).await {
             Ok(()) => {
-                if down_until.take().is_some() {
+                if retry_at.take().is_some() {
                     tracing::info!(
                         bus = bus.kind(),
                         "bus reachable again; held effects delivered"
                     );
                 }
-                backoff = Duration::from_millis(100);
+                backoff = FIRST_RETRY;
+                pending.acknowledge();
             }
             Err(error) => {
-                if down_until.is_none() {
-                    tracing::warn!(bus = bus.kind(), %error, "bus unavailable; dropping live publications, holding status changes, dead letters and records");
+                if retry_at.is_none() {
+                    tracing::warn!(bus = bus.kind(), %error, "bus unavailable; dropping live publications, holding status changes, dead letters, records and acknowledgements");
                 }
                 metrics::counter!("sluice_bus_errors_total", "op" => "apply").increment(1);
                 pending.drop_publications();
-                down_until = Some(Instant::now() + backoff);
+                retry_at = Some(Instant::now() + backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                if closed {
+                    tracing::warn!(
+                        waiting = pending.held(),
+                        unacknowledged = pending.acks.len(),
+                        "stopping with effects the bus did not take; their messages stay unacknowledged"
+                    );
+                    return;
+                }
             }
         }
         if closed {
-            if !pending.is_empty() {
-                tracing::warn!(
-                    waiting = pending.len(),
-                    "stopping with effects the bus did not take"
-                );
-            }
             return;
         }
     }
@@ -99,9 +133,10 @@ pub async fn apply_effects(
 #[derive(Default)]
 struct Pending {
     publications: Vec<Publication>,
-    transitions: VecDeque<(StatusChange, bool)>,
-    dead_letters: VecDeque<DeadLetter>,
-    records: VecDeque<String>,
+    transitions: Vec<(StatusChange, bool)>,
+    dead_letters: Vec<DeadLetter>,
+    records: Vec<String>,
+    acks: Vec<Completion>,
 }
 
 impl Pending {
@@ -109,27 +144,20 @@ impl Pending {
         for effect in effects {
             match effect {
                 Effect::Publish(p) => self.publications.push(p),
-                Effect::Transition { change, watched } => {
-                    push_bounded(&mut self.transitions, (change, watched), "transition")
-                }
+                Effect::Transition { change, watched } => self.transitions.push((change, watched)),
                 Effect::DeadLetter(letter) => {
                     metrics::counter!("sluice_deadletters_total", "reason" => letter.reason.as_str()).increment(1);
-                    push_bounded(&mut self.dead_letters, letter, "dead_letter");
+                    self.dead_letters.push(letter);
                 }
-                Effect::Record(record) => push_bounded(&mut self.records, record, "record"),
+                Effect::Record(record) => self.records.push(record),
+                Effect::Acknowledge(done) => self.acks.extend(done),
             }
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn len(&self) -> usize {
-        self.publications.len()
-            + self.transitions.len()
-            + self.dead_letters.len()
-            + self.records.len()
+    /// What must not be lost while the bus is down.
+    fn held(&self) -> usize {
+        self.transitions.len() + self.dead_letters.len() + self.records.len()
     }
 
     fn drop_publications(&mut self) {
@@ -137,6 +165,13 @@ impl Pending {
             metrics::counter!("sluice_publish_dropped_total")
                 .increment(self.publications.len() as u64);
             self.publications.clear();
+        }
+    }
+
+    /// Completes the acknowledgements of everything applied, in order.
+    fn acknowledge(&mut self) {
+        for done in self.acks.drain(..) {
+            done.complete();
         }
     }
 
@@ -170,14 +205,13 @@ impl Pending {
             self.transitions.clear();
         }
         if !self.dead_letters.is_empty() {
-            bus.add_dead_letters(self.dead_letters.make_contiguous())
-                .await?;
+            bus.add_dead_letters(&self.dead_letters).await?;
             self.dead_letters.clear();
         }
         if let Some(output) = records
             && !self.records.is_empty()
         {
-            output.write(bus, self.records.make_contiguous()).await?;
+            output.write(bus, &self.records).await?;
             metrics::counter!("sluice_records_total").increment(self.records.len() as u64);
             self.records.clear();
         }
@@ -185,10 +219,172 @@ impl Pending {
     }
 }
 
-fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, kind: &'static str) {
-    if queue.len() >= BACKLOG {
-        queue.pop_front();
-        metrics::counter!("sluice_backlog_dropped_total", "kind" => kind).increment(1);
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::bus::{Deadline, MemoryBus};
+    use crate::latest::{Delta, Snapshot};
+    use crate::message::SourceKind;
+    use crate::status::DeviceStatus;
+
+    /// The in-process bus, with a switch that makes it unavailable.
+    struct Switchable {
+        inner: MemoryBus,
+        down: AtomicBool,
+        letters: AtomicUsize,
     }
-    queue.push_back(item);
+
+    impl Switchable {
+        fn check(&self) -> Result<(), BusError> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(BusError::Unavailable("switched off".into()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Bus for Switchable {
+        fn kind(&self) -> &'static str {
+            "switchable"
+        }
+        fn shares_deadlines(&self) -> bool {
+            false
+        }
+        async fn ping(&self) -> Result<(), BusError> {
+            self.check()
+        }
+        async fn publish(&self, batch: &[Publication]) -> Result<(), BusError> {
+            self.check()?;
+            self.inner.publish(batch).await
+        }
+        async fn record_transitions(
+            &self,
+            batch: &[StatusChange],
+            watched: &[bool],
+        ) -> Result<Vec<bool>, BusError> {
+            self.check()?;
+            self.inner.record_transitions(batch, watched).await
+        }
+        async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError> {
+            Ok(Vec::new())
+        }
+        async fn load_device_status(&self, _: &str) -> Result<Option<DeviceStatus>, BusError> {
+            Ok(None)
+        }
+        async fn load_status_many(
+            &self,
+            devices: &[String],
+        ) -> Result<Vec<Option<DeviceStatus>>, BusError> {
+            Ok(vec![None; devices.len()])
+        }
+        async fn store_latest(&self, _: &[(String, Delta)]) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn load_latest(&self, _: &str) -> Result<Option<Snapshot>, BusError> {
+            Ok(None)
+        }
+        async fn load_latest_many(
+            &self,
+            devices: &[String],
+        ) -> Result<Vec<Option<Snapshot>>, BusError> {
+            Ok(vec![None; devices.len()])
+        }
+        async fn store_deadlines(&self, _: &[Deadline]) -> Result<(), BusError> {
+            Ok(())
+        }
+        async fn sweep_deadlines(
+            &self,
+            _: i64,
+            _: i64,
+            _: usize,
+        ) -> Result<Vec<StatusChange>, BusError> {
+            Ok(Vec::new())
+        }
+        async fn add_dead_letters(&self, batch: &[DeadLetter]) -> Result<(), BusError> {
+            self.check()?;
+            self.letters.fetch_add(batch.len(), Ordering::SeqCst);
+            Ok(())
+        }
+        async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
+            self.inner.dead_letters(limit).await
+        }
+        async fn add_records(&self, _: &[String]) -> Result<(), BusError> {
+            self.check()
+        }
+    }
+
+    fn letter() -> Effect {
+        Effect::DeadLetter(DeadLetter::unroutable(
+            SourceKind::Mqtt,
+            "t",
+            b"x",
+            "no route".into(),
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acknowledgements_wait_until_the_bus_took_the_effects_before_them() {
+        let bus = Arc::new(Switchable {
+            inner: MemoryBus::new(10),
+            down: AtomicBool::new(true),
+            letters: AtomicUsize::new(0),
+        });
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(apply_effects(Arc::new(Mutex::new(rx)), bus.clone(), None));
+        let acked = Arc::new(AtomicBool::new(false));
+        tx.send(letter()).await.unwrap();
+        let flag = acked.clone();
+        tx.send(Effect::Acknowledge(vec![Completion::new(move || {
+            flag.store(true, Ordering::SeqCst)
+        })]))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(
+            !acked.load(Ordering::SeqCst),
+            "the bus is down: not acknowledged"
+        );
+        bus.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            acked.load(Ordering::SeqCst),
+            "acknowledged once the letter was kept"
+        );
+        assert_eq!(bus.letters.load(Ordering::SeqCst), 1);
+        drop(tx);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_backlog_stops_taking_effects_instead_of_dropping_them() {
+        let bus = Arc::new(Switchable {
+            inner: MemoryBus::new(10),
+            down: AtomicBool::new(true),
+            letters: AtomicUsize::new(0),
+        });
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(apply_effects(Arc::new(Mutex::new(rx)), bus.clone(), None));
+        // The backlog fills, then the queue: the next send has to wait.
+        let mut sent = 0;
+        while let Ok(result) = tokio::time::timeout(Duration::from_secs(1), tx.send(letter())).await
+        {
+            result.unwrap();
+            sent += 1;
+        }
+        assert_eq!(
+            sent,
+            BACKLOG + 8,
+            "the backlog and the queue, then backpressure"
+        );
+        bus.down.store(false, Ordering::SeqCst);
+        drop(tx);
+        task.await.unwrap();
+        assert_eq!(bus.letters.load(Ordering::SeqCst), sent, "none dropped");
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::effects::Effect;
-use super::envelope::Envelope;
+use super::envelope::{Completion, Envelope};
 use super::shard::shard_for;
 use crate::deadletter::DeadLetter;
 
@@ -46,8 +46,18 @@ impl Ingest {
 
     /// Keeps input that could not be routed.
     pub async fn dead_letter(&self, letter: DeadLetter) {
+        self.dead_letter_then(letter, None).await;
+    }
+
+    /// Keeps input that could not be routed, and completes `done` (the
+    /// message's acknowledgement) once the bus has taken the dead letter.
+    pub async fn dead_letter_then(&self, letter: DeadLetter, done: Option<Completion>) {
         if self.effects.send(Effect::DeadLetter(letter)).await.is_err() {
             tracing::warn!("a dead letter arrived after the pipeline stopped");
+            return;
+        }
+        if let Some(done) = done {
+            let _ = self.effects.send(Effect::Acknowledge(vec![done])).await;
         }
     }
 }

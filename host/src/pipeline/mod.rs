@@ -10,10 +10,12 @@ mod state;
 mod timers;
 mod worker;
 
-pub use effects::{Effect, apply_effects};
+pub use effects::{BACKLOG, Effect, EffectsQueue, apply_effects};
 pub use envelope::{Completion, Envelope, Inbound};
 pub use ingest::{Closed, Ingest};
 pub use shard::{Sharded, shard_for};
 pub use state::{PipelineState, Seen, SeenDevices, SharedDeadlines};
-pub use timers::{run_status_timers, run_write_behind};
+pub use timers::{
+    follow_change, follow_table, follow_transitions, run_status_timers, run_write_behind,
+};
 pub use worker::{spawn_worker, transition_effect};

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -13,6 +14,7 @@ use crate::devices::DeviceRegistry;
 use crate::latest::LatestStore;
 use crate::script::ScriptRegistry;
 use crate::status::{StatusBoard, StatusMode, StatusSource};
+use crate::supervisor::Supervisor;
 
 /// Shared state of one sluice process.
 pub struct PipelineState {
@@ -32,11 +34,13 @@ pub struct PipelineState {
     pub deadlines: Option<SharedDeadlines>,
     /// Whether processed records are written.
     pub records: bool,
-    /// Devices that sent messages, registered or not.
+    /// Devices outside the registry that sent messages.
     pub seen: SeenDevices,
+    /// The supervised tasks and how they fare.
+    pub tasks: Arc<Supervisor>,
 }
 
-/// A device that sent messages here.
+/// A device outside the registry that sent messages here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Seen {
     /// The product its messages were routed to.
@@ -45,24 +49,31 @@ pub struct Seen {
     pub last_seen_ms: i64,
 }
 
-/// Every device that sent messages to this instance, with its product:
-/// the status topic names only the device, so its mode comes from here
-/// when the registry does not know it.
+/// Every device outside the registry that this instance keeps track of,
+/// with its product (the status topic names only the device, so its mode
+/// comes from here), up to a documented number: ids are chosen by
+/// senders, so the table is bounded, and devices past the bound are
+/// refused (counted), never silently tracked.
 #[derive(Debug)]
 pub struct SeenDevices {
     shards: Sharded<HashMap<String, Seen>>,
+    count: AtomicUsize,
+    limit: usize,
 }
 
 impl SeenDevices {
-    /// An empty table in `shards`.
-    pub fn new(shards: usize) -> Self {
+    /// An empty table in `shards`, holding at most `limit` devices.
+    pub fn new(shards: usize, limit: usize) -> Self {
         SeenDevices {
             shards: Sharded::new(shards, HashMap::new),
+            count: AtomicUsize::new(0),
+            limit,
         }
     }
 
-    /// Notes a message from `device` of `product`.
-    pub fn note(&self, device: &str, product: &str, at_ms: i64) {
+    /// Notes a message from unregistered `device` of `product`; false when
+    /// the device is new and the table is full (the message is refused).
+    pub fn admit(&self, device: &str, product: &str, at_ms: i64) -> bool {
         let mut shard = self.shards.for_device(device);
         match shard.get_mut(device) {
             Some(seen) => {
@@ -70,8 +81,18 @@ impl SeenDevices {
                     seen.product = product.into();
                 }
                 seen.last_seen_ms = seen.last_seen_ms.max(at_ms);
+                true
             }
             None => {
+                let taken = self
+                    .count
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < self.limit).then_some(n + 1)
+                    });
+                if taken.is_err() {
+                    metrics::counter!("sluice_devices_refused_total").increment(1);
+                    return false;
+                }
                 shard.insert(
                     device.to_owned(),
                     Seen {
@@ -79,7 +100,20 @@ impl SeenDevices {
                         last_seen_ms: at_ms,
                     },
                 );
+                metrics::gauge!("sluice_unregistered_devices").increment(1.0);
+                true
             }
+        }
+    }
+
+    /// Forgets devices the registry now knows (they no longer count).
+    pub fn forget_registered(&self, registry: &DeviceRegistry) {
+        for mut shard in self.shards.each() {
+            let before = shard.len();
+            shard.retain(|device, _| registry.get(device).is_none());
+            let gone = before - shard.len();
+            self.count.fetch_sub(gone, Ordering::AcqRel);
+            metrics::gauge!("sluice_unregistered_devices").decrement(gone as f64);
         }
     }
 
@@ -88,17 +122,17 @@ impl SeenDevices {
         self.shards.for_device(device).get(device).cloned()
     }
 
-    /// How many devices were seen.
+    /// How many devices are tracked.
     pub fn len(&self) -> usize {
-        self.shards.each().map(|s| s.len()).sum()
+        self.count.load(Ordering::Acquire)
     }
 
-    /// Whether none was.
+    /// Whether none is.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Every device seen, with what is known of it.
+    /// Every device tracked, with what is known of it.
     pub fn all(&self) -> Vec<(String, Seen)> {
         self.shards
             .each()
@@ -152,6 +186,12 @@ impl PipelineState {
             .map_or_else(|| device.to_owned(), |d| d.display_name().to_owned())
     }
 
+    /// Whether `device` may be tracked: registered, or admitted as one of
+    /// the unregistered devices this instance keeps (see [`SeenDevices`]).
+    pub fn admit(&self, device: &str, product: &str, at_ms: i64) -> bool {
+        self.registry.load().get(device).is_some() || self.seen.admit(device, product, at_ms)
+    }
+
     /// The product of `device`: from the registry, else from its messages.
     pub fn product_of(&self, device: &str) -> Option<String> {
         match self.registry.load().get(device) {
@@ -163,34 +203,29 @@ impl PipelineState {
 
 #[derive(Debug, Default)]
 struct DeadlineShard {
-    /// The deadline last handed to the bus, per device.
-    written: HashMap<String, i64>,
+    /// The deadline last handed to the bus, per device, and the source its
+    /// expiry carries.
+    written: HashMap<String, (i64, StatusSource)>,
     /// Deadlines not yet written.
     pending: HashMap<String, Deadline>,
 }
 
-/// Deadlines shared through the bus, written behind and coalesced: a
-/// device's deadline is written again only when its true deadline passes
-/// the one written, and then with `slack` to spare, so a device reporting
-/// every second costs one write per `slack`, and goes offline at most
-/// `slack` late, never early.
+/// Deadlines shared through the bus, written behind: each device's exact
+/// deadline (its last message plus the silence its mode allows) reaches
+/// the bus within one flush, several messages of one flush period in one
+/// write. The sweep takes a deadline only once it is a flush old, so a
+/// refresh still being written is never overtaken, and an offline comes
+/// at most one flush (plus one sweep tick) after the deadline.
 #[derive(Debug)]
 pub struct SharedDeadlines {
     shards: Sharded<DeadlineShard>,
-    slack_divisor: u32,
-    max_slack: Duration,
-    min_slack: Duration,
 }
 
 impl SharedDeadlines {
-    /// Deadlines in `shards`; slack is a tenth of the silence allowed,
-    /// between `min_slack` and 30 s.
-    pub fn new(shards: usize, min_slack: Duration) -> Self {
+    /// Deadlines in `shards`.
+    pub fn new(shards: usize) -> Self {
         SharedDeadlines {
             shards: Sharded::new(shards, DeadlineShard::default),
-            slack_divisor: 10,
-            max_slack: Duration::from_secs(30),
-            min_slack,
         }
     }
 
@@ -219,18 +254,16 @@ impl SharedDeadlines {
         if shard
             .written
             .get(device)
-            .is_some_and(|&written| due <= written)
+            .is_some_and(|&(written, _)| due <= written)
         {
             return;
         }
-        let slack = (silence / self.slack_divisor).clamp(self.min_slack, self.max_slack);
-        let at_ms = due.saturating_add(millis(slack));
-        shard.written.insert(device.to_owned(), at_ms);
+        shard.written.insert(device.to_owned(), (due, source));
         shard.pending.insert(
             device.to_owned(),
             Deadline {
                 device: device.to_owned(),
-                at_ms,
+                at_ms: due,
                 source,
             },
         );
@@ -259,9 +292,31 @@ impl SharedDeadlines {
         }
     }
 
-    /// Forgets what was written for `device` (its deadline was swept).
-    pub fn forget(&self, device: &str) {
-        self.shards.for_device(device).written.remove(device);
+    /// Writes every deadline again with the next write-behind: after the
+    /// bus lost them (Redis restarted empty), a device that stays silent
+    /// still goes offline on time. A deadline the bus still has is not
+    /// moved (writes never move one back).
+    pub fn rewrite_all(&self) {
+        for mut shard in self.shards.each() {
+            let DeadlineShard { written, pending } = &mut *shard;
+            for (device, &(at_ms, source)) in written.iter() {
+                pending.entry(device.clone()).or_insert_with(|| Deadline {
+                    device: device.clone(),
+                    at_ms,
+                    source,
+                });
+            }
+        }
+    }
+
+    /// How many devices have a deadline written or waiting.
+    pub fn len(&self) -> usize {
+        self.shards.each().map(|s| s.written.len()).sum()
+    }
+
+    /// Whether none has.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -274,35 +329,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn deadlines_are_written_when_they_pass_the_written_one() {
-        let deadlines = SharedDeadlines::new(2, Duration::from_millis(100));
+    fn exact_deadlines_are_written_once_per_flush() {
+        let deadlines = SharedDeadlines::new(2);
         let mode = StatusMode::Heartbeat {
             interval: Duration::from_secs(60),
         };
         deadlines.note("d", mode, false, 0);
-        let first = deadlines.take_pending();
+        deadlines.note("d", mode, false, 500);
         assert_eq!(
-            first,
+            deadlines.take_pending(),
             [Deadline {
                 device: "d".into(),
-                at_ms: 66_000,
+                at_ms: 60_500,
                 source: StatusSource::HeartbeatExpired
-            }]
+            }],
+            "two messages of one flush period: one write of the later deadline"
         );
-        for second in 1..=6 {
-            deadlines.note("d", mode, false, second * 1000);
-        }
+        assert!(deadlines.take_pending().is_empty());
+        deadlines.note("d", mode, false, 400);
         assert!(
             deadlines.take_pending().is_empty(),
-            "within the slack: no write"
+            "an older message never moves the deadline back"
         );
-        deadlines.note("d", mode, false, 7000);
-        assert_eq!(deadlines.take_pending()[0].at_ms, 73_000);
+        deadlines.rewrite_all();
+        assert_eq!(
+            deadlines.take_pending()[0].at_ms,
+            60_500,
+            "written again after the bus lost it"
+        );
     }
 
     #[test]
     fn explicit_offline_cancels_a_timeout_deadline() {
-        let deadlines = SharedDeadlines::new(1, Duration::from_millis(100));
+        let deadlines = SharedDeadlines::new(1);
         let mode = StatusMode::Timeout {
             after: Duration::from_secs(10),
         };

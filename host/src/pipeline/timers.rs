@@ -1,6 +1,7 @@
 //! Timers of the pipeline: status deadlines (expired locally, or swept
-//! from the bus when it shares them) and the write-behind of latest values
-//! and shared deadlines.
+//! from the bus when it shares them), the write-behind of latest values
+//! and shared deadlines, and, with a shared bus, following the status
+//! changes every instance records.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 use super::effects::Effect;
 use super::state::PipelineState;
 use super::worker::transition_effect;
-use crate::bus::StatusChange;
+use crate::bus::{Followed, TransitionFeed};
 use crate::message::now_ms;
 
 /// Deadlines swept per round trip.
@@ -21,8 +22,9 @@ const SWEEP_BATCH: usize = 1000;
 /// `shutdown`.
 ///
 /// With a bus that shares deadlines, they are swept from the bus (each
-/// instance takes a disjoint set), and only entries older than `grace`
-/// are taken, so a refresh still being written behind is not overtaken.
+/// instance takes a disjoint set, and records the offline in the same
+/// atomic step), and only deadlines at least `grace` old are taken, so a
+/// refresh still being written behind is not overtaken.
 pub async fn run_status_timers(
     state: Arc<PipelineState>,
     effects: mpsc::Sender<Effect>,
@@ -37,12 +39,9 @@ pub async fn run_status_timers(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let outcome = if state.bus.shares_deadlines() {
-            sweep_shared(&state, &effects, grace).await
-        } else {
-            expire_local(&state, &effects).await
-        };
-        if outcome.is_err() {
+        if state.bus.shares_deadlines() {
+            sweep_shared(&state, grace).await;
+        } else if expire_local(&state, &effects).await.is_err() {
             return;
         }
     }
@@ -58,48 +57,139 @@ async fn expire_local(state: &PipelineState, effects: &mpsc::Sender<Effect>) -> 
     Ok(())
 }
 
-async fn sweep_shared(
-    state: &PipelineState,
-    effects: &mpsc::Sender<Effect>,
-    grace: Duration,
-) -> Result<(), ()> {
+async fn sweep_shared(state: &PipelineState, grace: Duration) {
     loop {
-        let cutoff = now_ms() - i64::try_from(grace.as_millis()).unwrap_or(0);
-        let due = match state.bus.sweep_deadlines(cutoff, SWEEP_BATCH).await {
-            Ok(due) => due,
+        let now = now_ms();
+        let cutoff = now.saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
+        let recorded = match state.bus.sweep_deadlines(cutoff, now, SWEEP_BATCH).await {
+            Ok(recorded) => recorded,
             Err(error) => {
                 metrics::counter!("sluice_bus_errors_total", "op" => "sweep").increment(1);
                 tracing::debug!(%error, "cannot sweep deadlines; trying again next tick");
-                return Ok(());
+                return;
             }
         };
-        let full = due.len() == SWEEP_BATCH;
-        for (device, source) in due {
-            let wall = now_ms();
-            // The local view follows; whether the device really was online
-            // is decided by the shared status table.
-            state.status.expired_elsewhere(&device, source, wall);
-            if let Some(deadlines) = &state.deadlines {
-                deadlines.forget(&device);
-            }
-            let change = StatusChange {
-                device_name: state.name_of(&device),
-                is_online: false,
-                timestamp: wall,
-                source,
-                device_id: device,
-            };
-            let watched = state.interest.is_watched(&change.device_id);
-            effects
-                .send(Effect::Transition { change, watched })
-                .await
-                .map_err(drop)?;
+        // Every tracker, this one's included, follows them from the feed.
+        for change in &recorded {
+            metrics::counter!("sluice_status_transitions_total", "source" => change.source.as_str())
+                .increment(1);
         }
-        if !full {
-            return Ok(());
+        if recorded.len() < SWEEP_BATCH {
+            return;
         }
     }
 }
+
+/// Applies what the shared status table recorded to this instance's
+/// trackers, as one entry of the feed; an expiry that a newer message seen
+/// here overtook turns the device online again.
+pub async fn follow_change(
+    state: &PipelineState,
+    effects: &mpsc::Sender<Effect>,
+    followed: Followed,
+) -> Result<(), ()> {
+    let change = followed.change;
+    let transition = state.status.follow(
+        &change.device_id,
+        change.is_online,
+        change.timestamp,
+        change.source,
+        followed.deadline_ms,
+        now_ms(),
+    );
+    if let Some(transition) = transition {
+        effects
+            .send(transition_effect(state, transition))
+            .await
+            .map_err(drop)?;
+    }
+    Ok(())
+}
+
+/// Loads the whole shared status table into this instance's trackers.
+pub async fn follow_table(state: &PipelineState) -> Result<usize, crate::bus::BusError> {
+    let statuses = state.bus.load_status().await?;
+    let now = now_ms();
+    for (device, status) in &statuses {
+        state.status.follow(
+            device,
+            status.online,
+            status.since_ms,
+            status.source,
+            None,
+            now,
+        );
+    }
+    Ok(statuses.len())
+}
+
+/// Follows the transitions feed until `shutdown`: every change any
+/// instance records reaches this instance's trackers. On a lost
+/// connection it reopens the feed and reloads the whole table, so nothing
+/// missed meanwhile stays missed.
+pub async fn follow_transitions(
+    state: Arc<PipelineState>,
+    effects: mpsc::Sender<Effect>,
+    client: redis::Client,
+    mut feed: Option<TransitionFeed>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut current = match feed.take() {
+            Some(current) => current,
+            None => {
+                let opened = match TransitionFeed::open(&client, FEED_BLOCK).await {
+                    Ok(opened) => follow_table(&state).await.map(|_| opened),
+                    Err(error) => Err(error),
+                };
+                // Redis may have come back empty: write every deadline again.
+                if opened.is_ok()
+                    && let Some(deadlines) = &state.deadlines
+                {
+                    deadlines.rewrite_all();
+                }
+                match opened {
+                    Ok(opened) => opened,
+                    Err(error) => {
+                        metrics::counter!("sluice_bus_errors_total", "op" => "feed").increment(1);
+                        tracing::warn!(%error, retry_in = ?backoff, "cannot follow status changes; retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.changed() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let read = tokio::select! {
+                read = current.next() => read,
+                _ = shutdown.changed() => return,
+            };
+            match read {
+                Ok(changes) => {
+                    for followed in changes {
+                        if follow_change(&state, &effects, followed).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(error) => {
+                    metrics::counter!("sluice_bus_errors_total", "op" => "feed").increment(1);
+                    tracing::warn!(%error, "lost the status feed; reopening it");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// How long one read of the feed waits for new changes.
+const FEED_BLOCK: Duration = Duration::from_secs(2);
 
 /// Writes latest values and shared deadlines behind to the bus every
 /// `every`, and once more at `shutdown`. What the bus does not take is kept

@@ -3,6 +3,7 @@
 //! message's outputs into latest values, status and effects.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
@@ -15,8 +16,9 @@ use crate::bus::{AlertRaised, EventReported, Publication, StatusChange, Telemetr
 use crate::deadletter::{DeadLetter, Reason};
 use crate::message::{RawMessage, SourceKind, now_ms};
 use crate::records::record_json;
-use crate::script::{Output, OutputKind, ScriptError, ScriptInstance};
+use crate::script::{Limits, Output, OutputKind, ScriptError, ScriptInstance};
 use crate::status::{StatusMode, Transition};
+use crate::supervisor::panic_message;
 
 /// One worker thread's state.
 struct Worker {
@@ -26,6 +28,8 @@ struct Worker {
     instances: HashMap<String, ScriptInstance>,
     batch: usize,
     outbox: Vec<Effect>,
+    /// Completions of the messages of the running batch.
+    done: Vec<Completion>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -52,6 +56,7 @@ pub fn spawn_worker(
         instances: HashMap::new(),
         batch: batch.max(1),
         outbox: Vec::new(),
+        done: Vec::new(),
     };
     std::thread::Builder::new()
         .name(format!("sluice-worker-{index}"))
@@ -71,7 +76,20 @@ impl Worker {
                 }
             }
             metrics::counter!("sluice_worker_messages_total").increment(envelopes.len() as u64);
-            self.process(&mut envelopes);
+            // A panic in host code must not stop the shard: it is logged,
+            // counted, and the worker goes on with fresh instances. The
+            // batch's messages stay unacknowledged, so their sources
+            // deliver them again.
+            let processed =
+                std::panic::catch_unwind(AssertUnwindSafe(|| self.process(&mut envelopes)));
+            if let Err(payload) = processed {
+                self.state.tasks.panicked("worker", &panic_message(payload));
+                envelopes.clear();
+                self.outbox.clear();
+                self.done.clear();
+                self.instances.clear();
+                continue;
+            }
             if !self.flush_outbox() {
                 break;
             }
@@ -79,9 +97,14 @@ impl Worker {
         tracing::debug!(worker = self.index, "worker stopped");
     }
 
-    /// Hands this batch's effects over; waits while the effects queue is
-    /// full (backpressure). False if the effects task is gone.
+    /// Hands this batch's effects over, then the acknowledgement of its
+    /// messages; waits while the effects queue is full (backpressure).
+    /// False if the effects task is gone.
     fn flush_outbox(&mut self) -> bool {
+        if !self.done.is_empty() {
+            let done = std::mem::take(&mut self.done);
+            self.outbox.push(Effect::Acknowledge(done));
+        }
         for effect in self.outbox.drain(..) {
             if self.effects.blocking_send(effect).is_err() {
                 tracing::error!(worker = self.index, "effects task is gone; stopping worker");
@@ -95,37 +118,40 @@ impl Worker {
     /// go to its script in one call.
     fn process(&mut self, envelopes: &mut Vec<Envelope>) {
         let mut run: Vec<RawMessage> = Vec::new();
-        let mut done: Vec<Option<Completion>> = Vec::new();
         for envelope in envelopes.drain(..) {
+            self.done.extend(envelope.done);
             match envelope.inbound {
                 Inbound::Data(message) => {
+                    if !self
+                        .state
+                        .admit(&message.device_id, &message.product, message.received_at)
+                    {
+                        self.refuse(&message);
+                        continue;
+                    }
                     if run
                         .last()
                         .is_some_and(|last| last.product != message.product)
                     {
-                        self.process_run(&mut run, &mut done);
+                        self.process_run(&mut run);
                     }
                     run.push(message);
-                    done.push(envelope.done);
                 }
                 Inbound::Status {
                     device,
                     online,
                     source,
                 } => {
-                    self.process_run(&mut run, &mut done);
+                    self.process_run(&mut run);
                     self.signal(&device, online, source);
-                    if let Some(done) = envelope.done {
-                        done.complete();
-                    }
                 }
             }
         }
-        self.process_run(&mut run, &mut done);
+        self.process_run(&mut run);
     }
 
     /// Parses messages of one product and handles each result in order.
-    fn process_run(&mut self, run: &mut Vec<RawMessage>, done: &mut Vec<Option<Completion>>) {
+    fn process_run(&mut self, run: &mut Vec<RawMessage>) {
         if run.is_empty() {
             return;
         }
@@ -139,22 +165,22 @@ impl Worker {
                     self.observe(message, &[]);
                 }
                 run.clear();
-                complete_all(done);
                 return;
             }
         };
-        let version = self
-            .instances
-            .get(&product)
-            .map(|i| i.script().id().version.clone())
-            .unwrap_or_default();
+        let (version, limits) = match self.instances.get(&product) {
+            Some(instance) => (
+                instance.script().id().version.clone(),
+                instance.script().limits().clone(),
+            ),
+            None => (String::new(), Limits::default()),
+        };
         for (message, result) in run.drain(..).zip(results) {
             match result {
-                Ok(outputs) => self.apply(&message, outputs, &version),
+                Ok(outputs) => self.apply(&message, outputs, &version, &limits),
                 Err(error) => self.failed(&message, &error, &version),
             }
         }
-        complete_all(done);
     }
 
     /// The instance of `product`'s current script, started or upgraded as needed.
@@ -191,6 +217,20 @@ impl Worker {
             .expect("the instance was just ensured"))
     }
 
+    /// A message of an unregistered device this instance has no room for.
+    fn refuse(&mut self, message: &RawMessage) {
+        self.dead_letter(
+            message,
+            Reason::DeviceLimit,
+            format!(
+                "device {:?} is not registered, and this instance already keeps track of {} unregistered devices (registry.max_unregistered)",
+                message.device_id,
+                self.state.seen.len()
+            ),
+            "",
+        );
+    }
+
     /// A message whose script failed: dead letter, and it still shows the
     /// device is alive.
     fn failed(&mut self, message: &RawMessage, error: &ScriptError, version: &str) {
@@ -206,20 +246,44 @@ impl Worker {
     }
 
     /// Applies a script's outputs: latest values, publications for watched
-    /// devices, records, and status for every device named.
-    fn apply(&mut self, message: &RawMessage, outputs: Vec<Output>, version: &str) {
+    /// devices, records, and status for every device named. Outputs naming
+    /// a device this instance may not track are left out, and the message
+    /// is dead-lettered with them named.
+    fn apply(
+        &mut self,
+        message: &RawMessage,
+        outputs: Vec<Output>,
+        version: &str,
+        limits: &Limits,
+    ) {
         let mut signals: Vec<(String, Option<bool>)> = Vec::new();
+        let mut refused: Vec<String> = Vec::new();
         for output in outputs {
             let device = output
                 .device_id
                 .clone()
                 .unwrap_or_else(|| message.device_id.clone());
+            if device != message.device_id
+                && !self
+                    .state
+                    .admit(&device, &message.product, message.received_at)
+            {
+                if !refused.contains(&device) {
+                    refused.push(device);
+                }
+                continue;
+            }
             let timestamp = output.timestamp.unwrap_or(message.received_at);
-            if self.state.records {
-                let tenant = self.state.tenant_of(&device);
-                self.outbox.push(Effect::Record(record_json(
-                    message, &output, &device, &tenant, version,
-                )));
+            if self.state.records
+                && let Some(record) = record_json(
+                    message,
+                    &output,
+                    &device,
+                    &self.state.tenant_of(&device),
+                    version,
+                )
+            {
+                self.outbox.push(Effect::Record(record));
             }
             let watched = self.state.interest.is_watched(&device);
             let slot = match signals.iter().position(|(d, _)| *d == device) {
@@ -231,9 +295,12 @@ impl Worker {
             };
             match output.kind {
                 OutputKind::Telemetry { fields } => {
-                    self.state
-                        .latest
-                        .merge_telemetry(&device, &fields, timestamp);
+                    self.state.latest.merge_telemetry(
+                        &device,
+                        &fields,
+                        timestamp,
+                        limits.snapshot_keys,
+                    );
                     if watched {
                         self.outbox.push(Effect::Publish(Publication::Telemetry(
                             TelemetryReport {
@@ -246,7 +313,9 @@ impl Worker {
                     }
                 }
                 OutputKind::Attributes { fields } => {
-                    self.state.latest.merge_attributes(&device, &fields)
+                    self.state
+                        .latest
+                        .merge_attributes(&device, &fields, limits.snapshot_keys)
                 }
                 OutputKind::Status { online } => signals[slot].1 = Some(online),
                 OutputKind::Event { name, fields } if watched => {
@@ -277,15 +346,23 @@ impl Worker {
                 OutputKind::Event { .. } | OutputKind::Alert { .. } => {}
             }
         }
+        if !refused.is_empty() {
+            self.dead_letter(
+                message,
+                Reason::DeviceLimit,
+                format!(
+                    "outputs for {refused:?} were left out: those devices are not registered, and this instance already keeps track of {} unregistered devices (registry.max_unregistered)",
+                    self.state.seen.len()
+                ),
+                version,
+            );
+        }
         self.observe(message, &signals);
     }
 
     /// Status bookkeeping for a message: its own device (with its explicit
     /// signal, if the script gave one) and every other device its outputs named.
     fn observe(&mut self, message: &RawMessage, signals: &[(String, Option<bool>)]) {
-        self.state
-            .seen
-            .note(&message.device_id, &message.product, message.received_at);
         let own = signals
             .iter()
             .find(|(d, _)| *d == message.device_id)
@@ -303,6 +380,10 @@ impl Worker {
     /// An explicit signal from the status topic.
     fn signal(&mut self, device: &str, online: bool, _source: SourceKind) {
         let product = self.state.product_of(device).unwrap_or_default();
+        if !self.state.admit(device, &product, now_ms()) {
+            metrics::counter!("sluice_status_signals_refused_total").increment(1);
+            return;
+        }
         self.observe_device(device, &product, Some(online));
     }
 
@@ -337,11 +418,5 @@ pub fn transition_effect(state: &PipelineState, transition: Transition) -> Effec
             source: transition.source,
         },
         watched,
-    }
-}
-
-fn complete_all(done: &mut Vec<Option<Completion>>) {
-    for completion in done.drain(..).flatten() {
-        completion.complete();
     }
 }

@@ -117,6 +117,25 @@ pub enum ScriptError {
         /// What is wrong with it.
         reason: String,
     },
+    /// An output's timestamp lies outside the product's window around the
+    /// message's receive time.
+    #[error(
+        "script {script}: output #{index} has timestamp {timestamp} (ms since the Unix epoch), outside the window of {past} before to {future} after the receive time {received_at}"
+    )]
+    BadTimestamp {
+        /// Which script.
+        script: ScriptId,
+        /// Index of the offending output.
+        index: usize,
+        /// Its timestamp.
+        timestamp: i64,
+        /// The message's receive time.
+        received_at: i64,
+        /// How far back the window reaches, for people.
+        past: String,
+        /// How far ahead it reaches, for people.
+        future: String,
+    },
     /// The script refused the message with its own error.
     #[error("script {script}: rejected the message: {code}: {message}")]
     Rejected {
@@ -142,6 +161,7 @@ impl ScriptError {
             ScriptError::Trap { .. } => "trap",
             ScriptError::OutputTooLarge { .. } => "output_too_large",
             ScriptError::BadOutput { .. } => "bad_output",
+            ScriptError::BadTimestamp { .. } => "bad_timestamp",
             ScriptError::Rejected { .. } => "rejected",
         }
     }

@@ -13,7 +13,7 @@ use super::engine::{LoadInfo, ScriptEngine, ScriptSettings};
 use super::error::{ScriptError, ScriptId};
 use super::host::{HostState, Params};
 use super::limits::{Limits, MemoryExceeded};
-use super::output::{Output, OutputViolation, convert_outputs};
+use super::output::{Output, OutputCaps, OutputViolation, convert_outputs};
 use super::state::DeviceState;
 use crate::message::RawMessage;
 
@@ -132,7 +132,14 @@ impl ScriptStats {
         }
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.nanos.fetch_add(nanos, Ordering::Relaxed);
-        self.metrics.seconds.record(elapsed.as_secs_f64());
+        // The histogram is of time per message: a batch call of n messages
+        // is n samples of its mean, so its count always equals the calls
+        // counter.
+        if messages > 0 {
+            self.metrics
+                .seconds
+                .record_many(elapsed.as_secs_f64() / messages as f64, messages as usize);
+        }
     }
 
     pub(crate) fn log_dropped(&self) {
@@ -309,7 +316,7 @@ impl ScriptInstance {
         match parse.call(&mut live.store, (message,)) {
             Ok((result,)) => {
                 live.store.data_mut().state.commit();
-                self.finish(result)
+                self.finish(result, message.received_at)
             }
             Err(error) => Err(self.trapped(error, deadline)),
         }
@@ -350,7 +357,11 @@ impl ScriptInstance {
                         })
                         .collect());
                 }
-                Ok(results.into_iter().map(|r| self.finish(r)).collect())
+                Ok(results
+                    .into_iter()
+                    .zip(messages)
+                    .map(|(r, m)| self.finish(r, m.received_at))
+                    .collect())
             }
             Err(error) => Err(self.trapped(error, deadline)),
         }
@@ -366,10 +377,12 @@ impl ScriptInstance {
         Ok(live)
     }
 
-    /// Checks and converts what one message's call returned.
+    /// Checks and converts what one message's call returned; every
+    /// timestamp must lie within the product's window around `received_at`.
     fn finish(
         &self,
         result: Result<Vec<bindings::Output>, bindings::ScriptError>,
+        received_at: i64,
     ) -> Result<Vec<Output>, ScriptError> {
         let script = &self.script.inner;
         let raw = result.map_err(|e| ScriptError::Rejected {
@@ -377,9 +390,13 @@ impl ScriptInstance {
             code: e.code,
             message: e.message,
         })?;
-        let max_bytes = script.limits.output_bytes();
-        let max_count = script.limits.max_outputs;
-        convert_outputs(raw, max_bytes, max_count).map_err(|violation| match violation {
+        let limits = &script.limits;
+        let caps = OutputCaps {
+            bytes: limits.output_bytes(),
+            count: limits.max_outputs,
+            fields: limits.max_fields,
+        };
+        let outputs = convert_outputs(raw, caps).map_err(|violation| match violation {
             OutputViolation::Bad { index, reason } => ScriptError::BadOutput {
                 script: script.id.clone(),
                 index,
@@ -389,10 +406,27 @@ impl ScriptInstance {
                 script: script.id.clone(),
                 size,
                 count,
-                limit: max_bytes,
-                max_count,
+                limit: caps.bytes,
+                max_count: caps.count,
             },
-        })
+        })?;
+        let earliest = received_at.saturating_sub(millis(limits.timestamp_past));
+        let latest = received_at.saturating_add(millis(limits.timestamp_future));
+        for (index, output) in outputs.iter().enumerate() {
+            if let Some(timestamp) = output.timestamp
+                && !(earliest..=latest).contains(&timestamp)
+            {
+                return Err(ScriptError::BadTimestamp {
+                    script: script.id.clone(),
+                    index,
+                    timestamp,
+                    received_at,
+                    past: humantime::format_duration(limits.timestamp_past).to_string(),
+                    future: humantime::format_duration(limits.timestamp_future).to_string(),
+                });
+            }
+        }
+        Ok(outputs)
     }
 
     /// Turns a trap into its typed error and drops the poisoned instance.
@@ -491,6 +525,10 @@ fn start(script: &Script, parked: &mut Option<DeviceState>) -> Result<Live, Scri
             })
         }
     }
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Names the limit or fault behind a failed call.

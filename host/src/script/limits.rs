@@ -19,6 +19,18 @@ pub struct Limits {
     pub output: ByteSize,
     /// Cap on the number of outputs of one message.
     pub max_outputs: usize,
+    /// Cap on the fields of one output (telemetry, attributes, an event).
+    pub max_fields: usize,
+    /// Cap on the keys of one device's latest-values snapshot (telemetry
+    /// and attributes each); keys beyond it are not kept, and counted.
+    pub snapshot_keys: usize,
+    /// How far in the past an output's timestamp may lie; an older one
+    /// makes the message a `bad_timestamp` dead letter.
+    #[serde(with = "humantime_serde")]
+    pub timestamp_past: Duration,
+    /// How far in the future an output's timestamp may lie.
+    #[serde(with = "humantime_serde")]
+    pub timestamp_future: Duration,
     /// Cap on the state kept for one device.
     pub state_per_device: ByteSize,
     /// Cap on how many devices one product instance keeps state for.
@@ -34,6 +46,10 @@ impl Default for Limits {
             memory: ByteSize::mib(32),
             output: ByteSize::mib(1),
             max_outputs: 1000,
+            max_fields: 1000,
+            snapshot_keys: 1000,
+            timestamp_past: Duration::from_secs(10 * 365 * 24 * 3600),
+            timestamp_future: Duration::from_secs(24 * 3600),
             state_per_device: ByteSize::kib(4),
             state_devices: 1_000_000,
             log_lines: 20,

@@ -159,23 +159,32 @@ pub(crate) enum OutputViolation {
     TooLarge { size: usize, count: usize },
 }
 
+/// How much one message's outputs may hold.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OutputCaps {
+    /// Approximate bytes of all outputs.
+    pub(crate) bytes: usize,
+    /// Outputs.
+    pub(crate) count: usize,
+    /// Fields of one output.
+    pub(crate) fields: usize,
+}
+
 /// Converts and checks what a script returned: keys and names not empty,
-/// floats finite, nested JSON valid, and the whole within `max_bytes` and
-/// `max_count`.
+/// floats finite, nested JSON valid, and the whole within `caps`.
 pub(crate) fn convert_outputs(
     raw: Vec<bindings::Output>,
-    max_bytes: usize,
-    max_count: usize,
+    caps: OutputCaps,
 ) -> Result<Vec<Output>, OutputViolation> {
     let count = raw.len();
     let size: usize = raw.iter().map(raw_size).sum();
-    if count > max_count || size > max_bytes {
+    if count > caps.count || size > caps.bytes {
         return Err(OutputViolation::TooLarge { size, count });
     }
     raw.into_iter()
         .enumerate()
         .map(|(index, output)| {
-            convert(output).map_err(|reason| OutputViolation::Bad { index, reason })
+            convert(output, caps.fields).map_err(|reason| OutputViolation::Bad { index, reason })
         })
         .collect()
 }
@@ -205,10 +214,19 @@ fn raw_size(output: &bindings::Output) -> usize {
     }
 }
 
-fn convert(output: bindings::Output) -> Result<Output, String> {
-    if output.device_id.as_deref() == Some("") {
-        return Err("device_id is empty".into());
+fn convert(output: bindings::Output, max_fields: usize) -> Result<Output, String> {
+    if let Some(device) = output.device_id.as_deref() {
+        crate::config::check_name(device).map_err(|reason| format!("device_id: {reason}"))?;
     }
+    let convert_fields = |fields: Vec<bindings::Field>| {
+        if fields.len() > max_fields {
+            return Err(format!(
+                "{} fields; an output holds at most {max_fields}",
+                fields.len()
+            ));
+        }
+        convert_fields(fields)
+    };
     let kind = match output.kind {
         bindings::OutputKind::Telemetry(fields) => OutputKind::Telemetry {
             fields: convert_fields(fields)?,
@@ -288,6 +306,14 @@ mod tests {
         }
     }
 
+    fn caps(bytes: usize, count: usize) -> OutputCaps {
+        OutputCaps {
+            bytes,
+            count,
+            fields: 100,
+        }
+    }
+
     fn field(key: &str, value: Value) -> Field {
         Field {
             key: key.into(),
@@ -343,7 +369,7 @@ mod tests {
             telemetry(vec![field("t", Value::Float(f64::NAN))]),
         ];
         assert_eq!(
-            convert_outputs(raw, 1 << 20, 10).unwrap_err(),
+            convert_outputs(raw, caps(1 << 20, 10)).unwrap_err(),
             OutputViolation::Bad {
                 index: 1,
                 reason: "field \"t\": NaN is not a finite number".into()
@@ -351,7 +377,7 @@ mod tests {
         );
         let raw = vec![telemetry(vec![field("", Value::Null)])];
         assert!(matches!(
-            convert_outputs(raw, 1 << 20, 10),
+            convert_outputs(raw, caps(1 << 20, 10)),
             Err(OutputViolation::Bad { index: 0, .. })
         ));
     }
@@ -363,12 +389,12 @@ mod tests {
             Value::Text("x".repeat(2000)),
         )])];
         assert!(matches!(
-            convert_outputs(big, 1000, 10),
+            convert_outputs(big, caps(1000, 10)),
             Err(OutputViolation::TooLarge { count: 1, .. })
         ));
         let many = (0..11).map(|_| telemetry(vec![])).collect();
         assert!(matches!(
-            convert_outputs(many, 1 << 20, 10),
+            convert_outputs(many, caps(1 << 20, 10)),
             Err(OutputViolation::TooLarge { count: 11, .. })
         ));
     }
@@ -399,5 +425,92 @@ mod tests {
                 ..
             }
         ));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+    use bindings::{Field, Value};
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Boolean),
+            any::<i64>().prop_map(Value::Integer),
+            any::<f64>().prop_map(Value::Float),
+            ".{0,16}".prop_map(Value::Text),
+            prop_oneof![
+                ".{0,16}",
+                Just("[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]".to_owned()),
+                Just("{\"a\": {\"b\": [1, 2, {\"c\": null}]}}".to_owned()),
+                Just("1e999".to_owned()),
+            ]
+            .prop_map(Value::Json),
+        ]
+    }
+
+    fn fields() -> impl Strategy<Value = Vec<Field>> {
+        prop::collection::vec((".{0,6}", value()), 0..12).prop_map(|pairs| {
+            pairs
+                .into_iter()
+                .map(|(key, value)| Field { key, value })
+                .collect()
+        })
+    }
+
+    fn output() -> impl Strategy<Value = bindings::Output> {
+        let kind = prop_oneof![
+            fields().prop_map(bindings::OutputKind::Telemetry),
+            fields().prop_map(bindings::OutputKind::Attributes),
+            (".{0,8}", fields()).prop_map(|(name, fields)| {
+                bindings::OutputKind::Event(bindings::sluice::script::types::Event { name, fields })
+            }),
+            (".{0,8}", ".{0,8}").prop_map(|(title, description)| {
+                bindings::OutputKind::Alert(bindings::sluice::script::types::Alert {
+                    severity: bindings::Severity::Warning,
+                    title,
+                    description,
+                })
+            }),
+            any::<bool>().prop_map(bindings::OutputKind::Status),
+        ];
+        (
+            prop::option::of(".{0,10}"),
+            prop::option::of(any::<i64>()),
+            kind,
+        )
+            .prop_map(|(device_id, timestamp, kind)| bindings::Output {
+                device_id,
+                timestamp,
+                kind,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn any_outputs_convert_or_are_refused_within_the_caps(
+            raw in prop::collection::vec(output(), 0..12),
+            bytes in 0usize..4096,
+            count in 0usize..12,
+            max_fields in 0usize..12,
+        ) {
+            let caps = OutputCaps { bytes, count, fields: max_fields };
+            if let Ok(outputs) = convert_outputs(raw, caps) {
+                prop_assert!(outputs.len() <= count);
+                for output in &outputs {
+                    if let OutputKind::Telemetry { fields } | OutputKind::Attributes { fields } = &output.kind {
+                        prop_assert!(fields.len() <= max_fields);
+                    }
+                    if let Some(device) = &output.device_id {
+                        prop_assert!(crate::config::check_name(device).is_ok());
+                    }
+                    // Whatever converts can be written as JSON.
+                    prop_assert!(serde_json::to_string(output).is_ok());
+                }
+            }
+        }
     }
 }

@@ -31,6 +31,9 @@ pub struct Product {
     pub reloads: u64,
     /// How many changed files hot reload refused.
     pub rejected: u64,
+    /// How many times hot reload compiled and validated a changed file
+    /// (whether it took over or was refused).
+    pub validations: u64,
 }
 
 /// Every product, swapped as a whole so readers never lock.
@@ -151,6 +154,7 @@ impl Product {
             checked_at: SystemTime::now(),
             reloads: 0,
             rejected: 0,
+            validations: 0,
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Kafka ingest: a consumer group member whose record key is the device id
 //! and whose product comes from a header or a topic → product map. Offsets
-//! are committed only up to the last record that a worker has finished,
-//! so a crash replays what was not processed (at-least-once).
+//! are committed only up to the last record whose effects the bus has
+//! accepted, so a crash replays what was not finished (at-least-once). A
+//! record that cannot be used (no key, no product, larger than
+//! `max_message_size`) is dead-lettered and committed like any other.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -118,7 +120,7 @@ pub fn kafka_consumer(config: &KafkaConfig) -> Result<StreamConsumer, KafkaSourc
 /// finish what they were given and commits it.
 pub async fn run_kafka(
     config: KafkaConfig,
-    consumer: StreamConsumer,
+    consumer: Arc<StreamConsumer>,
     ingest: Ingest,
     health: Arc<SourceHealth>,
     drain: Duration,
@@ -142,6 +144,14 @@ pub async fn run_kafka(
                         let topic = topic.clone();
                         Completion::new(move || lock(&offsets).finish(&topic, partition, offset))
                     };
+                    let payload = message.payload().unwrap_or_default();
+                    let limit = config.max_message_size.as_u64();
+                    if payload.len() as u64 > limit {
+                        metrics::counter!("sluice_ingest_too_large_total", "source" => "kafka").increment(1);
+                        let letter = DeadLetter::too_large(SourceKind::Kafka, &topic, payload, limit);
+                        ingest.dead_letter_then(letter, Some(done)).await;
+                        continue;
+                    }
                     match route(&config, &message) {
                         Ok(raw) => {
                             let envelope = Envelope { inbound: Inbound::Data(raw), done: Some(done) };
@@ -154,9 +164,8 @@ pub async fn run_kafka(
                             }
                         }
                         Err(reason) => {
-                            let payload = message.payload().unwrap_or_default();
-                            ingest.dead_letter(DeadLetter::unroutable(SourceKind::Kafka, &topic, payload, reason)).await;
-                            done.complete();
+                            let letter = DeadLetter::unroutable(SourceKind::Kafka, &topic, payload, reason);
+                            ingest.dead_letter_then(letter, Some(done)).await;
                         }
                     }
                 }

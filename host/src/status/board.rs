@@ -18,8 +18,9 @@ impl StatusBoard {
     /// `shards` empty trackers with deadlines precise to `tick`.
     pub fn new(shards: usize, tick: Duration) -> Self {
         let origin = Instant::now();
+        let origin_wall = crate::message::now_ms();
         StatusBoard {
-            trackers: Sharded::new(shards, || StatusTracker::new(origin, tick)),
+            trackers: Sharded::new(shards, || StatusTracker::new(origin, origin_wall, tick)),
         }
     }
 
@@ -49,16 +50,24 @@ impl StatusBoard {
             .restore(device, status, mode, now);
     }
 
-    /// See [`StatusTracker::expired_elsewhere`].
-    pub fn expired_elsewhere(
+    /// See [`StatusTracker::follow`].
+    pub fn follow(
         &self,
         device: &str,
+        online: bool,
+        since_ms: i64,
         source: StatusSource,
+        deadline_ms: Option<i64>,
         wall_ms: i64,
     ) -> Option<Transition> {
-        self.trackers
-            .for_device(device)
-            .expired_elsewhere(device, source, wall_ms)
+        self.trackers.for_device(device).follow(
+            device,
+            online,
+            since_ms,
+            source,
+            deadline_ms,
+            wall_ms,
+        )
     }
 
     /// Expires every shard.

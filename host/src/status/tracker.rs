@@ -72,6 +72,8 @@ struct Record {
 #[derive(Debug)]
 pub struct StatusTracker {
     origin: Instant,
+    /// The wall clock at `origin`, ms since the Unix epoch.
+    origin_wall_ms: i64,
     tick: Duration,
     ids: Vec<Box<str>>,
     index: HashTable<u32>,
@@ -81,10 +83,12 @@ pub struct StatusTracker {
 }
 
 impl StatusTracker {
-    /// An empty tracker whose deadlines are precise to `tick`.
-    pub fn new(origin: Instant, tick: Duration) -> Self {
+    /// An empty tracker whose deadlines are precise to `tick`; the wall
+    /// clock read `origin_wall_ms` at `origin`.
+    pub fn new(origin: Instant, origin_wall_ms: i64, tick: Duration) -> Self {
         StatusTracker {
             origin,
+            origin_wall_ms,
             tick: tick.max(Duration::from_millis(1)),
             ids: Vec::new(),
             index: HashTable::new(),
@@ -194,17 +198,59 @@ impl StatusTracker {
         }
     }
 
-    /// Takes `device` offline because another instance saw its deadline
-    /// pass (cluster mode); returns the transition if it was online here.
-    pub fn expired_elsewhere(
+    /// Follows a change the shared status table recorded (made by any
+    /// instance, this one included), without a transition of its own,
+    /// and without arming a deadline (the shared deadlines are the bus's).
+    ///
+    /// One exception: an expiry of `deadline_ms` when this tracker has
+    /// seen a message from the device that the deadline did not account
+    /// for (its own deadline is later): the device spoke after the one
+    /// that expired was written, so it is online again, and the returned
+    /// transition says so.
+    pub fn follow(
         &mut self,
         device: &str,
+        online: bool,
+        since_ms: i64,
         source: StatusSource,
+        deadline_ms: Option<i64>,
         wall_ms: i64,
     ) -> Option<Transition> {
-        let index = self.find(device)?;
-        self.records[index as usize].deadline = 0;
-        self.set(index, false, source, wall_ms)
+        let index = self.intern(device);
+        let newer_message = match (online, deadline_ms) {
+            (false, Some(expired)) => {
+                let record = &self.records[index as usize];
+                record.deadline != 0
+                    && self.wall_of(record.deadline) > expired.saturating_add(self.tick_ms())
+            }
+            _ => false,
+        };
+        let record = &mut self.records[index as usize];
+        record.state = if online {
+            State::Online
+        } else {
+            State::Offline
+        };
+        record.since_ms = since_ms;
+        record.source = source;
+        if !online && !newer_message {
+            record.deadline = 0;
+        }
+        if newer_message {
+            return self.set(index, true, StatusSource::Message, wall_ms);
+        }
+        None
+    }
+
+    /// The wall-clock time (ms) of deadline tick `tick`.
+    fn wall_of(&self, tick: u32) -> i64 {
+        let offset = self.tick.saturating_mul(tick);
+        self.origin_wall_ms
+            .saturating_add(i64::try_from(offset.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    fn tick_ms(&self) -> i64 {
+        i64::try_from(self.tick.as_millis()).unwrap_or(i64::MAX)
     }
 
     /// Devices whose deadline has passed by `now` go offline.
@@ -343,7 +389,7 @@ mod tests {
 
     fn tracker() -> (StatusTracker, Instant) {
         let start = Instant::now();
-        (StatusTracker::new(start, TICK), start)
+        (StatusTracker::new(start, 0, TICK), start)
     }
 
     fn sources(transitions: &[Transition]) -> Vec<(bool, &'static str)> {
@@ -521,10 +567,61 @@ mod tests {
         );
         tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(t.expire(Instant::now(), 9).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_from_elsewhere_are_followed_without_transitions() {
+        let (mut t, start) = tracker();
+        // Another instance took the device online, then its deadline passed.
+        assert_eq!(t.follow("d", true, 5, StatusSource::Message, None, 5), None);
+        assert!(t.get("d").unwrap().online);
         assert_eq!(
-            t.expired_elsewhere("d", StatusSource::HeartbeatExpired, 10),
-            None,
-            "already offline"
+            t.follow(
+                "d",
+                false,
+                9,
+                StatusSource::HeartbeatExpired,
+                Some(60_000),
+                9
+            ),
+            None
         );
+        assert_eq!(t.get("d").unwrap().source, StatusSource::HeartbeatExpired);
+        // The next message here is a transition, whichever instance made the last.
+        let on = t.observe("d", heartbeat(), None, start, 10).unwrap();
+        assert_eq!((on.online, on.source), (true, StatusSource::Message));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_older_than_a_message_seen_here_turns_online_again() {
+        let (mut t, start) = tracker();
+        t.observe("d", heartbeat(), None, start, 0);
+        // Here the device spoke at 0 s: its deadline is 60 s. An expiry of
+        // a deadline written for an earlier message (at 50 s) arrives.
+        let back = t
+            .follow(
+                "d",
+                false,
+                70_000,
+                StatusSource::HeartbeatExpired,
+                Some(50_000),
+                70_000,
+            )
+            .expect("online again");
+        assert_eq!((back.online, back.source), (true, StatusSource::Message));
+        // An expiry of the deadline this tracker knows is simply followed.
+        t.observe("d", heartbeat(), None, start, 0);
+        assert_eq!(
+            t.follow(
+                "d",
+                false,
+                80_000,
+                StatusSource::HeartbeatExpired,
+                Some(60_000),
+                80_000
+            ),
+            None
+        );
+        assert!(!t.get("d").unwrap().online);
     }
 }

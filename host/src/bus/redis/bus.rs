@@ -1,84 +1,30 @@
-//! Redis as the bus of several instances.
-//!
-//! Keys and channels (a contract; `sluice:` keys are sluice's own):
-//!
-//! | key / channel | what |
-//! |---|---|
-//! | `ws:sub:{device}` | watcher count, kept by gateways (INCR/DECR, EXPIRE 300 s) |
-//! | `ws:device:{device}` | telemetry channel |
-//! | `device:{device}:status` | status channel |
-//! | `sluice:alert:{device}`, `sluice:event:{device}` | alert and event channels |
-//! | `sluice:interest` | channel: `{"device": …, "watched": true/false}` when a device's first watcher comes or its last goes |
-//! | `sluice:status` | hash: device → its last status change (the status channel's JSON) |
-//! | `sluice:status:transitions` | capped stream of status changes |
-//! | `sluice:latest:{device}` | hash: `t:<key>` and `a:<key>` → JSON value, `systime` → ms |
-//! | `sluice:deadlines` | sorted set: `h:{device}` / `t:{device}` scored by deadline (ms) |
-//! | `sluice:deadletter` | capped stream of dead letters |
+//! [`RedisBus`]: the bus of several instances on one Redis.
 
-use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Client, Script};
 
-use super::{Bus, BusError, Deadline, Interest, Publication, StatusChange};
+use super::scripts;
+use crate::bus::{Bus, BusError, Deadline, Publication, StatusChange};
 use crate::config::RedisConfig;
 use crate::deadletter::DeadLetter;
 use crate::latest::{Delta, Snapshot};
 use crate::script::Fields;
 use crate::status::{DeviceStatus, StatusSource};
 
-/// The channel on which gateways announce a device's first and last watcher.
-pub const INTEREST_CHANNEL: &str = "sluice:interest";
-
-const STATUS_KEY: &str = "sluice:status";
-const TRANSITIONS_KEY: &str = "sluice:status:transitions";
+pub(super) const STATUS_KEY: &str = "sluice:status";
+pub(super) const TRANSITIONS_KEY: &str = "sluice:status:transitions";
 const TRANSITIONS_MAXLEN: usize = 100_000;
 const DEADLINES_KEY: &str = "sluice:deadlines";
 const DEADLETTER_KEY: &str = "sluice:deadletter";
+/// Devices per round trip when many are loaded at once.
+const LOAD_CHUNK: usize = 1000;
 
 fn latest_key(device: &str) -> String {
     format!("sluice:latest:{device}")
 }
-
-/// Applies a batch of status changes: each takes effect only if the table
-/// does not already hold that `is_online`; effective changes go to the
-/// table and the transitions stream, and are published when watched.
-///
-/// KEYS: status hash, transitions stream. ARGV: maxlen, count, then per
-/// change: device, is_online, json, watched, channel.
-const TRANSITIONS_LUA: &str = r"
-local out = {}
-local p = 3
-for k = 1, tonumber(ARGV[2]) do
-  local device, online, json, watched, channel = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4]
-  p = p + 5
-  local changed = 1
-  local current = redis.call('HGET', KEYS[1], device)
-  if current then
-    local ok, decoded = pcall(cjson.decode, current)
-    if ok and tostring(decoded['is_online']) == online then changed = 0 end
-  end
-  if changed == 1 then
-    redis.call('HSET', KEYS[1], device, json)
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'device', device, 'change', json)
-    if watched == '1' then redis.call('PUBLISH', channel, json) end
-  end
-  out[k] = changed
-end
-return out
-";
-
-/// Takes deadlines that have passed, atomically, so exactly one caller
-/// gets each. KEYS: deadlines. ARGV: now (ms), limit.
-const SWEEP_LUA: &str = r"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
-return due
-";
 
 /// The Redis bus.
 pub struct RedisBus {
@@ -119,8 +65,8 @@ impl RedisBus {
         Ok(RedisBus {
             client,
             connection,
-            transitions: Script::new(TRANSITIONS_LUA),
-            sweep: Script::new(SWEEP_LUA),
+            transitions: Script::new(scripts::TRANSITIONS),
+            sweep: Script::new(scripts::SWEEP),
             dead_letter_cap,
             records,
         })
@@ -165,8 +111,9 @@ impl Bus for RedisBus {
         }
         let mut pipe = redis::pipe();
         for publication in batch {
-            pipe.publish(publication.channel(), publication.payload())
-                .ignore();
+            if let Some(payload) = publication.payload() {
+                pipe.publish(publication.channel(), payload).ignore();
+            }
         }
         pipe.query_async::<()>(&mut self.connection())
             .await
@@ -181,26 +128,39 @@ impl Bus for RedisBus {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
+        // Changes whose JSON cannot be written are left out (and counted).
+        let entries: Vec<(usize, Publication, String)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, change)| {
+                let publication = Publication::Status(change.clone());
+                let payload = publication.payload()?;
+                Some((i, publication, payload))
+            })
+            .collect();
         let mut invocation = self.transitions.prepare_invoke();
         invocation
             .key(STATUS_KEY)
             .key(TRANSITIONS_KEY)
             .arg(TRANSITIONS_MAXLEN)
-            .arg(batch.len());
-        for (change, watched) in batch.iter().zip(watched) {
-            let publication = Publication::Status(change.clone());
+            .arg(entries.len());
+        for (i, publication, payload) in &entries {
             invocation
-                .arg(&change.device_id)
-                .arg(u8::from(change.is_online))
-                .arg(publication.payload())
-                .arg(u8::from(*watched))
+                .arg(publication.device())
+                .arg(u8::from(batch[*i].is_online))
+                .arg(payload)
+                .arg(u8::from(watched.get(*i).copied().unwrap_or(false)))
                 .arg(publication.channel());
         }
         let applied: Vec<i64> = invocation
             .invoke_async(&mut self.connection())
             .await
             .map_err(unavailable)?;
-        Ok(applied.into_iter().map(|a| a == 1).collect())
+        let mut out = vec![false; batch.len()];
+        for ((i, _, _), applied) in entries.iter().zip(applied) {
+            out[*i] = applied == 1;
+        }
+        Ok(out)
     }
 
     async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError> {
@@ -267,30 +227,47 @@ impl Bus for RedisBus {
             .hgetall(latest_key(device))
             .await
             .map_err(unavailable)?;
-        if entries.is_empty() {
-            return Ok(None);
-        }
-        let mut telemetry = Vec::new();
-        let mut attributes = Vec::new();
-        let mut updated_ms = 0;
-        for (field, json) in entries {
-            let value = || {
-                serde_json::from_str(&json)
-                    .map_err(|e| BusError::Corrupt(format!("{device} {field}: {e}")))
-            };
-            if let Some(key) = field.strip_prefix("t:") {
-                telemetry.push((key.to_owned(), value()?));
-            } else if let Some(key) = field.strip_prefix("a:") {
-                attributes.push((key.to_owned(), value()?));
-            } else if field == "systime" {
-                updated_ms = json.parse().unwrap_or(0);
+        parse_latest(device, entries)
+    }
+
+    async fn load_latest_many(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<Option<Snapshot>>, BusError> {
+        let mut out = Vec::with_capacity(devices.len());
+        for chunk in devices.chunks(LOAD_CHUNK) {
+            let mut pipe = redis::pipe();
+            for device in chunk {
+                pipe.hgetall(latest_key(device));
+            }
+            let entries: Vec<Vec<(String, String)>> = pipe
+                .query_async(&mut self.connection())
+                .await
+                .map_err(unavailable)?;
+            for (device, entries) in chunk.iter().zip(entries) {
+                out.push(parse_latest(device, entries)?);
             }
         }
-        Ok(Some(Snapshot {
-            telemetry: Fields::from_pairs(telemetry),
-            attributes: Fields::from_pairs(attributes),
-            updated_ms,
-        }))
+        Ok(out)
+    }
+
+    async fn load_status_many(
+        &self,
+        devices: &[String],
+    ) -> Result<Vec<Option<DeviceStatus>>, BusError> {
+        let mut out = Vec::with_capacity(devices.len());
+        for chunk in devices.chunks(LOAD_CHUNK) {
+            let found: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(STATUS_KEY)
+                .arg(chunk)
+                .query_async(&mut self.connection())
+                .await
+                .map_err(unavailable)?;
+            for json in found {
+                out.push(json.map(|j| parse_status(&j)).transpose()?);
+            }
+        }
+        Ok(out)
     }
 
     async fn store_deadlines(&self, batch: &[Deadline]) -> Result<(), BusError> {
@@ -325,23 +302,30 @@ impl Bus for RedisBus {
 
     async fn sweep_deadlines(
         &self,
+        cutoff_ms: i64,
         now_ms: i64,
         limit: usize,
-    ) -> Result<Vec<(String, StatusSource)>, BusError> {
-        let due: Vec<String> = self
+    ) -> Result<Vec<StatusChange>, BusError> {
+        let taken: Vec<String> = self
             .sweep
             .key(DEADLINES_KEY)
-            .arg(now_ms)
+            .key(STATUS_KEY)
+            .key(TRANSITIONS_KEY)
+            .arg(cutoff_ms)
             .arg(limit)
+            .arg(now_ms)
+            .arg(TRANSITIONS_MAXLEN)
             .invoke_async(&mut self.connection())
             .await
             .map_err(unavailable)?;
-        Ok(due
-            .into_iter()
-            .filter_map(|member| match member.split_once(':') {
-                Some(("h", device)) => Some((device.to_owned(), StatusSource::HeartbeatExpired)),
-                Some(("t", device)) => Some((device.to_owned(), StatusSource::TimeoutExpired)),
-                _ => None,
+        Ok(taken
+            .chunks_exact(3)
+            .filter_map(|entry| match serde_json::from_str::<StatusChange>(&entry[2]) {
+                Ok(change) => Some(change),
+                Err(error) => {
+                    tracing::warn!(%error, device = %entry[0], "the sweep recorded a change that does not parse");
+                    None
+                }
             })
             .collect())
     }
@@ -352,7 +336,9 @@ impl Bus for RedisBus {
         }
         let mut pipe = redis::pipe();
         for letter in batch {
-            let json = serde_json::to_string(letter).expect("dead letters serialise to JSON");
+            let Some(json) = crate::bus::json_text(letter, "dead_letter") else {
+                continue;
+            };
             pipe.cmd("XADD")
                 .arg(DEADLETTER_KEY)
                 .arg("MAXLEN")
@@ -418,7 +404,38 @@ impl Bus for RedisBus {
     }
 }
 
-fn parse_status(json: &str) -> Result<DeviceStatus, BusError> {
+/// A latest-values hash as a snapshot; `None` when there is none.
+fn parse_latest(
+    device: &str,
+    entries: Vec<(String, String)>,
+) -> Result<Option<Snapshot>, BusError> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let mut telemetry = Vec::new();
+    let mut attributes = Vec::new();
+    let mut updated_ms = 0;
+    for (field, json) in entries {
+        let value = || {
+            serde_json::from_str(&json)
+                .map_err(|e| BusError::Corrupt(format!("{device} {field}: {e}")))
+        };
+        if let Some(key) = field.strip_prefix("t:") {
+            telemetry.push((key.to_owned(), value()?));
+        } else if let Some(key) = field.strip_prefix("a:") {
+            attributes.push((key.to_owned(), value()?));
+        } else if field == "systime" {
+            updated_ms = json.parse().unwrap_or(0);
+        }
+    }
+    Ok(Some(Snapshot {
+        telemetry: Fields::from_pairs(telemetry),
+        attributes: Fields::from_pairs(attributes),
+        updated_ms,
+    }))
+}
+
+pub(super) fn parse_status(json: &str) -> Result<DeviceStatus, BusError> {
     #[derive(serde::Deserialize)]
     struct Stored {
         is_online: u8,
@@ -432,110 +449,4 @@ fn parse_status(json: &str) -> Result<DeviceStatus, BusError> {
         since_ms: stored.timestamp,
         source: StatusSource::parse(&stored.source).unwrap_or(StatusSource::StatusMessage),
     })
-}
-
-/// Keeps `interest` equal to the set of devices with a positive
-/// `ws:sub:{device}`: a full scan at start and every `resync`, and the
-/// `sluice:interest` channel in between. Reconnects with backoff; ends at
-/// `shutdown`.
-pub async fn mirror_interest(
-    client: Client,
-    interest: Arc<Interest>,
-    resync: Duration,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match mirror_once(&client, &interest, resync, &mut shutdown).await {
-            Ok(()) => return,
-            Err(error) => {
-                metrics::counter!("sluice_bus_errors_total", "op" => "interest").increment(1);
-                tracing::warn!(%error, retry_in = ?backoff, "interest mirror lost Redis; reconnecting");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
-        }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct InterestChange {
-    device: String,
-    watched: bool,
-}
-
-async fn mirror_once(
-    client: &Client,
-    interest: &Interest,
-    resync: Duration,
-    shutdown: &mut tokio::sync::watch::Receiver<bool>,
-) -> Result<(), redis::RedisError> {
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(INTEREST_CHANNEL).await?;
-    let mut connection = client.get_multiplexed_async_connection().await?;
-    // Subscribed before scanning: a change during the scan arrives on the
-    // channel and is applied after it.
-    interest.replace(scan_watched(&mut connection).await?);
-    let mut messages = pubsub.on_message();
-    let mut ticker = tokio::time::interval(resync);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            message = messages.next() => {
-                let Some(message) = message else {
-                    return Err(redis::RedisError::from((redis::ErrorKind::Io, "interest subscription closed")));
-                };
-                match serde_json::from_slice::<InterestChange>(message.get_payload_bytes()) {
-                    Ok(change) => interest.set(&change.device, change.watched),
-                    Err(error) => tracing::warn!(%error, "ignoring a malformed message on sluice:interest"),
-                }
-            }
-            _ = ticker.tick() => {
-                interest.replace(scan_watched(&mut connection).await?);
-                metrics::gauge!("sluice_interest_devices").set(interest.len() as f64);
-            }
-            _ = shutdown.changed() => return Ok(()),
-        }
-    }
-}
-
-/// Devices whose `ws:sub:{device}` count is positive.
-async fn scan_watched(
-    connection: &mut redis::aio::MultiplexedConnection,
-) -> Result<HashSet<String>, redis::RedisError> {
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg("ws:sub:*")
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(connection)
-            .await?;
-        keys.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    let mut watched = HashSet::new();
-    for chunk in keys.chunks(500) {
-        let counts: Vec<Option<i64>> = redis::cmd("MGET")
-            .arg(chunk)
-            .query_async(connection)
-            .await?;
-        for (key, count) in chunk.iter().zip(counts) {
-            if count.unwrap_or(0) > 0
-                && let Some(device) = key.strip_prefix("ws:sub:")
-            {
-                watched.insert(device.to_owned());
-            }
-        }
-    }
-    Ok(watched)
 }

@@ -1,0 +1,120 @@
+//! The interest mirror: every publishing instance's copy of which devices
+//! are watched anywhere, so an unwatched device costs no Redis call.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use redis::Client;
+
+use crate::bus::Interest;
+
+/// The channel on which gateways announce a device's first and last watcher.
+pub const INTEREST_CHANNEL: &str = "sluice:interest";
+
+/// Keeps `interest` equal to the set of devices with a positive
+/// `ws:sub:{device}`: a full scan at start and every `resync`, and the
+/// `sluice:interest` channel in between. Reconnects with backoff; ends at
+/// `shutdown`.
+pub async fn mirror_interest(
+    client: Client,
+    interest: Arc<Interest>,
+    resync: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match mirror_once(&client, &interest, resync, &mut shutdown).await {
+            Ok(()) => return,
+            Err(error) => {
+                metrics::counter!("sluice_bus_errors_total", "op" => "interest").increment(1);
+                tracing::warn!(%error, retry_in = ?backoff, "interest mirror lost Redis; reconnecting");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct InterestChange {
+    device: String,
+    watched: bool,
+}
+
+async fn mirror_once(
+    client: &Client,
+    interest: &Interest,
+    resync: Duration,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), redis::RedisError> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(INTEREST_CHANNEL).await?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    // Subscribed before scanning: a change during the scan arrives on the
+    // channel and is applied after it.
+    interest.replace(scan_watched(&mut connection).await?);
+    let mut messages = pubsub.on_message();
+    let mut ticker = tokio::time::interval(resync);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                let Some(message) = message else {
+                    return Err(redis::RedisError::from((redis::ErrorKind::Io, "interest subscription closed")));
+                };
+                match serde_json::from_slice::<InterestChange>(message.get_payload_bytes()) {
+                    Ok(change) => interest.set(&change.device, change.watched),
+                    Err(error) => tracing::warn!(%error, "ignoring a malformed message on sluice:interest"),
+                }
+            }
+            _ = ticker.tick() => {
+                interest.replace(scan_watched(&mut connection).await?);
+                metrics::gauge!("sluice_interest_devices").set(interest.len() as f64);
+            }
+            _ = shutdown.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Devices whose `ws:sub:{device}` count is positive.
+async fn scan_watched(
+    connection: &mut redis::aio::MultiplexedConnection,
+) -> Result<HashSet<String>, redis::RedisError> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg("ws:sub:*")
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(connection)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    let mut watched = HashSet::new();
+    for chunk in keys.chunks(500) {
+        let counts: Vec<Option<i64>> = redis::cmd("MGET")
+            .arg(chunk)
+            .query_async(connection)
+            .await?;
+        for (key, count) in chunk.iter().zip(counts) {
+            if count.unwrap_or(0) > 0
+                && let Some(device) = key.strip_prefix("ws:sub:")
+            {
+                watched.insert(device.to_owned());
+            }
+        }
+    }
+    Ok(watched)
+}

@@ -1,0 +1,30 @@
+//! Redis as the bus of several instances.
+//!
+//! Keys and channels (a contract; `sluice:` keys are sluice's own):
+//!
+//! | key / channel | what |
+//! |---|---|
+//! | `ws:sub:{device}` | watcher count, kept by gateways (INCR/DECR, EXPIRE 300 s) |
+//! | `ws:device:{device}` | telemetry channel |
+//! | `device:{device}:status` | status channel |
+//! | `sluice:alert:{device}`, `sluice:event:{device}` | alert and event channels |
+//! | `sluice:interest` | channel: `{"device": …, "watched": true/false}` when a device's first watcher comes or its last goes |
+//! | `sluice:status` | hash: device → its last status change (the status channel's JSON) |
+//! | `sluice:status:transitions` | capped stream of status changes (`device`, `change`, and `deadline` for expiries), which every instance follows |
+//! | `sluice:latest:{device}` | hash: `t:<key>` and `a:<key>` → JSON value, `systime` → ms |
+//! | `sluice:deadlines` | sorted set: `h:{device}` / `t:{device}` scored by deadline (ms) |
+//! | `sluice:deadletter` | capped stream of dead letters |
+//!
+//! - [`bus`]: the [`RedisBus`] itself;
+//! - [`scripts`]: the Lua that makes transitions and expiries atomic;
+//! - [`mirror`]: the interest mirror;
+//! - [`feed`]: the transitions feed trackers follow.
+
+mod bus;
+mod feed;
+mod mirror;
+mod scripts;
+
+pub use bus::RedisBus;
+pub use feed::{Followed, TransitionFeed};
+pub use mirror::{INTEREST_CHANNEL, mirror_interest};
