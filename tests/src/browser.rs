@@ -1,24 +1,28 @@
 //! A real browser for dashboard tests: Debian's headless Chromium driven by
 //! ChromeDriver over the W3C WebDriver protocol (plain JSON over HTTP).
 
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
 
-use crate::servers::free_port;
+use crate::servers::{ChildGuard, free_port};
 use crate::sluice::eventually;
 
 /// Where Debian's packages `chromium` and `chromium-driver` put them.
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// A ChromeDriver process with one headless Chromium session; both end on drop.
+/// A ChromeDriver process with one headless Chromium session; both end on
+/// drop (the session is closed, then ChromeDriver's whole process group,
+/// Chromium included, is killed), on a panic too.
 #[derive(Debug)]
 pub struct Browser {
-    driver: Child,
+    _driver: ChildGuard,
+    port: u16,
     session: String,
     base: String,
     http: reqwest::Client,
@@ -35,12 +39,14 @@ impl Browser {
             );
         }
         let port = free_port();
-        let driver = Command::new(CHROMEDRIVER)
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromedriver starts");
+        let driver = ChildGuard::spawn(
+            Command::new(CHROMEDRIVER)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            true,
+        )
+        .expect("chromedriver starts");
         let base = format!("http://127.0.0.1:{port}");
         let http = reqwest::Client::new();
         let status = format!("{base}/status");
@@ -79,7 +85,8 @@ impl Browser {
             .unwrap_or_else(|| panic!("no session: {created}"))
             .to_owned();
         Browser {
-            driver,
+            _driver: driver,
+            port,
             session,
             base,
             http,
@@ -147,7 +154,21 @@ async fn answer(request: reqwest::RequestBuilder) -> Value {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
+        // Ask ChromeDriver to quit Chromium (a blocking request: Drop cannot
+        // await); the process group is killed after it either way.
+        let request = format!(
+            "DELETE /session/{} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            self.session
+        );
+        let address = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        if let Ok(mut stream) =
+            std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2))
+        {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let mut answer = Vec::new();
+                let _ = stream.read_to_end(&mut answer);
+            }
+        }
     }
 }

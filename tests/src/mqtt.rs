@@ -1,5 +1,8 @@
-//! An MQTT client for tests: publishes as a device would.
+//! An MQTT client for tests: publishes as a device would, and counts the
+//! broker's acknowledgements of its QoS 1 messages.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -8,6 +11,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 #[derive(Debug)]
 pub struct Publisher {
     client: AsyncClient,
+    acked: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -17,9 +21,12 @@ impl Publisher {
         let mut options = MqttOptions::new(format!("test-{:08x}", rand_id()), "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(5))
-            .set_max_packet_size(1 << 20, 1 << 20);
+            .set_max_packet_size(8 << 20, 8 << 20)
+            .set_inflight(1000);
         let (client, mut events) = AsyncClient::new(options, 10_000);
         let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+        let acked = Arc::new(AtomicU64::new(0));
+        let counter = acked.clone();
         let task = tokio::spawn(async move {
             let mut connected = Some(connected_tx);
             loop {
@@ -28,6 +35,9 @@ impl Publisher {
                         if let Some(tx) = connected.take() {
                             let _ = tx.send(());
                         }
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        counter.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(_) => {}
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -38,7 +48,11 @@ impl Publisher {
             .await
             .expect("the test publisher connects within 10 s")
             .expect("the connection task runs");
-        Publisher { client, task }
+        Publisher {
+            client,
+            acked,
+            task,
+        }
     }
 
     /// Publishes `payload` on `topic` at QoS 1.
@@ -47,6 +61,11 @@ impl Publisher {
             .publish(topic, QoS::AtLeastOnce, false, payload.into())
             .await
             .expect("the publish is queued");
+    }
+
+    /// How many QoS 1 messages the broker has acknowledged (accepted).
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::SeqCst)
     }
 }
 

@@ -15,14 +15,65 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_for_port(port: u16, child: &mut Child, what: &str) {
+/// A child process that is killed, with every process in its group when it
+/// leads one, as soon as it is dropped: on a panic too, so no test leaves
+/// a server or browser running.
+#[derive(Debug)]
+pub struct ChildGuard {
+    child: Child,
+    group: bool,
+}
+
+impl ChildGuard {
+    /// Starts `command`; with `group`, in a process group of its own, so
+    /// whatever it starts (a browser) ends with it.
+    pub fn spawn(command: &mut Command, group: bool) -> std::io::Result<Self> {
+        if group {
+            std::os::unix::process::CommandExt::process_group(command, 0);
+        }
+        Ok(ChildGuard {
+            child: command.spawn()?,
+            group,
+        })
+    }
+
+    /// Its process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it has exited, and how.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits for it to exit.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.child.wait()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.group {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.child.id())])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for_port(port: u16, child: &mut ChildGuard, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
             return;
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Some(status) = child.try_wait() {
             panic!("{what} exited early with {status}");
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -47,7 +98,7 @@ fn require(binary: &str) {
 pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
-    child: Option<Child>,
+    child: Option<ChildGuard>,
 }
 
 impl RedisServer {
@@ -102,40 +153,33 @@ impl RedisServer {
 
     /// Stops it (as a crash would: no cleanup by clients).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child = None;
     }
 
     /// Starts it again on the same port, empty.
     pub fn restart(&mut self) {
         self.stop();
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server starts");
+        let mut child = ChildGuard::spawn(
+            Command::new("redis-server")
+                .args([
+                    "--port",
+                    &self.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            false,
+        )
+        .expect("redis-server starts");
         wait_for_port(self.port, &mut child, "redis-server");
         self.child = Some(child);
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -145,19 +189,25 @@ pub struct Mosquitto {
     port: u16,
     config: PathBuf,
     _dir: tempfile::TempDir,
-    child: Option<Child>,
+    child: Option<ChildGuard>,
 }
 
 impl Mosquitto {
     /// Starts one on a free port, anonymous access on loopback.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts one on a free port with `extra` lines of configuration
+    /// (such as `max_inflight_messages 1000`).
+    pub fn start_with(extra: &str) -> Self {
         require("mosquitto");
         let dir = tempfile::tempdir().expect("a temporary directory");
         let port = free_port();
         let config = dir.path().join("mosquitto.conf");
         std::fs::write(
             &config,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nset_tcp_nodelay true\n{extra}\n"),
         )
         .expect("write the broker config");
         let mut broker = Mosquitto {
@@ -182,29 +232,22 @@ impl Mosquitto {
 
     /// Stops it abruptly.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.child = None;
     }
 
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        let mut child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto starts");
+        let mut child = ChildGuard::spawn(
+            Command::new("mosquitto")
+                .arg("-c")
+                .arg(&self.config)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            false,
+        )
+        .expect("mosquitto starts");
         wait_for_port(self.port, &mut child, "mosquitto");
         self.child = Some(child);
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

@@ -190,12 +190,12 @@ impl SluiceProcess {
 
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
         let kill = std::process::Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("kill runs");
-        assert!(kill.success());
+        assert!(kill.success(), "SIGTERM was not delivered");
+        let mut child = self.child.take().expect("running");
         tokio::task::spawn_blocking(move || child.wait())
             .await
             .expect("the wait finishes")
@@ -235,4 +235,37 @@ pub async fn interest_is(running: &Running, device: &str, watched: bool) {
         (state.interest.is_watched(device) == watched).then_some(())
     })
     .await;
+}
+
+/// A registry file with `devices` of `product`.
+pub fn registry_of(devices: &[String], product: &str) -> String {
+    devices
+        .iter()
+        .map(|d| format!("[[devices]]\nid = \"{d}\"\nproduct = \"{product}\"\n"))
+        .collect()
+}
+
+/// Reports each of `devices` once (`payload` of its index) through batch
+/// ingest of `product` at `base`, a thousand per request.
+pub async fn report_all(
+    base: &str,
+    product: &str,
+    devices: &[String],
+    payload: impl Fn(usize) -> serde_json::Value,
+) {
+    let http = reqwest::Client::new();
+    for (start, chunk) in (0..).step_by(1000).zip(devices.chunks(1000)) {
+        let batch: Vec<serde_json::Value> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, d)| serde_json::json!({"device_id": d, "payload": payload(start + i)}))
+            .collect();
+        let response = http
+            .post(format!("{base}/api/v1/ingest/{product}"))
+            .json(&batch)
+            .send()
+            .await
+            .expect("batch ingest answers");
+        assert_eq!(response.status(), 202, "batch ingest");
+    }
 }

@@ -28,7 +28,13 @@ fn hostile() -> ScriptInstance {
         .load_file(
             "hostile-as",
             &guest("hostile-as"),
-            ScriptSettings::default(),
+            ScriptSettings {
+                limits: sluice::script::Limits {
+                    deadline: std::time::Duration::from_secs(5),
+                    ..sluice::script::Limits::default()
+                },
+                ..ScriptSettings::default()
+            },
         )
         .expect("the AssemblyScript module is wrapped and loads")
         .instantiate()
@@ -92,7 +98,7 @@ fn many_calls_do_not_leak_guest_memory() {
 async fn the_assemblyscript_example_runs_in_the_pipeline() {
     let site = Site::with_scripts(&["thermostat-as"]);
     let running = site
-        .start("[products.thermostat-as]\nparams = { battery_low = \"20\" }")
+        .start("[products.thermostat-as]\nparams = { battery_low = \"20\" }\nlimits = { deadline = \"5s\" }")
         .await;
     let base = base_url(&running);
     let client = reqwest::Client::new();

@@ -1,6 +1,8 @@
-//! The dashboard of a running `sluice demo` in a real headless Chromium:
-//! the simulated devices appear, a value updates and a status flips, and a
-//! screenshot is kept as a test artifact (`target/sluice-tests/artifacts/`).
+//! The dashboard in a real headless Chromium: on a running `sluice demo`
+//! the simulated devices appear, a value updates and a status flips; on a
+//! fleet of 10,000 devices that have all reported it pages through them,
+//! updates, filters and is never closed. Screenshots are kept as test
+//! artifacts (`target/sluice-tests/artifacts/`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -8,7 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sluice_tests::browser::Browser;
 use sluice_tests::build::scratch_dir;
-use sluice_tests::sluice::{Site, eventually};
+use sluice_tests::sluice::{Site, eventually, registry_of, report_all};
 
 const ROWS: &str = "return document.querySelectorAll('#devices tbody tr').length";
 const VALUES: &str = "const cell = document.querySelector('#devices tr[data-device=\"th-01\"] td.values'); \
@@ -79,4 +81,91 @@ async fn the_demo_dashboard_shows_devices_values_and_status_flips() {
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     assert!(png.len() > 20_000, "a real page, {} bytes", png.len());
     eprintln!("screenshot: {}", screenshot.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_pages_through_ten_thousand_devices_without_being_closed() {
+    const DEVICES: usize = 10_000;
+    let site = Site::with_scripts(&["json-sensor"]);
+    let devices: Vec<String> = (0..DEVICES).map(|i| format!("fleet-{i:05}")).collect();
+    site.write("devices.toml", &registry_of(&devices, "json-sensor"));
+    let server = site
+        .spawn(
+            "fleet",
+            "[registry]\nfile = \"devices.toml\"\n[products.json-sensor]\nlimits = { deadline = \"5s\" }\n",
+        )
+        .await;
+    let base = server.base_url();
+    report_all(
+        &base,
+        "json-sensor",
+        &devices,
+        |i| serde_json::json!({"temperature": i % 40, "humidity": 50}),
+    )
+    .await;
+    // The first device of the first page keeps reporting.
+    let feeder = {
+        let url = format!("{base}/api/v1/ingest/json-sensor/fleet-00000");
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0u64.. {
+                let body = serde_json::json!({"temperature": 100 + i % 50}).to_string();
+                let _ = http.post(&url).body(body).send().await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    let browser = Browser::start().await;
+    browser.open(&format!("{base}/")).await;
+    let info = eventually(
+        Duration::from_secs(60),
+        "the table to page through every device",
+        || async {
+            let info = browser
+                .eval("return document.getElementById('page-info').textContent")
+                .await;
+            info.as_str()
+                .filter(|text| text.ends_with(&format!("of {DEVICES}")))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert_eq!(info, format!("1–50 of {DEVICES}"));
+    assert_eq!(
+        browser.eval(ROWS).await.as_u64(),
+        Some(50),
+        "one page of rows"
+    );
+    const FIRST: &str = "const cell = document.querySelector('#devices tr[data-device=\"fleet-00000\"] td.values'); \
+                         return cell && cell.textContent ? cell.textContent : null";
+    let first = eventually(Duration::from_secs(30), "fleet-00000's values", || async {
+        browser.eval(FIRST).await.as_str().map(str::to_owned)
+    })
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "fleet-00000's values to update",
+        || async {
+            let now = browser.eval(FIRST).await;
+            now.as_str().is_some_and(|v| v != first).then_some(())
+        },
+    )
+    .await;
+    // The filter narrows the table to the matching devices.
+    browser
+        .eval("const f = document.getElementById('filter'); f.value = 'fleet-0999'; f.dispatchEvent(new Event('input')); return null")
+        .await;
+    assert_eq!(
+        browser.eval(ROWS).await.as_u64(),
+        Some(10),
+        "fleet-09990 to fleet-09999"
+    );
+    // The connection was never closed (no 1013 for the snapshots).
+    let closes = browser
+        .eval("return document.getElementById('conn').dataset.closes || '0'")
+        .await;
+    assert_eq!(closes, Value::String("0".into()), "the socket stayed open");
+    let screenshot = scratch_dir().join("artifacts").join("dashboard-fleet.png");
+    browser.screenshot(&screenshot).await;
+    feeder.abort();
 }

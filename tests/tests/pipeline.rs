@@ -229,12 +229,16 @@ async fn every_status_mode_end_to_end_over_mqtt() {
 
             [products.hb]
             status = {{ mode = "heartbeat", interval = "400ms" }}
+            limits = {{ deadline = "5s" }}
 
+            # Long enough that the explicit 0 always comes before the expiry.
             [products.to]
-            status = {{ mode = "timeout", after = "400ms" }}
+            status = {{ mode = "timeout", after = "2s" }}
+            limits = {{ deadline = "5s" }}
 
             [products.msg]
             status = {{ mode = "message" }}
+            limits = {{ deadline = "5s" }}
             "#,
             broker.url()
         ))

@@ -31,6 +31,7 @@ async fn start(site: &Site) -> Running {
         [products.sensor]
         status = { mode = "message" }
         params = { temp_max = "1000" }
+        limits = { deadline = "5s" }
         "#,
     )
     .await
@@ -246,12 +247,22 @@ async fn broken_failing_half_written_and_removed_files() {
     assert!(view["rejected_reloads"].as_u64() >= Some(2), "{view}");
     assert!(view["reloads"].as_u64() >= Some(1), "{view}");
     std::fs::remove_file(site.path().join("scripts/sensor.examples.json")).unwrap();
+    // Without the examples, counter passes and takes over.
+    let counter_version = eventually(WAIT, "counter to serve", || async {
+        let view = scripts_view(&running).await;
+        (view["version"] != first.as_str() && view["last_error"].is_null())
+            .then(|| view["version"].as_str().map(str::to_owned))
+            .flatten()
+    })
+    .await;
+    let rejected = scripts_view(&running).await["rejected_reloads"].as_u64();
 
-    // Written in chunks, each within the settle time: one clean swap.
-    let counter = wasm("counter");
+    // json-sensor again, written in chunks, each within the settle time:
+    // one clean swap, no half-written file tried.
+    let sensor = wasm("json-sensor");
     let file = site.path().join("scripts/sensor.wasm");
     std::fs::write(&file, b"").unwrap();
-    for chunk in counter.chunks(counter.len() / 5 + 1) {
+    for chunk in sensor.chunks(sensor.len() / 5 + 1) {
         use std::io::Write;
         let mut out = std::fs::OpenOptions::new()
             .append(true)
@@ -261,12 +272,19 @@ async fn broken_failing_half_written_and_removed_files() {
         drop(out);
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
-    let view = eventually(WAIT, "counter to serve", || async {
+    let view = eventually(WAIT, "json-sensor to serve again", || async {
         let view = scripts_view(&running).await;
-        (view["version"] != first.as_str() && view["last_error"].is_null()).then_some(view)
+        (view["version"] == first.as_str()).then_some(view)
     })
     .await;
+    assert_ne!(view["version"].as_str(), Some(counter_version.as_str()));
     assert!(view["loaded_at"].is_string());
+    assert!(view["last_error"].is_null(), "{view}");
+    assert_eq!(
+        view["rejected_reloads"].as_u64(),
+        rejected,
+        "no half-written file was tried: {view}"
+    );
 
     // Removed: after the grace period, messages are dead-lettered with why.
     std::fs::remove_file(&file).unwrap();

@@ -114,6 +114,10 @@ async fn broker_and_redis_restarts_do_not_stop_sluice() {
 
     // Redis goes away: processing goes on (latest values in memory), live
     // publications are dropped, and everything resumes when it is back.
+    assert!(
+        state.bus.dead_letters(10).await.unwrap().is_empty(),
+        "no message failed across the broker restart"
+    );
     redis.stop();
     collector.abort();
     let ready = format!("{}/ready", base_url(&running));
@@ -168,7 +172,7 @@ async fn broker_and_redis_restarts_do_not_stop_sluice() {
     assert_eq!(health.status().as_u16(), 200);
     assert!(
         state.bus.dead_letters(10).await.unwrap().is_empty(),
-        "no message failed"
+        "no message failed across the Redis restart"
     );
 
     device.abort();

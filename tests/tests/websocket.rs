@@ -223,6 +223,13 @@ async fn native_protocol_filters_unsubscribes_and_answers_calls() {
     let (_site, running) = start(native_config()).await;
     let base = base_url(&running);
     ingest(&base, "th-2", &report(now_ms(), 19.0)).await;
+    // The 202 means queued: wait until th-2 is online, which the status
+    // snapshot below shows.
+    let state = running.state().clone();
+    eventually(WAIT, "th-2 to be online", || async {
+        state.status.get("th-2").filter(|s| s.online).map(drop)
+    })
+    .await;
 
     let mut client = WsClient::connect(&ws_url(&running, "/ws")).await;
     // Thermometers in the lab: th-1 (other-1 is in the lab too, but with
@@ -276,8 +283,17 @@ async fn native_protocol_filters_unsubscribes_and_answers_calls() {
         .await;
     assert_eq!(client.next_json().await["type"], "unsubscribed");
     ingest(&base, "th-1", &report(now_ms(), 22.0)).await;
+    // Processed (its latest values show it) and published before the ping:
+    // only the pong comes, the report on th-1 no longer reaches this client.
+    eventually(WAIT, "th-1's report to be processed", || async {
+        state
+            .latest
+            .get("th-1")
+            .filter(|s| s.telemetry["temperature"] == json!(22.0))
+            .map(drop)
+    })
+    .await;
     client.send(&json!({"type": "ping"})).await;
-    // Only the pong: the report on th-1 no longer reaches this client.
     assert_eq!(client.next_json().await, json!({"type": "pong"}));
     assert_eq!(client.quiet(Duration::from_millis(300)).await, None);
 
@@ -491,9 +507,14 @@ async fn a_slow_reader_is_conflated_then_closed_with_1013() {
 
             [products.json-sensor]
             params = { temp_max = "30" }
+            limits = { deadline = "5s" }
 
+            # Closed by its queue, not by a write timeout or for idleness.
             [websocket]
             send_queue = 64
+            write_timeout = "10m"
+            ping_interval = "5m"
+            idle_timeout = "10m"
             "#,
     )
     .await;
@@ -514,6 +535,7 @@ async fn a_slow_reader_is_conflated_then_closed_with_1013() {
             .unwrap()
     };
     let closes_before = metric(&metrics().await, "sluice_ws_slow_consumer_closes_total");
+    let conflated_before = metric(&metrics().await, "sluice_ws_frames_conflated_total");
 
     let mut slow = WsClient::connect(&ws_url(&running, "/ws")).await;
     subscribe(
@@ -535,8 +557,9 @@ async fn a_slow_reader_is_conflated_then_closed_with_1013() {
         let base = base.clone();
         sent += 500;
         async move {
+            let start = now_ms();
             let batch: Vec<Value> = (0..500)
-                .map(|i| json!({"device_id": "th-1", "payload": {"ts": i, "temperature": 40.0 + f64::from(i), "pad": "x".repeat(200)}}))
+                .map(|i| json!({"device_id": "th-1", "payload": {"ts": start + i64::from(i), "temperature": 40.0 + f64::from(i), "pad": "x".repeat(200)}}))
                 .collect();
             let response = client
                 .post(format!("{base}/api/v1/ingest/json-sensor"))
@@ -573,6 +596,6 @@ async fn a_slow_reader_is_conflated_then_closed_with_1013() {
         "telemetry is conflated: {telemetry_frames} device_data frames for {alerts} alerts of {sent} reports"
     );
     let text = metrics().await;
-    assert!(metric(&text, "sluice_ws_frames_conflated_total") > 0.0);
+    assert!(metric(&text, "sluice_ws_frames_conflated_total") > conflated_before);
     running.stop().await;
 }

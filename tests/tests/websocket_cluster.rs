@@ -95,7 +95,10 @@ async fn a_client_on_one_instance_receives_data_ingested_on_the_other() {
     let ttl = redis_get(&redis, "TTL", "ws:sub:th-1").await.unwrap();
     assert!((1..=300).contains(&ttl), "TTL {ttl}");
     // One subscriber connection per instance, whatever its client count.
-    assert_eq!(subscribers(&redis, "ws:device:th-1").await, 1);
+    eventually(WAIT, "B to subscribe th-1's channel", || async {
+        (subscribers(&redis, "ws:device:th-1").await == 1).then_some(())
+    })
+    .await;
 
     interest_is(&a, "th-1", true).await;
     sources_connected(&a).await;
@@ -177,7 +180,7 @@ async fn group_subscriptions_follow_registry_changes() {
             "fz-1 data never reached the group subscriber"
         );
         http.post(format!("{base}/api/v1/ingest/json-sensor/fz-1"))
-            .body(json!({"ts": 1, "temperature": -18.0}).to_string())
+            .body(json!({"ts": sluice::message::now_ms(), "temperature": -18.0}).to_string())
             .send()
             .await
             .unwrap();

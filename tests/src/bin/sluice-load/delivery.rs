@@ -1,59 +1,21 @@
-//! The load tool: starts redis-server, mosquitto and a `sluice` process
-//! (Redis bus, MQTT source), opens WebSocket clients on `/ws`, drives
-//! reports through MQTT → sluice → Redis → WebSocket at a fixed rate, and
-//! reports delivered frames per second, end-to-end latency (the device's
-//! send time, carried in the payload, to the client's receipt) and the
-//! server's RSS per connection.
-//!
-//! ```sh
-//! # 10k msg/s, 100 clients each watching one of 100 devices
-//! cargo run --release -p sluice-tests --bin sluice-load -- --clients 100 --devices 100 --rate 10000
-//! # fan-out: 1,000 clients all watching the same 100 devices
-//! cargo run --release -p sluice-tests --bin sluice-load -- --clients 1000 --devices 100 --watch all --rate 200
-//! # 10,000 idle connections (raise the descriptor limit first)
-//! ulimit -n 65536 && cargo run --release -p sluice-tests --bin sluice-load -- --clients 10000 --rate 0
-//! ```
+//! `--mode delivery`: drives reports through MQTT → sluice → Redis →
+//! WebSocket at a fixed rate and reports delivered frames per second,
+//! end-to-end latency (the device's send time, carried in the payload, to
+//! the client's receipt) and the server's RSS per connection.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clap::{Parser, ValueEnum};
 use futures::{SinkExt, StreamExt};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{Value, json};
 use sluice_tests::servers::{Mosquitto, RedisServer};
-use sluice_tests::sluice::Site;
+use sluice_tests::sluice::{Site, registry_of};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Watch {
-    /// Client `i` watches device `i % devices`.
-    One,
-    /// Every client watches every device.
-    All,
-}
-
-#[derive(Debug, Parser)]
-#[command(about = "Drive MQTT → sluice → Redis → WebSocket and measure it")]
-struct Args {
-    /// WebSocket clients.
-    #[arg(long, default_value_t = 100)]
-    clients: usize,
-    /// Devices reporting.
-    #[arg(long, default_value_t = 100)]
-    devices: usize,
-    /// What each client watches.
-    #[arg(long, value_enum, default_value_t = Watch::One)]
-    watch: Watch,
-    /// Reports per second over MQTT (0: idle connections only).
-    #[arg(long, default_value_t = 10_000)]
-    rate: u64,
-    /// Seconds of traffic measured (after one second of warm-up).
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-}
+use crate::{Args, Watch};
 
 fn now_us() -> u64 {
     u64::try_from(
@@ -76,21 +38,12 @@ struct Tally {
     measuring: std::sync::atomic::AtomicBool,
 }
 
-#[tokio::main]
-async fn main() {
-    let args = Args::parse();
+pub(crate) async fn run(args: &Args) {
     let redis = RedisServer::start();
     let broker = Mosquitto::start();
     let site = Site::with_scripts(&["json-sensor"]);
-    let registry: String = (0..args.devices)
-        .map(|i| {
-            format!(
-                "[[devices]]\nid = \"{}\"\nproduct = \"json-sensor\"\n",
-                device(i)
-            )
-        })
-        .collect();
-    site.write("devices.toml", &registry);
+    let devices: Vec<String> = (0..args.devices).map(device).collect();
+    site.write("devices.toml", &registry_of(&devices, "json-sensor"));
     let sluice = site
         .spawn(
             "load",
