@@ -103,7 +103,11 @@ async fn launch(dir: &Path, args: &[&str], port: u16) -> SluiceProcess {
         .args(args)
         .current_dir(dir)
         .env("SLUICE_CACHE_DIR", dir.join("cache"))
-        .env("RUST_LOG", "warn")
+        // `SLUICE_CHILD_LOG=debug` (a `RUST_LOG` filter) shows more of the child's log.
+        .env(
+            "RUST_LOG",
+            std::env::var("SLUICE_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("the sluice binary starts");

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::access::{check_device, latest_of, status_of};
 use super::auth::Identity;
 use super::frames::{CompatHello, FrameError, Rendered, compat_telemetry, parse_json, select_keys};
-use super::hub::Watcher;
+use super::hub::{Kinds, Watcher};
 use super::outbox::Outbox;
 use super::socket::{Incoming, Session, Slot, close};
 use super::{AppState, upgrade};
@@ -161,7 +161,11 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint)
         keys: keys.clone(),
     });
     let id = app.ws.hub.register();
-    if let Err(error) = Box::pin(app.ws.hub.watch(id, watcher, &device)).await {
+    let kinds = match endpoint {
+        Endpoint::Status => Kinds::STATUS,
+        Endpoint::Telemetry | Endpoint::TelemetryKeys => Kinds::TELEMETRY,
+    };
+    if let Err(error) = Box::pin(app.ws.hub.watch(id, watcher, &device, kinds)).await {
         session.send(FrameError::new("unavailable", error.to_string()).frame());
         Box::pin(session.close(close::GOING_AWAY, "bus unavailable")).await;
         return;

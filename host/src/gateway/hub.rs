@@ -1,19 +1,21 @@
 //! The hub of one instance: which local WebSocket clients watch which
 //! devices, and the one way publications reach them.
 //!
-//! With Redis, the hub holds one subscriber connection and SUBSCRIBEs a
-//! device's four channels when its first local watcher comes, UNSUBSCRIBEs
-//! after the last; it keeps `ws:sub:{device}` as the contract says (INCR per
-//! watching client, DECR when it leaves, EXPIRE 300 s refreshed every
-//! 120 s) and announces a device's first and last watcher on
-//! `sluice:interest`, so every publisher's interest mirror follows. Many
-//! devices are watched in a few pipelined round trips, not two per device.
+//! With Redis, the hub holds one subscriber connection and SUBSCRIBEs those
+//! of a device's channels (telemetry, status, alerts, events) its local
+//! watchers want, UNSUBSCRIBEs what none wants any more; it keeps
+//! `ws:sub:{device}` as the contract says (INCR per watching client, DECR
+//! when it leaves, EXPIRE 300 s refreshed every 120 s) and announces
+//! devices' first and last watchers on `sluice:interest`, so every
+//! publisher's interest mirror follows. Many devices are watched in one
+//! pipelined round trip of counts and a few SUBSCRIBEs, not two round
+//! trips per device.
 //! When the subscriber connection comes back (Redis restarted, even
 //! empty), every watched device is subscribed again and its count put
 //! back. With the in-process bus, the same hub takes publications from the
 //! process and keeps the interest set itself.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,50 +38,116 @@ const CHUNK: usize = 500;
 /// How often a lost count restore is tried again.
 const RESTORE_RETRY: Duration = Duration::from_millis(500);
 
-/// INCRBY each watcher count, set its TTL, announce a first watcher.
-/// KEYS: ws:sub:{device}…. ARGV: ttl, interest channel, then per key its
-/// count and its event.
+/// INCRBY each watcher count and set its TTL; announce the devices whose
+/// first watcher came in one event. KEYS: ws:sub:{device}…. ARGV: ttl,
+/// interest channel, then per key its count and its device.
 const WATCH_LUA: &str = r"
-local out = {}
+local first = {}
 for i, key in ipairs(KEYS) do
-  local n = redis.call('INCRBY', key, ARGV[1 + 2 * i])
+  local count = tonumber(ARGV[1 + 2 * i])
+  local n = redis.call('INCRBY', key, count)
   redis.call('EXPIRE', key, ARGV[1])
-  if n == tonumber(ARGV[1 + 2 * i]) then redis.call('PUBLISH', ARGV[2], ARGV[2 + 2 * i]) end
-  out[i] = n
+  if n == count then table.insert(first, ARGV[2 + 2 * i]) end
 end
-return out
+if #first > 0 then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({devices = first, watched = true}))
+end
+return #first
 ";
 
-/// DECRBY each watcher count; at zero delete it and announce the last
-/// watcher. Same KEYS and ARGV as [`WATCH_LUA`].
+/// DECRBY each watcher count, deleting it at zero; announce the devices
+/// whose last watcher left in one event. Same KEYS and ARGV as
+/// [`WATCH_LUA`].
 const UNWATCH_LUA: &str = r"
-local out = {}
+local last = {}
 for i, key in ipairs(KEYS) do
   local n = redis.call('DECRBY', key, ARGV[1 + 2 * i])
   if n <= 0 then
     redis.call('DEL', key)
-    redis.call('PUBLISH', ARGV[2], ARGV[2 + 2 * i])
+    table.insert(last, ARGV[2 + 2 * i])
   else
     redis.call('EXPIRE', key, ARGV[1])
   end
-  out[i] = n
 end
-return out
+if #last > 0 then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({devices = last, watched = false}))
+end
+return #last
 ";
 
 /// Refresh each TTL; a count that is gone (expired, or Redis restarted
-/// empty) is put back with this instance's count and announced. Same KEYS
-/// and ARGV as [`WATCH_LUA`], the events announcing a watcher.
+/// empty) is put back with this instance's count, and those devices are
+/// announced in one event. Same KEYS and ARGV as [`WATCH_LUA`].
 const REFRESH_LUA: &str = r"
+local back = {}
 for i, key in ipairs(KEYS) do
   if redis.call('EXPIRE', key, ARGV[1]) == 0 then
     redis.call('INCRBY', key, ARGV[1 + 2 * i])
     redis.call('EXPIRE', key, ARGV[1])
-    redis.call('PUBLISH', ARGV[2], ARGV[2 + 2 * i])
+    table.insert(back, ARGV[2 + 2 * i])
   end
 end
-return #KEYS
+if #back > 0 then
+  redis.call('PUBLISH', ARGV[2], cjson.encode({devices = back, watched = true}))
+end
+return #back
 ";
+
+/// Which of a device's channels a watcher wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kinds(u8);
+
+impl Kinds {
+    /// Telemetry reports.
+    pub const TELEMETRY: Kinds = Kinds(1);
+    /// Status changes.
+    pub const STATUS: Kinds = Kinds(2);
+    /// Alerts.
+    pub const ALERTS: Kinds = Kinds(4);
+    /// Events.
+    pub const EVENTS: Kinds = Kinds(8);
+    /// Nothing.
+    pub const NONE: Kinds = Kinds(0);
+
+    /// Both sets.
+    pub fn union(self, other: Kinds) -> Kinds {
+        Kinds(self.0 | other.0)
+    }
+
+    /// Whether nothing is wanted.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The kind of `publication`.
+    pub fn of(publication: &Publication) -> Kinds {
+        match publication {
+            Publication::Telemetry(_) => Kinds::TELEMETRY,
+            Publication::Status(_) => Kinds::STATUS,
+            Publication::Alert(_) => Kinds::ALERTS,
+            Publication::Event(_) => Kinds::EVENTS,
+        }
+    }
+
+    fn contains(self, other: Kinds) -> bool {
+        self.0 & other.0 == other.0 && !other.is_empty()
+    }
+
+    /// The channels of `device` these kinds name.
+    fn channels(self, device: &str) -> impl Iterator<Item = String> + '_ {
+        let all = Publication::channels(device);
+        [
+            Kinds::TELEMETRY,
+            Kinds::STATUS,
+            Kinds::ALERTS,
+            Kinds::EVENTS,
+        ]
+        .into_iter()
+        .zip(all)
+        .filter(move |(kind, _)| self.contains(*kind))
+        .map(|(_, channel)| channel)
+    }
+}
 
 /// Something that takes publications about the devices it watches.
 pub trait Watcher: Send + Sync {
@@ -91,18 +159,36 @@ pub trait Watcher: Send + Sync {
 /// A watcher's handle in the hub.
 pub type WatcherId = u64;
 
+/// One local watcher of a device, and the kinds it wants.
+#[derive(Clone)]
+struct Held {
+    watcher: Arc<dyn Watcher>,
+    kinds: Kinds,
+}
+
 #[derive(Default)]
 struct Table {
     /// Device → its local watchers.
-    devices: HashMap<String, HashMap<WatcherId, Arc<dyn Watcher>>>,
+    devices: HashMap<String, HashMap<WatcherId, Held>>,
+}
+
+impl Table {
+    /// The kinds some local watcher of `device` wants.
+    fn wanted(&self, device: &str) -> Kinds {
+        self.devices.get(device).map_or(Kinds::NONE, |watchers| {
+            watchers
+                .values()
+                .fold(Kinds::NONE, |kinds, held| kinds.union(held.kinds))
+        })
+    }
 }
 
 struct RedisSide {
     connection: ConnectionManager,
     /// The subscriber connection's command half, while connected.
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
-    /// Devices whose channels the subscriber connection holds.
-    subscribed: Mutex<HashSet<String>>,
+    /// Devices whose channels the subscriber connection holds, and which.
+    subscribed: Mutex<HashMap<String, Kinds>>,
     watch: Script,
     unwatch: Script,
     refresh: Script,
@@ -123,10 +209,6 @@ impl std::fmt::Debug for Hub {
             .field("redis", &self.redis.is_some())
             .finish()
     }
-}
-
-fn interest_event(device: &str, watched: bool) -> String {
-    serde_json::json!({"device": device, "watched": watched}).to_string()
 }
 
 fn watch_key(device: &str) -> String {
@@ -209,81 +291,95 @@ impl Hub {
         lock(&self.table).devices.len()
     }
 
-    /// `watcher` (under `id`) watches `device` from now on. Returns once
-    /// publications about it can reach this instance.
+    /// `watcher` (under `id`) watches `device`'s channels of `kinds` from
+    /// now on. Returns once publications about it can reach this instance.
     pub async fn watch(
         &self,
         id: WatcherId,
         watcher: Arc<dyn Watcher>,
         device: &str,
+        kinds: Kinds,
     ) -> Result<(), BusError> {
-        self.watch_many(id, watcher, &[device.to_owned()]).await
+        self.watch_many(id, watcher, &[(device.to_owned(), kinds)])
+            .await
     }
 
-    /// `watcher` (under `id`) watches every one of `devices` (which it does
-    /// not watch yet) from now on, in a few round trips. Returns once
-    /// publications about them can reach this instance; on failure none of
-    /// them is watched or counted.
+    /// `watcher` (under `id`) watches each device's channels of its kinds
+    /// from now on (replacing the kinds it watched before), in one
+    /// pipelined round trip of counts and a few SUBSCRIBEs. Returns once
+    /// publications about them can reach this instance; on failure, the
+    /// devices it did not watch before are not watched or counted.
     pub async fn watch_many(
         &self,
         id: WatcherId,
         watcher: Arc<dyn Watcher>,
-        devices: &[String],
+        devices: &[(String, Kinds)],
     ) -> Result<(), BusError> {
         if devices.is_empty() {
             return Ok(());
         }
-        let first: Vec<String> = {
+        let started = std::time::Instant::now();
+        // The devices this watcher is new to: counted once each in Redis.
+        let new: Vec<String> = {
             let mut table = lock(&self.table);
             devices
                 .iter()
-                .filter(|device| {
-                    let watchers = table.devices.entry((*device).clone()).or_default();
-                    watchers.insert(id, watcher.clone());
-                    watchers.len() == 1
+                .filter_map(|(device, kinds)| {
+                    let watchers = table.devices.entry(device.clone()).or_default();
+                    let held = Held {
+                        watcher: watcher.clone(),
+                        kinds: *kinds,
+                    };
+                    watchers.insert(id, held).is_none().then(|| device.clone())
                 })
-                .cloned()
                 .collect()
         };
-        self.interest
-            .set_many(devices.iter().map(String::as_str), true);
+        self.interest.set_many(new.iter().map(String::as_str), true);
+        let tabled = started.elapsed();
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let mut counted = 0;
-        for chunk in devices.chunks(CHUNK) {
-            let result = counts(&redis.watch, chunk.iter().map(|d| (d.as_str(), 1)), true)
-                .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
-                .await;
-            if let Err(error) = result {
-                // Not counted in Redis, so not held here either: a later
-                // unwatch must not take away another client's count.
-                self.release_counted(id, devices, counted).await;
-                return Err(unavailable(error));
+        let counted = counts_pipeline(&redis.watch, new.iter().map(|d| (d.as_str(), 1)))
+            .query_async::<()>(&mut redis.connection.clone())
+            .await;
+        if let Err(error) = counted {
+            // Not counted in Redis, so not held here either: a later
+            // unwatch must not take away another client's count. (A reply
+            // lost after Redis counted leaves counts that expire with their
+            // TTL.)
+            let last = self.forget(id, &new);
+            if let Err(error) = self.reconcile(&last).await {
+                tracing::debug!(%error, "channels are dropped when the subscriber connection returns");
             }
-            counted += chunk.len();
+            return Err(unavailable(error));
         }
-        if let Err(error) = self.reconcile(&first).await {
-            self.release_counted(id, devices, counted).await;
+        let counted_at = started.elapsed();
+        let names: Vec<String> = devices.iter().map(|(d, _)| d.clone()).collect();
+        if let Err(error) = self.reconcile(&names).await {
+            self.release_new(id, &new).await;
             return Err(error);
         }
+        tracing::debug!(
+            devices = devices.len(),
+            table_ms = tabled.as_secs_f64() * 1000.0,
+            count_ms = (counted_at - tabled).as_secs_f64() * 1000.0,
+            subscribe_ms = (started.elapsed() - counted_at).as_secs_f64() * 1000.0,
+            "devices watched"
+        );
         Ok(())
     }
 
-    /// Undoes a failed [`Hub::watch_many`]: forgets every device of it
-    /// here, gives back the first `counted` counts, and drops channels no
+    /// Undoes a failed [`Hub::watch_many`] for the devices it was new to:
+    /// forgets them here, gives back their counts, and drops channels no
     /// longer wanted.
-    async fn release_counted(&self, id: WatcherId, devices: &[String], counted: usize) {
-        let last = self.forget(id, devices);
+    async fn release_new(&self, id: WatcherId, new: &[String]) {
+        let last = self.forget(id, new);
         if let Some(redis) = &self.redis {
-            for chunk in devices[..counted].chunks(CHUNK) {
-                let released = counts(&redis.unwatch, chunk.iter().map(|d| (d.as_str(), 1)), false)
-                    .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
-                    .await;
-                if let Err(error) = released {
-                    tracing::warn!(%error, "could not give back watcher counts; they expire with their TTL");
-                    break;
-                }
+            let released = counts_pipeline(&redis.unwatch, new.iter().map(|d| (d.as_str(), 1)))
+                .query_async::<()>(&mut redis.connection.clone())
+                .await;
+            if let Err(error) = released {
+                tracing::warn!(%error, "could not give back watcher counts; they expire with their TTL");
             }
         }
         if let Err(error) = self.reconcile(&last).await {
@@ -338,13 +434,11 @@ impl Hub {
                 .set_many(last.iter().map(String::as_str), false);
             return Ok(());
         };
-        for chunk in held.chunks(CHUNK) {
-            counts(&redis.unwatch, chunk.iter().map(|d| (d.as_str(), 1)), false)
-                .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
-                .await
-                .map_err(unavailable)?;
-        }
-        self.reconcile(&last).await
+        counts_pipeline(&redis.unwatch, held.iter().map(|d| (d.as_str(), 1)))
+            .query_async::<()>(&mut redis.connection.clone())
+            .await
+            .map_err(unavailable)?;
+        self.reconcile(&held).await
     }
 
     /// Gives back every count this instance holds and forgets every
@@ -367,18 +461,12 @@ impl Hub {
                 .set_many(held.iter().map(|(d, _)| d.as_str()), false);
             return;
         };
-        for chunk in held.chunks(CHUNK) {
-            let released = counts(
-                &redis.unwatch,
-                chunk.iter().map(|(d, n)| (d.as_str(), *n)),
-                false,
-            )
-            .invoke_async::<Vec<i64>>(&mut redis.connection.clone())
+        let released = counts_pipeline(&redis.unwatch, held.iter().map(|(d, n)| (d.as_str(), *n)))
+            .query_async::<()>(&mut redis.connection.clone())
             .await;
-            if let Err(error) = released {
-                tracing::warn!(%error, devices = held.len(), "could not give back watcher counts at shutdown; they expire with their TTL");
-                return;
-            }
+        if let Err(error) = released {
+            tracing::warn!(%error, devices = held.len(), "could not give back watcher counts at shutdown; they expire with their TTL");
+            return;
         }
         tracing::info!(devices = held.len(), "watcher counts given back");
     }
@@ -397,34 +485,44 @@ impl Hub {
             // Not connected: the relay subscribes everything watched when it connects.
             return Ok(());
         };
-        let (subscribe, unsubscribe): (Vec<String>, Vec<String>) = {
+        // Per device: what to add, what to drop, and what it then holds.
+        let changes: Vec<(String, Kinds, Kinds, Kinds)> = {
             let table = lock(&self.table);
             let held = lock(&redis.subscribed);
-            let subscribe = devices
+            devices
                 .iter()
-                .filter(|d| table.devices.contains_key(*d) && !held.contains(*d))
-                .cloned()
-                .collect();
-            let unsubscribe = devices
-                .iter()
-                .filter(|d| !table.devices.contains_key(*d) && held.contains(*d))
-                .cloned()
-                .collect();
-            (subscribe, unsubscribe)
+                .filter_map(|device| {
+                    let wanted = table.wanted(device);
+                    let have = held.get(device).copied().unwrap_or_default();
+                    let add = Kinds(wanted.0 & !have.0);
+                    let drop = Kinds(have.0 & !wanted.0);
+                    (!add.is_empty() || !drop.is_empty())
+                        .then(|| (device.clone(), add, drop, wanted))
+                })
+                .collect()
         };
-        for chunk in subscribe.chunks(CHUNK) {
-            sink.subscribe(channels_of(chunk))
-                .await
-                .map_err(unavailable)?;
-            lock(&redis.subscribed).extend(chunk.iter().cloned());
-        }
-        for chunk in unsubscribe.chunks(CHUNK) {
-            sink.unsubscribe(channels_of(chunk))
-                .await
-                .map_err(unavailable)?;
+        for chunk in changes.chunks(CHUNK) {
+            let subscribe: Vec<String> = chunk
+                .iter()
+                .flat_map(|(device, add, _, _)| add.channels(device).collect::<Vec<_>>())
+                .collect();
+            let unsubscribe: Vec<String> = chunk
+                .iter()
+                .flat_map(|(device, _, drop, _)| drop.channels(device).collect::<Vec<_>>())
+                .collect();
+            if !subscribe.is_empty() {
+                sink.subscribe(&subscribe).await.map_err(unavailable)?;
+            }
+            if !unsubscribe.is_empty() {
+                sink.unsubscribe(&unsubscribe).await.map_err(unavailable)?;
+            }
             let mut held = lock(&redis.subscribed);
-            for device in chunk {
-                held.remove(device);
+            for (device, _, _, now) in chunk {
+                if now.is_empty() {
+                    held.remove(device);
+                } else {
+                    held.insert(device.clone(), *now);
+                }
             }
         }
         Ok(())
@@ -432,9 +530,14 @@ impl Hub {
 
     /// Hands `publication` to the local watchers of its device.
     pub fn dispatch(&self, publication: &Publication) {
+        let kind = Kinds::of(publication);
         let watchers: Vec<Arc<dyn Watcher>> =
             match lock(&self.table).devices.get(publication.device()) {
-                Some(watchers) => watchers.values().cloned().collect(),
+                Some(watchers) => watchers
+                    .values()
+                    .filter(|held| held.kinds.contains(kind))
+                    .map(|held| held.watcher.clone())
+                    .collect(),
                 None => return,
             };
         let rendered = Rendered::new(publication);
@@ -453,42 +556,39 @@ impl Hub {
             .iter()
             .map(|(d, w)| (d.clone(), w.len()))
             .collect();
-        for chunk in held.chunks(CHUNK) {
-            counts(
-                &redis.refresh,
-                chunk.iter().map(|(d, n)| (d.as_str(), *n)),
-                true,
-            )
-            .invoke_async::<i64>(&mut redis.connection.clone())
+        counts_pipeline(&redis.refresh, held.iter().map(|(d, n)| (d.as_str(), *n)))
+            .query_async::<()>(&mut redis.connection.clone())
             .await
             .map_err(unavailable)?;
-        }
         Ok(())
     }
 }
 
-/// An invocation of one of the count scripts for `(device, count)` pairs.
-fn counts<'a>(
+/// One round trip of `script` for `(device, count)` pairs: the script
+/// loaded, then one invocation per [`CHUNK`] devices, pipelined.
+fn counts_pipeline<'a>(
     script: &'a Script,
     pairs: impl Iterator<Item = (&'a str, usize)>,
-    watched: bool,
-) -> redis::ScriptInvocation<'a> {
-    let mut invocation = script.prepare_invoke();
-    invocation.arg(WATCH_TTL_SECS).arg(INTEREST_CHANNEL);
-    for (device, count) in pairs {
-        invocation
-            .key(watch_key(device))
-            .arg(count)
-            .arg(interest_event(device, watched));
+) -> redis::Pipeline {
+    let pairs: Vec<(&str, usize)> = pairs.collect();
+    let mut pipe = redis::pipe();
+    pipe.load_script(script).ignore();
+    for chunk in pairs.chunks(CHUNK) {
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(WATCH_TTL_SECS).arg(INTEREST_CHANNEL);
+        for (device, count) in chunk {
+            invocation.key(watch_key(device)).arg(*count).arg(*device);
+        }
+        pipe.invoke_script(&invocation).ignore();
     }
-    invocation
+    pipe
 }
 
-/// The four channels of each of `devices`.
-fn channels_of(devices: &[String]) -> Vec<String> {
+/// The wanted channels of each of `devices`.
+fn channels_of(devices: &[(String, Kinds)]) -> Vec<String> {
     devices
         .iter()
-        .flat_map(|d| Publication::channels(d))
+        .flat_map(|(device, kinds)| kinds.channels(device).collect::<Vec<_>>())
         .collect()
 }
 
@@ -548,7 +648,14 @@ async fn relay_once(
     let (mut sink, mut stream) = client.get_async_pubsub().await?.split();
     {
         let mut held = redis.sink.lock().await;
-        let devices: Vec<String> = lock(&hub.table).devices.keys().cloned().collect();
+        let devices: Vec<(String, Kinds)> = {
+            let table = lock(&hub.table);
+            table
+                .devices
+                .keys()
+                .map(|device| (device.clone(), table.wanted(device)))
+                .collect()
+        };
         for chunk in devices.chunks(CHUNK) {
             sink.subscribe(channels_of(chunk)).await?;
         }
@@ -620,7 +727,9 @@ mod tests {
         let hub = Hub::in_process(interest.clone(), bus.clone(), &Supervisor::new(), stop_rx);
         let watcher = Arc::new(Collect::default());
         let id = hub.register();
-        hub.watch(id, watcher.clone(), "d1").await.unwrap();
+        hub.watch(id, watcher.clone(), "d1", Kinds::TELEMETRY)
+            .await
+            .unwrap();
         assert!(interest.is_watched("d1"));
         let report = |device: &str| {
             Publication::Telemetry(crate::bus::TelemetryReport {

@@ -18,7 +18,7 @@ use super::compat::unreadable;
 use super::frames::{
     self, Channel, ClientFrame, FrameError, Rendered, Subscribe, parse_client_frame, select_keys,
 };
-use super::hub::{Watcher, WatcherId};
+use super::hub::{Kinds, Watcher, WatcherId};
 use super::outbox::Outbox;
 use super::services::{self, ServiceContext};
 use super::socket::{Incoming, Session, Slot, close};
@@ -133,8 +133,37 @@ struct Client {
     identity: Option<Identity>,
     id: WatcherId,
     watcher: Arc<NativeWatcher>,
-    /// Device → how many of this connection's subscriptions cover it.
-    devices: HashMap<String, usize>,
+    /// Device → how many of this connection's subscriptions cover it, per channel.
+    devices: HashMap<String, Coverage>,
+}
+
+/// How many subscriptions of one connection cover a device, per channel.
+#[derive(Debug, Clone, Copy, Default)]
+struct Coverage([u32; 4]);
+
+impl Coverage {
+    fn slot(channel: Channel) -> usize {
+        match channel {
+            Channel::Telemetry => 0,
+            Channel::Status => 1,
+            Channel::Alerts => 2,
+            Channel::Events => 3,
+        }
+    }
+
+    /// The channels some subscription covers.
+    fn kinds(self) -> Kinds {
+        [
+            Kinds::TELEMETRY,
+            Kinds::STATUS,
+            Kinds::ALERTS,
+            Kinds::EVENTS,
+        ]
+        .into_iter()
+        .zip(self.0)
+        .filter(|(_, count)| *count > 0)
+        .fold(Kinds::NONE, |kinds, (kind, _)| kinds.union(kind))
+    }
 }
 
 async fn authenticate(
@@ -311,7 +340,9 @@ impl Client {
                 "keys filters the telemetry channel only",
             ));
         }
+        let started = std::time::Instant::now();
         let devices = resolve(&self.app.pipeline, self.identity.as_ref(), &request)?;
+        let resolved = started.elapsed();
         let added = devices
             .iter()
             .filter(|d| !self.devices.contains_key(*d))
@@ -326,7 +357,13 @@ impl Client {
                 ),
             ));
         }
-        self.hold(&devices).await?;
+        self.hold(&devices, request.channel).await?;
+        tracing::debug!(
+            devices = devices.len(),
+            resolve_ms = resolved.as_secs_f64() * 1000.0,
+            hold_ms = (started.elapsed() - resolved).as_secs_f64() * 1000.0,
+            "subscription held"
+        );
         let id = request.id.clone();
         let channel = request.channel;
         let keys = request.keys.clone();
@@ -385,51 +422,76 @@ impl Client {
                 format!("no subscription {id:?} on this connection"),
             ));
         };
-        self.release(&subscription.devices).await;
+        self.release(&subscription.devices, subscription.request.channel)
+            .await;
         Ok(vec![json!({"type": "unsubscribed", "id": id}).to_string()])
     }
 
-    /// Counts `devices` as covered once more, watching newly covered ones
-    /// in one batch; on failure, nothing stays counted.
-    async fn hold(&mut self, devices: &BTreeSet<String>) -> Result<(), FrameError> {
-        let new: Vec<String> = devices
-            .iter()
-            .filter(|d| !self.devices.contains_key(*d))
-            .cloned()
-            .collect();
+    /// Counts `devices` as covered once more on `channel`, watching what
+    /// is newly covered in one batch; on failure, nothing stays counted.
+    async fn hold(
+        &mut self,
+        devices: &BTreeSet<String>,
+        channel: Channel,
+    ) -> Result<(), FrameError> {
+        let slot = Coverage::slot(channel);
+        let mut changed: Vec<(String, Kinds)> = Vec::new();
+        for device in devices {
+            let mut coverage = self.devices.get(device).copied().unwrap_or_default();
+            let before = coverage.kinds();
+            coverage.0[slot] += 1;
+            if coverage.kinds() != before {
+                changed.push((device.clone(), coverage.kinds()));
+            }
+        }
         self.app
             .ws
             .hub
-            .watch_many(self.id, self.watcher.clone(), &new)
+            .watch_many(self.id, self.watcher.clone(), &changed)
             .await
             .map_err(|error| FrameError::new("unavailable", error.to_string()))?;
         for device in devices {
-            *self.devices.entry(device.clone()).or_default() += 1;
+            self.devices.entry(device.clone()).or_default().0[slot] += 1;
         }
         Ok(())
     }
 
-    /// Counts `devices` as covered once less, unwatching uncovered ones.
-    async fn release(&mut self, devices: &BTreeSet<String>) {
+    /// Counts `devices` as covered once less on `channel`: what no
+    /// subscription covers any more is unwatched, what still is keeps only
+    /// the channels it needs.
+    async fn release(&mut self, devices: &BTreeSet<String>, channel: Channel) {
+        let slot = Coverage::slot(channel);
         let mut uncovered = Vec::new();
+        let mut narrowed = Vec::new();
         for device in devices {
-            let Some(count) = self.devices.get_mut(device) else {
+            let Some(coverage) = self.devices.get_mut(device) else {
                 continue;
             };
-            *count -= 1;
-            if *count == 0 {
+            let before = coverage.kinds();
+            coverage.0[slot] = coverage.0[slot].saturating_sub(1);
+            let now = coverage.kinds();
+            if now.is_empty() {
                 self.devices.remove(device);
                 uncovered.push(device.clone());
+            } else if now != before {
+                narrowed.push((device.clone(), now));
             }
         }
-        if let Err(error) = self.app.ws.hub.unwatch_many(self.id, &uncovered).await {
+        let hub = &self.app.ws.hub;
+        if let Err(error) = hub.unwatch_many(self.id, &uncovered).await {
             tracing::warn!(%error, devices = uncovered.len(), "could not release watches");
+        }
+        if let Err(error) = hub
+            .watch_many(self.id, self.watcher.clone(), &narrowed)
+            .await
+        {
+            tracing::warn!(%error, devices = narrowed.len(), "could not narrow watches");
         }
     }
 
     /// Re-resolves subscriptions that select from the registry.
     async fn follow_registry(&mut self) {
-        let changes: Vec<(String, BTreeSet<String>, BTreeSet<String>)> = {
+        let changes: Vec<(String, Channel, BTreeSet<String>, BTreeSet<String>)> = {
             let subscriptions = self.watcher.subscriptions();
             subscriptions
                 .iter()
@@ -437,22 +499,23 @@ impl Client {
                 .filter_map(|(id, s)| {
                     let now =
                         resolve(&self.app.pipeline, self.identity.as_ref(), &s.request).ok()?;
-                    (now != s.devices).then(|| (id.clone(), s.devices.clone(), now))
+                    (now != s.devices)
+                        .then(|| (id.clone(), s.request.channel, s.devices.clone(), now))
                 })
                 .collect()
         };
-        for (id, before, now) in changes {
+        for (id, channel, before, now) in changes {
             let added: BTreeSet<String> = now.difference(&before).cloned().collect();
             let removed: BTreeSet<String> = before.difference(&now).cloned().collect();
             // Held first, so a failure leaves the subscription as it was.
-            if let Err(error) = self.hold(&added).await {
+            if let Err(error) = self.hold(&added, channel).await {
                 tracing::warn!(%error.message, "could not follow a registry change");
                 continue;
             }
             if let Some(subscription) = self.watcher.subscriptions().get_mut(&id) {
                 subscription.devices = now;
             }
-            self.release(&removed).await;
+            self.release(&removed, channel).await;
         }
     }
 

@@ -40,9 +40,14 @@ pub async fn mirror_interest(
     }
 }
 
+/// An event on the interest channel: one device (`device`) or many
+/// (`devices`) got a first watcher, or lost their last.
 #[derive(serde::Deserialize)]
 struct InterestChange {
-    device: String,
+    #[serde(default)]
+    device: Option<String>,
+    #[serde(default)]
+    devices: Vec<String>,
     watched: bool,
 }
 
@@ -68,7 +73,10 @@ async fn mirror_once(
                     return Err(redis::RedisError::from((redis::ErrorKind::Io, "interest subscription closed")));
                 };
                 match serde_json::from_slice::<InterestChange>(message.get_payload_bytes()) {
-                    Ok(change) => interest.set(&change.device, change.watched),
+                    Ok(change) => {
+                        let devices = change.device.iter().chain(&change.devices);
+                        interest.set_many(devices.map(String::as_str), change.watched);
+                    }
                     Err(error) => tracing::warn!(%error, "ignoring a malformed message on sluice:interest"),
                 }
             }

@@ -8,7 +8,7 @@
 //! | `ws:device:{device}` | telemetry channel |
 //! | `device:{device}:status` | status channel |
 //! | `sluice:alert:{device}`, `sluice:event:{device}` | alert and event channels |
-//! | `sluice:interest` | channel: `{"device": …, "watched": true/false}` when a device's first watcher comes or its last goes |
+//! | `sluice:interest` | channel: `{"devices": [...], "watched": true/false}` (or one `"device"`) when devices get their first watcher or lose their last |
 //! | `sluice:status` | hash: device → its last status change (the status channel's JSON) |
 //! | `sluice:status:transitions` | capped stream of status changes (`device`, `change`, and `deadline` for expiries), which every instance follows |
 //! | `sluice:latest:{device}` | hash: `t:<key>` and `a:<key>` → JSON value, `systime` → ms |
