@@ -35,6 +35,9 @@ pub enum Reason {
     /// The device is not registered and this instance already keeps track
     /// of as many unregistered devices as `registry.max_unregistered` allows.
     DeviceLimit,
+    /// A script output names a device the reporting device may not write
+    /// (not its declared child, nor of its tenant where the product allows that).
+    ForeignDevice,
 }
 
 impl Reason {
@@ -49,6 +52,7 @@ impl Reason {
             Reason::BadTimestamp => "bad_timestamp",
             Reason::TooLarge => "too_large",
             Reason::DeviceLimit => "device_limit",
+            Reason::ForeignDevice => "foreign_device",
         }
     }
 
@@ -86,6 +90,9 @@ pub struct DeadLetter {
     pub product: String,
     /// Its device, when known.
     pub device_id: String,
+    /// The tenant of its device (empty when unknown): who may read it.
+    #[serde(default)]
+    pub tenant_id: String,
     /// The script version that failed, when a script ran.
     pub script_version: String,
     /// The raw payload, base64; only its first [`KEPT_OF_TOO_LARGE`] bytes
@@ -109,6 +116,7 @@ impl DeadLetter {
             topic: message.topic.clone(),
             product: message.product.clone(),
             device_id: message.device_id.clone(),
+            tenant_id: String::new(),
             script_version: script_version.to_owned(),
             payload_base64: base64::engine::general_purpose::STANDARD.encode(&message.payload),
             payload_size: message.payload.len(),
@@ -150,6 +158,7 @@ impl DeadLetter {
             topic: topic.to_owned(),
             product: String::new(),
             device_id: String::new(),
+            tenant_id: String::new(),
             script_version: String::new(),
             payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
             payload_size: payload.len(),
@@ -189,13 +198,18 @@ impl DeadLetterRing {
         }
     }
 
-    /// The newest `limit` letters, newest first.
-    pub fn newest(&self, limit: usize) -> Vec<DeadLetter> {
+    /// The newest `limit` letters (of `tenant` only, when given), newest first.
+    pub fn newest(&self, limit: usize, tenant: Option<&str>) -> Vec<DeadLetter> {
         let ring = self
             .letters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        ring.iter().rev().take(limit).cloned().collect()
+        ring.iter()
+            .rev()
+            .filter(|l| tenant.is_none_or(|t| l.tenant_id == t))
+            .take(limit)
+            .cloned()
+            .collect()
     }
 }
 
@@ -209,8 +223,12 @@ mod tests {
         ring.push((0..5).map(|i| {
             DeadLetter::unroutable(SourceKind::Mqtt, &format!("t/{i}"), b"x", "no route".into())
         }));
-        let topics: Vec<String> = ring.newest(10).into_iter().map(|l| l.topic).collect();
+        let topics: Vec<String> = ring.newest(10, None).into_iter().map(|l| l.topic).collect();
         assert_eq!(topics, ["t/4", "t/3", "t/2"]);
-        assert_eq!(ring.newest(1)[0].payload_base64, "eA==");
+        assert_eq!(ring.newest(1, None)[0].payload_base64, "eA==");
+        assert!(
+            ring.newest(10, Some("acme")).is_empty(),
+            "no device of acme"
+        );
     }
 }

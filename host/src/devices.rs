@@ -11,6 +11,7 @@
 //! location = "lab-1"
 //! groups = ["floor-1"]
 //! status = { mode = "timeout", after = "5m" }   # optional, overrides the product's
+//! parent = "gw-01"                              # optional: the gateway that reports for it
 //! ```
 
 use std::collections::HashMap;
@@ -48,6 +49,10 @@ pub struct Device {
     /// A status mode overriding the product's.
     #[serde(default)]
     pub status: Option<StatusMode>,
+    /// The device (a gateway) whose script may write this device's
+    /// telemetry, attributes, events, alerts and status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 impl Device {
@@ -89,6 +94,10 @@ impl DeviceRegistry {
                 .map_err(|r| ConfigError::invalid(file, format!("devices[{i}].id"), r))?;
             check_name(&device.product)
                 .map_err(|r| ConfigError::invalid(file, format!("devices[{i}].product"), r))?;
+            if let Some(parent) = &device.parent {
+                check_name(parent)
+                    .map_err(|r| ConfigError::invalid(file, format!("devices[{i}].parent"), r))?;
+            }
             if map.contains_key(&device.id) {
                 return Err(ConfigError::invalid(
                     file,

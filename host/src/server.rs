@@ -203,6 +203,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         pipeline: state.clone(),
         ingest: config.sources.http.enabled.then(|| ingest.clone()),
         http: config.sources.http.clone(),
+        accept_unregistered: config.auth.as_ref().is_some_and(|a| a.accept_unregistered),
         metrics,
         ws: Arc::new(WsContext {
             hub: buses.hub.clone(),
@@ -214,7 +215,16 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         }),
         sources: health.clone(),
     };
-    intake.push(serve_http(listener, app_state, intake_rx.clone()));
+    if let Some(metrics_addr) = config.server.metrics_listen {
+        let metrics_listener = TcpListener::bind(metrics_addr).await?;
+        tracing::info!(%metrics_addr, "serving /metrics without credentials on a loopback address");
+        intake.push(serve_router(
+            metrics_listener,
+            crate::gateway::metrics_app(app_state.clone()),
+            intake_rx.clone(),
+        ));
+    }
+    intake.push(serve_router(listener, app(app_state), intake_rx.clone()));
     tracing::info!(
         %addr,
         bus = buses.bus.kind(),
@@ -438,10 +448,10 @@ fn start_sources(
     Ok((intake, health))
 }
 
-/// Serves HTTP (the API and the WebSocket upgrades) until `stop`.
-fn serve_http(
+/// Serves `router` on `listener` until `stop`.
+fn serve_router(
     listener: TcpListener,
-    app_state: AppState,
+    router: axum::Router,
     mut stop: watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -451,7 +461,7 @@ fn serve_http(
                 tracing::debug!(%error, "cannot set TCP_NODELAY");
             }
         });
-        let server = axum::serve(listener, app(app_state)).with_graceful_shutdown(async move {
+        let server = axum::serve(listener, router).with_graceful_shutdown(async move {
             let _ = stop.changed().await;
         });
         if let Err(error) = server.await {

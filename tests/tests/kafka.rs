@@ -128,7 +128,7 @@ async fn records_are_processed_and_committed_after_processing() {
     })
     .await;
     let letters = eventually(WAIT, "the keyless record's dead letter", || async {
-        let letters = state.bus.dead_letters(10).await.ok()?;
+        let letters = state.bus.dead_letters(10, None).await.ok()?;
         letters
             .iter()
             .any(|l| l.error.contains("no key"))

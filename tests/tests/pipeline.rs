@@ -156,7 +156,10 @@ impl Watch {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_payload_fans_out_to_sub_devices() {
     let site = Site::with_scripts(&["gateway"]);
-    let running = site.start("").await;
+    // No registry, no tenants: every device is of the gateway's (empty) tenant.
+    let running = site
+        .start("[products.gateway]\nchildren = \"same_tenant\"\nlimits = { deadline = \"5s\" }\n")
+        .await;
     let state = running.state().clone();
     for device in ["gw-1", "th-01", "th-02", "door-03"] {
         state.interest.set(device, true);
@@ -306,7 +309,7 @@ async fn every_status_mode_end_to_end_over_mqtt() {
     // An unroutable topic and a bad status payload are dead letters.
     device.publish("devices/status/msg-1", "maybe").await;
     let letters = eventually(WAIT, "a dead letter for the bad status payload", || async {
-        let letters = state.bus.dead_letters(10).await.ok()?;
+        let letters = state.bus.dead_letters(10, None).await.ok()?;
         letters
             .iter()
             .any(|l| l.error.contains("not 1 or 0"))

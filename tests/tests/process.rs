@@ -80,7 +80,7 @@ fn sluice_check_reports_a_valid_configuration_and_a_bad_one() {
     );
     assert!(stdout.contains("configuration is valid"), "{stdout}");
     assert!(stdout.contains("product lht65: lht65@"), "{stdout}");
-    assert!(stdout.contains("5 device(s)"), "{stdout}");
+    assert!(stdout.contains("6 device(s)"), "{stdout}");
 
     let config = std::fs::read_to_string(dir.path().join("sluice.toml")).unwrap();
     std::fs::write(

@@ -115,7 +115,7 @@ async fn broker_and_redis_restarts_do_not_stop_sluice() {
     // Redis goes away: processing goes on (latest values in memory), live
     // publications are dropped, and everything resumes when it is back.
     assert!(
-        state.bus.dead_letters(10).await.unwrap().is_empty(),
+        state.bus.dead_letters(10, None).await.unwrap().is_empty(),
         "no message failed across the broker restart"
     );
     redis.stop();
@@ -171,7 +171,7 @@ async fn broker_and_redis_restarts_do_not_stop_sluice() {
         .unwrap();
     assert_eq!(health.status().as_u16(), 200);
     assert!(
-        state.bus.dead_letters(10).await.unwrap().is_empty(),
+        state.bus.dead_letters(10, None).await.unwrap().is_empty(),
         "no message failed across the Redis restart"
     );
 

@@ -12,7 +12,7 @@ use sluice_tests::sluice::{Site, base_url, eventually, sources_connected, ws_url
 use sluice_tests::ws::{Received, WsClient};
 
 const WAIT: Duration = Duration::from_secs(15);
-const SECRET: &str = "test-secret";
+const SECRET: &str = "test-secret-of-at-least-32-bytes!";
 
 const REGISTRY: &str = r#"
 [[devices]]
@@ -407,7 +407,7 @@ async fn auth_refuses_missing_expired_forged_tokens_and_other_tenants() {
 
             [auth]
             jwt_secret = "{SECRET}"
-            api_keys = {{ "key-acme" = "acme" }}
+            api_keys = {{ "key-acme-0123456789" = "acme" }}
 
             [websocket]
             auth_timeout = "1s"
@@ -426,8 +426,8 @@ async fn auth_refuses_missing_expired_forged_tokens_and_other_tenants() {
     assert_eq!(anonymous.next_of("error").await["code"], "auth_timeout");
     assert_eq!(anonymous.closed(WAIT).await.0, 1008);
 
-    // Expired, in the query.
-    let expired = sign_jwt(SECRET.as_bytes(), "ann", "acme", now_ms() / 1000 - 10);
+    // Expired (past the 30 s leeway), in the query.
+    let expired = sign_jwt(SECRET.as_bytes(), "ann", "acme", now_ms() / 1000 - 120);
     let mut client = WsClient::connect(&format!("{url}?token={expired}")).await;
     assert_eq!(client.next_of("error").await["code"], "token_expired");
     assert_eq!(client.closed(WAIT).await.0, 1008);
@@ -452,9 +452,20 @@ async fn auth_refuses_missing_expired_forged_tokens_and_other_tenants() {
     client
         .send(&json!({"type": "subscribe", "id": "s", "channel": "status", "device_ids": ["other-1"]}))
         .await;
+    // Another tenant's device looks exactly like one that does not exist.
     let refused = client.next_of("error").await;
-    assert_eq!(refused["code"], "forbidden");
-    assert!(refused["message"].as_str().unwrap().contains("other-1"));
+    assert_eq!(refused["code"], "unknown_device");
+    client
+        .send(&json!({"type": "subscribe", "id": "s", "channel": "status", "device_ids": ["nobody-9"]}))
+        .await;
+    let nonexistent = client.next_of("error").await;
+    assert_eq!(
+        refused["message"].as_str().unwrap().replace("other-1", "X"),
+        nonexistent["message"]
+            .as_str()
+            .unwrap()
+            .replace("nobody-9", "X"),
+    );
     let mine = subscribe(
         &mut client,
         json!({"type": "subscribe", "id": "lab", "channel": "status", "locations": ["lab"]}),
@@ -466,7 +477,7 @@ async fn auth_refuses_missing_expired_forged_tokens_and_other_tenants() {
     let telemetry = ws_url(&running, "/api/v1/telemetry/datas/current/ws");
     let mut compat = WsClient::connect(&telemetry).await;
     compat
-        .send(&json!({"device_id": "th-1", "api_key": "key-acme"}))
+        .send(&json!({"device_id": "th-1", "api_key": "key-acme-0123456789"}))
         .await;
     assert!(compat.next_json().await.get("systime").is_some());
     let mut wrong = WsClient::connect(&telemetry).await;
@@ -477,9 +488,9 @@ async fn auth_refuses_missing_expired_forged_tokens_and_other_tenants() {
     assert_eq!(wrong.closed(WAIT).await.0, 1008);
     let mut other = WsClient::connect(&telemetry).await;
     other
-        .send(&json!({"device_id": "other-1", "api_key": "key-acme"}))
+        .send(&json!({"device_id": "other-1", "api_key": "key-acme-0123456789"}))
         .await;
-    assert_eq!(other.next_of("error").await["code"], "forbidden");
+    assert_eq!(other.next_of("error").await["code"], "unknown_device");
     running.stop().await;
 }
 

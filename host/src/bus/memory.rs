@@ -123,8 +123,12 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
-        Ok(self.dead_letters.newest(limit))
+    async fn dead_letters(
+        &self,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        Ok(self.dead_letters.newest(limit, tenant))
     }
 
     async fn add_records(&self, _batch: &[String]) -> Result<(), BusError> {

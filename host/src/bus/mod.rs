@@ -113,8 +113,13 @@ pub trait Bus: Send + Sync + 'static {
     /// Keeps dead letters.
     async fn add_dead_letters(&self, batch: &[DeadLetter]) -> Result<(), BusError>;
 
-    /// The newest dead letters, newest first.
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError>;
+    /// The newest `limit` dead letters (of devices of `tenant` only, when
+    /// given), newest first.
+    async fn dead_letters(
+        &self,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, BusError>;
 
     /// Appends processed records (JSON) to the records stream, if the bus keeps one.
     async fn add_records(&self, batch: &[String]) -> Result<(), BusError>;

@@ -30,6 +30,9 @@ pub(crate) struct DemoArgs {
     /// `<product>.wasm` files, used as it is.
     #[arg(long, default_value = "scripts")]
     scripts: PathBuf,
+    /// Where compiled scripts are kept (default `~/.cache/sluice/compiled`).
+    #[arg(long, env = "SLUICE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 pub(crate) fn run(args: &DemoArgs) -> ExitCode {
@@ -81,6 +84,9 @@ fn prepare(args: &DemoArgs) -> anyhow::Result<LoadedConfig> {
         }
         built
     });
+    if let Some(dir) = &args.cache_dir {
+        loaded.config.scripts.engine.cache_dir = Some(dir.clone());
+    }
     Ok(loaded)
 }
 

@@ -27,6 +27,10 @@ pub(crate) struct RunArgs {
     /// files, or a cargo workspace of Rust scripts, which is built first.
     #[arg(long, default_value = "scripts")]
     scripts: PathBuf,
+    /// Where compiled scripts are kept (instead of `[scripts] cache_dir`,
+    /// default `~/.cache/sluice/compiled`); only sluice's user may write there.
+    #[arg(long, env = "SLUICE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -48,6 +52,9 @@ fn loaded(args: &RunArgs) -> anyhow::Result<LoadedConfig> {
     };
     if let Some(listen) = args.listen {
         loaded.config.server.listen = listen;
+    }
+    if let Some(dir) = &args.cache_dir {
+        loaded.config.scripts.engine.cache_dir = Some(dir.clone());
     }
     Ok(loaded)
 }

@@ -119,6 +119,90 @@ impl Checks<'_> {
     }
 }
 
+/// The shortest JWT secret accepted (HS256 wants at least its hash size).
+pub(super) const MIN_SECRET_BYTES: usize = 32;
+/// The shortest API key accepted.
+pub(super) const MIN_API_KEY_CHARS: usize = 16;
+
+/// Checks what cannot be unsafe: `[auth]` has a credential, secrets and
+/// keys are long enough, scopes exist, and only admin keys lack a tenant;
+/// the metrics listener is loopback only.
+pub(super) fn check_auth(config: &Config, file: &Path) -> Result<(), ConfigError> {
+    let c = Checks { file };
+    if let Some(metrics) = config.server.metrics_listen
+        && !metrics.ip().is_loopback()
+    {
+        return Err(c.bad(
+            "server.metrics_listen",
+            format!("expected a loopback address (it serves /metrics without credentials), got {metrics}"),
+        ));
+    }
+    let Some(auth) = &config.auth else {
+        return Ok(());
+    };
+    if auth.jwt_secret.is_none() && auth.api_keys.0.is_empty() {
+        return Err(c.bad(
+            "auth",
+            "expected jwt_secret or api_keys: an [auth] section with no credential lets nobody in",
+        ));
+    }
+    if let Some(secret) = &auth.jwt_secret
+        && secret.len() < MIN_SECRET_BYTES
+    {
+        return Err(c.bad(
+            "auth.jwt_secret",
+            format!(
+                "expected a secret of at least {MIN_SECRET_BYTES} bytes, got {} (generate one with `openssl rand -base64 48`)",
+                secret.len()
+            ),
+        ));
+    }
+    if auth.leeway > Duration::from_secs(3600) {
+        return Err(c.bad("auth.leeway", "expected at most 1h"));
+    }
+    for (key, entry) in &auth.api_keys.0 {
+        // The key itself never goes into an error message.
+        let name = format!("auth.api_keys.<key of {} characters>", key.chars().count());
+        if key.chars().count() < MIN_API_KEY_CHARS {
+            return Err(c.bad(
+                name,
+                format!("expected an API key of at least {MIN_API_KEY_CHARS} characters"),
+            ));
+        }
+        match entry {
+            crate::config::ApiKey::Tenant(tenant) if tenant.is_empty() => {
+                return Err(c.bad(name, "expected a tenant"));
+            }
+            crate::config::ApiKey::Tenant(_) => {}
+            crate::config::ApiKey::Scoped(scoped) => {
+                let mut admin = false;
+                for scope in &scoped.scopes {
+                    match crate::gateway::auth::Scope::parse(scope) {
+                        Some(crate::gateway::auth::Scope::Admin) => admin = true,
+                        Some(_) => {}
+                        None => {
+                            return Err(c.bad(
+                                format!("{name}.scopes"),
+                                format!("unknown scope {scope:?} (read, ingest, command or admin)"),
+                            ));
+                        }
+                    }
+                }
+                if scoped.scopes.is_empty() {
+                    return Err(c.bad(format!("{name}.scopes"), "expected at least one scope"));
+                }
+                if scoped.tenant.as_deref().is_none_or(str::is_empty) && !admin {
+                    return Err(c.bad(
+                        format!("{name}.tenant"),
+                        "expected a tenant (only an admin key may have none)",
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks every duration, size and count of `config`.
 pub(super) fn check_ranges(config: &Config, file: &Path) -> Result<(), ConfigError> {
     let c = Checks { file };
@@ -282,6 +366,63 @@ mod tests {
     #[test]
     fn the_defaults_pass() {
         check("").unwrap();
+    }
+
+    #[test]
+    fn auth_that_could_be_unsafe_is_refused_naming_the_key() {
+        let secret = "s".repeat(32);
+        let key = "k".repeat(16);
+        for (text, key_named) in [
+            ("[auth]\n".to_owned(), "auth"),
+            ("[auth]\njwt_secret = \"\"".to_owned(), "auth.jwt_secret"),
+            (
+                "[auth]\njwt_secret = \"short\"".to_owned(),
+                "auth.jwt_secret",
+            ),
+            (
+                "[auth.api_keys]\nk1 = \"acme\"".to_owned(),
+                "auth.api_keys.<key of 2 characters>",
+            ),
+            (
+                format!("[auth.api_keys]\n{key} = {{ scopes = [\"read\"] }}"),
+                "auth.api_keys.<key of 16 characters>.tenant",
+            ),
+            (
+                format!("[auth.api_keys]\n{key} = {{ tenant = \"a\", scopes = [\"root\"] }}"),
+                "auth.api_keys.<key of 16 characters>.scopes",
+            ),
+            (
+                format!(
+                    "[auth]\njwt_secret = \"{secret}\"\n[server]\nmetrics_listen = \"0.0.0.0:9090\""
+                ),
+                "server.metrics_listen",
+            ),
+        ] {
+            let error = check(&text).expect_err(&text).to_string();
+            assert!(
+                error.contains(&format!("key `{key_named}`")),
+                "{text}: {error}"
+            );
+            assert!(!error.contains(&key), "the key is not shown: {error}");
+        }
+        check(&format!("[auth]\njwt_secret = \"{secret}\"")).unwrap();
+        check(&format!(
+            "[auth.api_keys]\n{key} = {{ scopes = [\"admin\"] }}"
+        ))
+        .unwrap();
+        let error = check(&format!("[auth.api_keys]\n{key} = \"a\"\n{key} = \"b\""))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("duplicate key"), "{error}");
+        let json = parse_text::<Config>(
+            &format!("{{\"auth\": {{\"api_keys\": {{\"{key}\": \"a\", \"{key}\": \"b\"}}}}}}"),
+            Path::new("sluice.json"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(json.contains("a key twice"), "{json}");
+        assert!(!json.contains(&key), "{json}");
     }
 
     #[test]

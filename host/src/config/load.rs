@@ -69,15 +69,22 @@ pub fn parse_text<T: DeserializeOwned>(
         reason,
     };
     let mut value: serde_json::Value = if file.extension().is_some_and(|e| e == "json") {
+        // TOML refuses a key given twice; JSON parsers keep the last one,
+        // which would let a second API key hide behind the first.
+        serde_json::from_str::<NoDuplicateKeys>(text).map_err(|e| syntax(e.to_string()))?;
         serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?
     } else {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| syntax(e.to_string().trim_end().to_owned()))?;
+        let table: toml::Table = toml::from_str(text).map_err(|e| syntax(toml_error(text, &e)))?;
         serde_json::to_value(table).map_err(|e| syntax(e.to_string()))?
     };
     expand(&mut value, &mut Vec::new(), file, env)?;
     serde_path_to_error::deserialize(value).map_err(|error| {
-        let key = error.path().to_string();
+        let mut key = error.path().to_string();
+        // A path into the API keys would name a key: a secret.
+        if let Some(rest) = key.strip_prefix("auth.api_keys.") {
+            let length = rest.split('.').next().map_or(0, |k| k.chars().count());
+            key = format!("auth.api_keys.<key of {length} characters>");
+        }
         ConfigError::invalid(
             file,
             if key == "." {
@@ -88,6 +95,81 @@ pub fn parse_text<T: DeserializeOwned>(
             error.into_inner().to_string(),
         )
     })
+}
+
+/// A JSON document in which no object has a key twice.
+struct NoDuplicateKeys;
+
+impl<'de> serde::Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = NoDuplicateKeys;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("JSON")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    if !seen.insert(key) {
+                        return Err(serde::de::Error::custom(
+                            "an object has a key twice (the key is not shown: it may be a secret)",
+                        ));
+                    }
+                    map.next_value::<NoDuplicateKeys>()?;
+                }
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+                Ok(NoDuplicateKeys)
+            }
+
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(NoDuplicateKeys)
+            }
+        }
+        deserializer.deserialize_any(Visit)
+    }
+}
+
+/// A TOML error as `line L, column C: what`, without quoting the line: it
+/// may hold a secret (a duplicate API key, say).
+fn toml_error(text: &str, error: &toml::de::Error) -> String {
+    let message = error.message().trim_end();
+    match error.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("TOML parse error at line {line}, column {column}: {message}")
+        }
+        None => format!("TOML parse error: {message}"),
+    }
 }
 
 /// Replaces `${VAR}` (and `${VAR:-default}`) in every string; `$${` is a

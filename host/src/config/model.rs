@@ -63,16 +63,73 @@ pub struct Config {
     pub websocket: WebSocketConfig,
 }
 
-/// Authentication of WebSocket clients: JWTs signed with a shared secret,
-/// API keys, or both. Every client gets a tenant and sees only its devices.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+/// Authentication of every caller (HTTP API and WebSockets): JWTs signed
+/// with a shared secret, API keys, or both. Every credential has a tenant
+/// (admin credentials may have none) and scopes: `read`, `ingest`,
+/// `command`, `admin`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// The HS256 secret of JWTs (`sub`, `tenant_id`, `exp`).
+    /// The HS256 secret of JWTs (`sub`, `tenant_id`, `exp`, optional
+    /// `nbf`, `iss`, `aud`, and `scope` or `scopes`); at least 32 bytes.
     pub jwt_secret: Option<String>,
-    /// API key → tenant.
-    pub api_keys: BTreeMap<String, String>,
+    /// When set, a token's `iss` must be this.
+    pub jwt_issuer: Option<String>,
+    /// When set, a token's `aud` must be (or list) this.
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// API key → its tenant (scope `read`), or `{ tenant, scopes }`.
+    pub api_keys: ApiKeys,
+    /// Accept `?token=` / `?api_key=` on WebSocket upgrades (browsers
+    /// cannot set headers there). Never on other routes.
+    pub allow_query_tokens: bool,
+    /// Let HTTP ingest create a device the registry does not know; it then
+    /// belongs to the caller's tenant. Off: such a device is unknown (404).
+    pub accept_unregistered: bool,
 }
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_secret: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            leeway: Duration::from_secs(30),
+            api_keys: ApiKeys::default(),
+            allow_query_tokens: true,
+            accept_unregistered: false,
+        }
+    }
+}
+
+/// One configured API key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ApiKey {
+    /// `key = "tenant"`: that tenant, scope `read`.
+    Tenant(String),
+    /// `key = { tenant = "…", scopes = ["read", "ingest"] }`.
+    Scoped(ScopedKey),
+}
+
+/// An API key with its scopes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedKey {
+    /// Its tenant; only an `admin` key may have none.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// What it may do.
+    pub scopes: Vec<String>,
+}
+
+/// API keys by key. A key given twice is an error at load (TOML refuses
+/// it, and so does the loader for JSON files).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct ApiKeys(pub BTreeMap<String, ApiKey>);
 
 /// WebSocket limits.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -134,12 +191,17 @@ impl Default for WebSocketConfig {
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// A second, loopback-only address serving `GET /metrics` without
+    /// credentials, for a scraper on the same host (on `listen`, `/metrics`
+    /// needs an admin credential when `[auth]` is on).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: None,
         }
     }
 }
@@ -288,6 +350,24 @@ pub struct ProductConfig {
     /// Per-call limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Which other devices this product's outputs may write: `declared`
+    /// (the default: devices whose registry entry names the reporting
+    /// device as `parent`) or `same_tenant` (also any device of the
+    /// reporting device's tenant). Anything else is a `foreign_device` dead
+    /// letter.
+    #[serde(default)]
+    pub children: Children,
+}
+
+/// Which devices a product's outputs may name besides the reporting one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Children {
+    /// Only devices declared with `parent = "<reporting device>"`.
+    #[default]
+    Declared,
+    /// Those, and any device of the reporting device's tenant.
+    SameTenant,
 }
 
 /// Status detection.
@@ -452,6 +532,7 @@ impl Config {
             }
         }
         super::checks::check_ranges(self, file)?;
+        super::checks::check_auth(self, file)?;
         for (i, route) in self.routes.iter().enumerate() {
             if let Err(reason) =
                 crate::route::TopicTemplate::parse(&route.topic, route.product.as_deref())

@@ -9,33 +9,47 @@ use crate::latest::Snapshot;
 use crate::pipeline::PipelineState;
 use crate::status::DeviceStatus;
 
-/// Whether `identity` may see `device`: with authentication, the device
-/// must be registered to the identity's tenant; without it, the device
-/// must be registered or have reported.
+/// Whether `identity` may see `device`: without authentication, any
+/// device that is registered or has reported; with it, a registered
+/// device of the identity's tenant, or an unregistered one created for it
+/// (admin: every one).
+pub(super) fn sees_device(
+    state: &PipelineState,
+    identity: Option<&Identity>,
+    device: &str,
+) -> bool {
+    if let Some(registered) = state.registry.load().get(device) {
+        return identity.is_none_or(|i| i.sees(&registered.tenant));
+    }
+    match state.seen.get(device) {
+        Some(seen) => identity.is_none_or(|i| {
+            i.allows(super::auth::Scope::Admin) || (!seen.tenant.is_empty() && i.sees(&seen.tenant))
+        }),
+        None => false,
+    }
+}
+
+/// The answer for a device the caller may not see: the same whether it
+/// belongs to another tenant or does not exist, so nothing tells them apart.
+pub(super) fn unknown_device(device: &str) -> String {
+    format!("no device {device:?} is known")
+}
+
+/// [`sees_device`], as a frame error.
 pub(super) fn check_device(
     state: &PipelineState,
     identity: Option<&Identity>,
     device: &str,
 ) -> Result<(), FrameError> {
-    let registry = state.registry.load();
-    match (registry.get(device), identity) {
-        (Some(registered), Some(identity)) if registered.tenant != identity.tenant => {
-            Err(FrameError::new(
-                "forbidden",
-                format!("device {device:?} belongs to another tenant"),
-            ))
-        }
-        (Some(_), _) => Ok(()),
-        (None, None) if state.seen.get(device).is_some() => Ok(()),
-        (None, _) => Err(FrameError::new(
-            "unknown_device",
-            format!("no device {device:?} is registered"),
-        )),
+    if sees_device(state, identity, device) {
+        Ok(())
+    } else {
+        Err(FrameError::new("unknown_device", unknown_device(device)))
     }
 }
 
 fn visible(device: &Device, identity: Option<&Identity>) -> bool {
-    identity.is_none_or(|i| device.tenant == i.tenant)
+    identity.is_none_or(|i| i.sees(&device.tenant))
 }
 
 /// Whether a registered device matches the registry filters of `request`
@@ -49,7 +63,7 @@ pub(super) fn matches(device: &Device, request: &Subscribe) -> bool {
 }
 
 /// The devices `request` covers for `identity`, checking every device it
-/// names.
+/// names (one the identity may not see is an `unknown_device` error).
 pub(super) fn resolve(
     state: &PipelineState,
     identity: Option<&Identity>,
@@ -58,8 +72,23 @@ pub(super) fn resolve(
     for device in &request.device_ids {
         check_device(state, identity, device)?;
     }
+    Ok(covered(state, identity, request))
+}
+
+/// The devices `request` covers for `identity` now: named devices it may
+/// still see, and registered devices that match its filters.
+pub(super) fn covered(
+    state: &PipelineState,
+    identity: Option<&Identity>,
+    request: &Subscribe,
+) -> BTreeSet<String> {
+    let named = request
+        .device_ids
+        .iter()
+        .filter(|d| sees_device(state, identity, d))
+        .cloned();
     if !request.selects_from_registry() {
-        return Ok(request.device_ids.iter().cloned().collect());
+        return named.collect();
     }
     let registry = state.registry.load();
     let mut devices: BTreeSet<String> = registry
@@ -71,9 +100,9 @@ pub(super) fn resolve(
     // when nothing else narrows the set.
     if request.device_types.is_empty() && request.locations.is_empty() && request.groups.is_empty()
     {
-        devices.extend(request.device_ids.iter().cloned());
+        devices.extend(named);
     }
-    Ok(devices)
+    devices
 }
 
 /// Registered devices visible to `identity`.

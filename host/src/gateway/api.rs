@@ -7,6 +7,9 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 
+use super::access::{sees_device, unknown_device};
+use super::auth::Scope;
+use super::caller::Caller;
 use super::{AppError, AppState};
 use crate::deadletter::DeadLetter;
 use crate::latest::Snapshot;
@@ -19,15 +22,22 @@ pub(super) struct Limit {
     limit: Option<usize>,
 }
 
-/// `GET /api/v1/deadletter?limit=100`: the newest dead letters, newest first.
+/// `GET /api/v1/deadletter?limit=100`: the newest dead letters of the
+/// caller's devices (an admin's: all), newest first.
 pub(super) async fn dead_letters(
     State(app): State<AppState>,
+    caller: Caller,
     Query(query): Query<Limit>,
 ) -> Result<Json<Vec<DeadLetter>>, AppError> {
+    caller.require(Scope::Read)?;
     let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let tenant = match caller.identity() {
+        Some(identity) if !identity.allows(Scope::Admin) => Some(identity.tenant_name()),
+        _ => None,
+    };
     app.pipeline
         .bus
-        .dead_letters(limit)
+        .dead_letters(limit, tenant)
         .await
         .map(Json)
         .map_err(|e| {
@@ -126,12 +136,25 @@ pub(super) struct DeviceView {
     pub(super) latest: Option<Snapshot>,
 }
 
-/// `GET /api/v1/devices/{device}`: status and latest values.
+/// `GET /api/v1/devices/{device}`: status and latest values. Another
+/// tenant's device is answered exactly like one that does not exist.
 pub(super) async fn device(
     State(app): State<AppState>,
+    caller: Caller,
     Path(device): Path<String>,
 ) -> Result<Json<DeviceView>, AppError> {
     let pipeline = &app.pipeline;
+    let unknown = || {
+        AppError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+            unknown_device(&device),
+        )
+    };
+    if caller.identity().is_some() && !sees_device(pipeline, caller.identity(), &device) {
+        return Err(unknown());
+    }
+    caller.require(Scope::Read)?;
     let status = pipeline.status.get(&device);
     let latest = match pipeline.latest.get(&device) {
         Some(snapshot) => Some(snapshot),
@@ -144,11 +167,7 @@ pub(super) async fn device(
         })?,
     };
     if status.is_none() && latest.is_none() && pipeline.registry.load().get(&device).is_none() {
-        return Err(AppError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_device",
-            format!("no device {device:?} is known"),
-        ));
+        return Err(unknown());
     }
     Ok(Json(DeviceView {
         device_name: pipeline.name_of(&device),

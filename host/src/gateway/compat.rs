@@ -6,11 +6,12 @@ use std::sync::Arc;
 
 use axum::extract::ws::WebSocket;
 use axum::extract::{State, WebSocketUpgrade};
-use axum::response::Response;
+use axum::routing::{MethodRouter, get};
 use serde_json::json;
 
-use super::access::{check_device, latest_of, status_of};
-use super::auth::Identity;
+use super::access::{check_device, latest_of, sees_device, status_of};
+use super::auth::{AuthError, Identity, Scope};
+use super::caller::UpgradeAuth;
 use super::frames::{CompatHello, FrameError, Rendered, compat_telemetry, parse_json, select_keys};
 use super::hub::{Kinds, Watcher};
 use super::outbox::Outbox;
@@ -21,7 +22,7 @@ use crate::message::now_ms;
 
 /// Which endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Endpoint {
+pub(super) enum Endpoint {
     /// `/api/v1/device/online/status/ws`.
     Status,
     /// `/api/v1/telemetry/datas/current/ws`.
@@ -30,25 +31,18 @@ enum Endpoint {
     TelemetryKeys,
 }
 
-/// `GET /api/v1/device/online/status/ws`.
-pub(super) async fn status(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
-    upgrade(ws, &app, move |socket, app, slot| {
-        serve(socket, app, slot, Endpoint::Status)
-    })
-}
-
-/// `GET /api/v1/telemetry/datas/current/ws`.
-pub(super) async fn telemetry(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
-    upgrade(ws, &app, move |socket, app, slot| {
-        serve(socket, app, slot, Endpoint::Telemetry)
-    })
-}
-
-/// `GET /api/v1/telemetry/datas/current/keys/ws`.
-pub(super) async fn telemetry_keys(ws: WebSocketUpgrade, State(app): State<AppState>) -> Response {
-    upgrade(ws, &app, move |socket, app, slot| {
-        serve(socket, app, slot, Endpoint::TelemetryKeys)
-    })
+/// The `GET` route of one endpoint: credentials from the upgrade request
+/// when given, otherwise from the first frame.
+pub(super) fn route(endpoint: Endpoint) -> MethodRouter<AppState> {
+    get(
+        move |ws: WebSocketUpgrade,
+              State(app): State<AppState>,
+              UpgradeAuth(checked): UpgradeAuth| async move {
+            upgrade(ws, &app, move |socket, app, slot| {
+                serve(socket, app, slot, endpoint, checked)
+            })
+        },
+    )
 }
 
 struct CompatWatcher {
@@ -85,11 +79,13 @@ impl Watcher for CompatWatcher {
 }
 
 /// Waits for a valid first frame; `None` when the client left or was
-/// refused (and told why).
+/// refused (and told why). Its credentials are the frame's, else those
+/// that came with the upgrade.
 async fn hello(
     session: &mut Session,
     app: &AppState,
     endpoint: Endpoint,
+    upgrade: Option<Result<Option<Identity>, AuthError>>,
 ) -> Option<(CompatHello, Option<Identity>)> {
     let deadline = tokio::time::Instant::now() + app.ws.config.auth_timeout;
     loop {
@@ -120,13 +116,26 @@ async fn hello(
             );
             continue;
         }
-        let identity = match app.ws.auth.check(&hello.credentials()) {
+        let credentials = hello.credentials();
+        let checked = match (&upgrade, credentials.is_empty()) {
+            (Some(from_upgrade), true) => from_upgrade.clone(),
+            _ => app.ws.auth.check(&credentials),
+        };
+        let identity = match checked {
             Ok(identity) => identity,
             Err(error) => {
+                metrics::counter!("sluice_auth_failures_total", "code" => error.code())
+                    .increment(1);
                 session.send(FrameError::new(error.code(), error.to_string()).frame());
                 return None;
             }
         };
+        if identity.as_ref().is_some_and(|i| !i.allows(Scope::Read)) {
+            session.send(
+                FrameError::new("insufficient_scope", "this endpoint needs the read scope").frame(),
+            );
+            return None;
+        }
         if let Err(error) = check_device(&app.pipeline, identity.as_ref(), &hello.device_id) {
             session.send(error.frame());
             continue;
@@ -146,13 +155,22 @@ pub(super) fn unreadable(incoming: &Incoming) -> FrameError {
     }
 }
 
-async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint) {
+async fn serve(
+    socket: WebSocket,
+    app: AppState,
+    slot: Slot,
+    endpoint: Endpoint,
+    upgrade: Option<Result<Option<Identity>, AuthError>>,
+) {
     let mut session = Session::start(socket, &app.ws.config, slot, app.ws.shutdown.clone());
     // Rare, large futures are boxed so an idle connection stays small.
-    let Some((hello, _identity)) = Box::pin(hello(&mut session, &app, endpoint)).await else {
+    let Some((hello, identity)) = Box::pin(hello(&mut session, &app, endpoint, upgrade)).await
+    else {
         Box::pin(session.close(close::POLICY, "not authenticated")).await;
         return;
     };
+    let expires = super::credential_deadline(identity.as_ref());
+    let mut registry_changes = app.ws.registry_reloads();
     let device = hello.device_id;
     let keys = hello.keys.unwrap_or_default();
     let watcher = Arc::new(CompatWatcher {
@@ -173,20 +191,41 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, endpoint: Endpoint)
     if let Some(first) = Box::pin(first_frame(&app, endpoint, &device, &keys)).await {
         session.send(first);
     }
-    while let Some(incoming) = session.next().await {
-        let error = match incoming {
-            Incoming::Text(_) => FrameError::new(
-                "unexpected_frame",
-                "this endpoint takes one first frame; send text ping to keep alive",
-            ),
-            other => unreadable(&other),
-        };
-        session.send(error.frame());
+    // Why the session ends, when the server ends it: a close code and reason.
+    let mut ended: Option<(u16, &str)> = None;
+    loop {
+        tokio::select! {
+            incoming = session.next() => {
+                let Some(incoming) = incoming else { break };
+                let error = match incoming {
+                    Incoming::Text(_) => FrameError::new(
+                        "unexpected_frame",
+                        "this endpoint takes one first frame; send text ping to keep alive",
+                    ),
+                    other => unreadable(&other),
+                };
+                session.send(error.frame());
+            }
+            changed = registry_changes.changed() => {
+                // The device moved to another tenant, or left the registry.
+                if changed.is_ok() && !sees_device(&app.pipeline, identity.as_ref(), &device) {
+                    session.send(FrameError::new("unknown_device", super::access::unknown_device(&device)).frame());
+                    ended = Some((close::POLICY, "device no longer known"));
+                    break;
+                }
+            }
+            _ = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
+                session.send(FrameError::new("token_expired", "the token of this connection has expired; connect again with a new one").frame());
+                ended = Some((close::POLICY, "token expired"));
+                break;
+            }
+        }
     }
     if let Err(error) = Box::pin(app.ws.hub.unwatch(id, &device)).await {
         tracing::warn!(%error, device, "could not release a watch");
     }
-    Box::pin(session.close(close::NORMAL, "bye")).await;
+    let (code, reason) = ended.unwrap_or((close::NORMAL, "bye"));
+    Box::pin(session.close(code, reason)).await;
 }
 
 /// What is known of `device` now, as the endpoint's first frame.

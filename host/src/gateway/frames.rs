@@ -65,11 +65,11 @@ pub struct CompatHello {
 }
 
 impl CompatHello {
-    /// Its credentials.
+    /// Its credentials (empty strings count as none).
     pub fn credentials(&self) -> Credentials {
         Credentials {
-            token: self.token.clone(),
-            api_key: self.api_key.clone(),
+            token: self.token.clone().filter(|t| !t.is_empty()),
+            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
         }
     }
 }

@@ -1,14 +1,17 @@
 //! The HTTP side of sluice (axum): ingest, the API, health and metrics,
-//! and the WebSocket gateway (compatibility endpoints and `/ws`).
+//! and the WebSocket gateway (compatibility endpoints and `/ws`), every
+//! route behind one authentication layer ([`caller`]).
 
 mod access;
 mod api;
 pub mod auth;
+pub mod caller;
 mod compat;
 mod dashboard;
 mod error;
 pub mod frames;
 pub mod hub;
+mod ingest;
 mod native;
 pub mod outbox;
 mod services;
@@ -21,6 +24,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::extract::WebSocketUpgrade;
 use axum::extract::ws::WebSocket;
 use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -31,7 +35,6 @@ pub use error::AppError;
 use crate::config::{HttpIngestConfig, WebSocketConfig};
 use crate::pipeline::{Ingest, PipelineState};
 use crate::source::SourceHealth;
-use crate::source::http;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -42,6 +45,9 @@ pub struct AppState {
     pub ingest: Option<Ingest>,
     /// HTTP ingest settings.
     pub http: HttpIngestConfig,
+    /// HTTP ingest may create devices the registry does not know (with
+    /// authentication, for the caller's tenant).
+    pub accept_unregistered: bool,
     /// The metrics recorder.
     pub metrics: PrometheusHandle,
     /// The WebSocket gateway.
@@ -65,6 +71,26 @@ pub struct WsContext {
     pub registry_changes: watch::Receiver<u64>,
     /// Turns true when sluice stops: every session ends with 1001.
     pub shutdown: watch::Receiver<bool>,
+}
+
+impl WsContext {
+    /// A receiver of registry reloads that fires only for reloads after
+    /// this call: a session checks what it may see when one arrives.
+    pub(crate) fn registry_reloads(&self) -> watch::Receiver<u64> {
+        let mut changes = self.registry_changes.clone();
+        changes.mark_unchanged();
+        changes
+    }
+}
+
+/// When a session authenticated by `identity` must end: a session lasts
+/// as long as its credential, and one without an expiry never ends for it.
+pub(crate) fn credential_deadline(
+    identity: Option<&auth::Identity>,
+) -> Option<tokio::time::Instant> {
+    let exp = identity?.expires_at?;
+    let left = exp.saturating_sub(crate::message::now_ms() / 1000).max(0);
+    Some(tokio::time::Instant::now() + std::time::Duration::from_secs(left.unsigned_abs()))
 }
 
 /// Upgrades to a WebSocket served by `serve`, unless the instance holds
@@ -108,26 +134,63 @@ impl std::fmt::Debug for AppState {
     }
 }
 
-/// The router, so tests can drive it without a socket.
+/// The router, so tests can drive it without a socket. Every route is
+/// behind the authentication layer of its kind: public (`/health`,
+/// `/ready`, the dashboard page), WebSocket upgrades (credentials checked
+/// when given; the endpoints ask for them otherwise), and the rest
+/// (credentials required; `/api/v1/scripts` and `/metrics` need `admin`).
 pub fn app(state: AppState) -> Router {
     let body_limit = usize::try_from(state.http.max_body.as_u64()).unwrap_or(usize::MAX);
-    Router::new()
-        .route("/api/v1/ingest/{product}/{device}", post(http::ingest_one))
-        .route("/api/v1/ingest/{product}", post(http::ingest_batch))
-        .layer(DefaultBodyLimit::max(body_limit))
-        .route("/api/v1/deadletter", get(api::dead_letters))
-        .route("/api/v1/scripts", get(api::scripts))
-        .route("/api/v1/devices/{device}", get(api::device))
-        .route("/api/v1/device/online/status/ws", get(compat::status))
-        .route("/api/v1/telemetry/datas/current/ws", get(compat::telemetry))
-        .route(
-            "/api/v1/telemetry/datas/current/keys/ws",
-            get(compat::telemetry_keys),
-        )
-        .route("/ws", get(native::native))
+    let public = Router::new()
         .route("/", get(dashboard::page))
         .route("/health", get(api::health))
-        .route("/ready", get(api::ready))
+        .route("/ready", get(api::ready));
+    let upgrades = Router::new()
+        .route(
+            "/api/v1/device/online/status/ws",
+            compat::route(compat::Endpoint::Status),
+        )
+        .route(
+            "/api/v1/telemetry/datas/current/ws",
+            compat::route(compat::Endpoint::Telemetry),
+        )
+        .route(
+            "/api/v1/telemetry/datas/current/keys/ws",
+            compat::route(compat::Endpoint::TelemetryKeys),
+        )
+        .route("/ws", get(native::native))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            caller::upgrade_credentials,
+        ));
+    let admin = Router::new()
+        .route("/api/v1/scripts", get(api::scripts))
+        .route("/metrics", get(api::metrics))
+        .route_layer(middleware::from_fn(caller::require_admin));
+    let protected = Router::new()
+        .route(
+            "/api/v1/ingest/{product}/{device}",
+            post(ingest::ingest_one),
+        )
+        .route("/api/v1/ingest/{product}", post(ingest::ingest_batch))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .route("/api/v1/deadletter", get(api::dead_letters))
+        .route("/api/v1/devices/{device}", get(api::device))
+        .merge(admin)
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            caller::require_credentials,
+        ));
+    Router::new()
+        .merge(public)
+        .merge(upgrades)
+        .merge(protected)
+        .with_state(state)
+}
+
+/// `GET /metrics` alone, without credentials: for `[server] metrics_listen`.
+pub fn metrics_app(state: AppState) -> Router {
+    Router::new()
         .route("/metrics", get(api::metrics))
         .with_state(state)
 }

@@ -6,14 +6,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::WebSocket;
-use axum::extract::{Query, State, WebSocketUpgrade};
-use axum::http::HeaderMap;
+use axum::extract::{State, WebSocketUpgrade};
 use axum::response::Response;
-use serde::Deserialize;
 use serde_json::json;
 
-use super::access::{latest_of_many, resolve, status_of_many};
-use super::auth::{AuthError, Credentials, Identity};
+use super::access::{covered, latest_of_many, resolve, sees_device, status_of_many};
+use super::auth::{AuthError, Identity, Scope};
+use super::caller::UpgradeAuth;
 use super::compat::unreadable;
 use super::frames::{
     self, Channel, ClientFrame, FrameError, Rendered, Subscribe, parse_client_frame, select_keys,
@@ -28,31 +27,15 @@ use crate::bus::Publication;
 /// Devices whose snapshots are looked up in one go.
 const SNAPSHOT_CHUNK: usize = 1000;
 
-/// `?token=` or `?api_key=` on the upgrade request.
-#[derive(Debug, Default, Deserialize)]
-pub(super) struct AuthQuery {
-    token: Option<String>,
-    api_key: Option<String>,
-}
-
-/// `GET /ws`.
+/// `GET /ws`: credentials may come with the upgrade (header, or query
+/// where allowed), else in an `auth` frame.
 pub(super) async fn native(
     ws: WebSocketUpgrade,
     State(app): State<AppState>,
-    Query(query): Query<AuthQuery>,
-    headers: HeaderMap,
+    UpgradeAuth(checked): UpgradeAuth,
 ) -> Response {
-    let bearer = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let credentials = Credentials {
-        token: bearer.or(query.token),
-        api_key: query.api_key,
-    };
     upgrade(ws, &app, move |socket, app, slot| {
-        serve(socket, app, slot, credentials)
+        serve(socket, app, slot, checked)
     })
 }
 
@@ -166,25 +149,27 @@ impl Coverage {
     }
 }
 
+/// Who the session is for: the credential checked at the upgrade, or the
+/// first `auth` frame within `auth_timeout`. `Ok(None)` without `[auth]`.
 async fn authenticate(
     session: &mut Session,
     app: &AppState,
-    credentials: Credentials,
+    checked: Option<Result<Option<Identity>, AuthError>>,
 ) -> Result<Option<Identity>, ()> {
     if !app.ws.auth.enabled() {
         return Ok(None);
     }
     let refuse = |session: &Session, error: AuthError| {
+        metrics::counter!("sluice_auth_failures_total", "code" => error.code()).increment(1);
         session.send(FrameError::new(error.code(), error.to_string()).frame());
     };
-    if credentials.token.is_some() || credentials.api_key.is_some() {
-        return match app.ws.auth.check(&credentials) {
-            Ok(identity) => Ok(identity),
-            Err(error) => {
-                refuse(session, error);
-                Err(())
-            }
-        };
+    match checked {
+        Some(Ok(identity)) => return Ok(identity),
+        Some(Err(error)) => {
+            refuse(session, error);
+            return Err(());
+        }
+        None => {}
     }
     let deadline = tokio::time::Instant::now() + app.ws.config.auth_timeout;
     loop {
@@ -203,7 +188,7 @@ async fn authenticate(
             Ok(ClientFrame::Auth(credentials)) => match app.ws.auth.check(&credentials) {
                 Ok(identity) => {
                     session.send(
-                        json!({"type": "authenticated", "tenant_id": identity.as_ref().map(|i| &i.tenant)})
+                        json!({"type": "authenticated", "tenant_id": identity.as_ref().and_then(|i| i.tenant.as_ref())})
                             .to_string(),
                     );
                     return Ok(identity);
@@ -221,15 +206,20 @@ async fn authenticate(
     }
 }
 
-async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Credentials) {
+async fn serve(
+    socket: WebSocket,
+    app: AppState,
+    slot: Slot,
+    checked: Option<Result<Option<Identity>, AuthError>>,
+) {
     let mut session = Session::start(socket, &app.ws.config, slot, app.ws.shutdown.clone());
     // Rare, large futures are boxed so an idle connection stays small.
-    let Ok(identity) = Box::pin(authenticate(&mut session, &app, credentials)).await else {
+    let Ok(identity) = Box::pin(authenticate(&mut session, &app, checked)).await else {
         Box::pin(session.close(close::POLICY, "not authenticated")).await;
         return;
     };
-    let mut registry_changes = app.ws.registry_changes.clone();
-    registry_changes.mark_unchanged();
+    let expires = super::credential_deadline(identity.as_ref());
+    let mut registry_changes = app.ws.registry_reloads();
     let mut client = Client {
         id: app.ws.hub.register(),
         watcher: Arc::new(NativeWatcher {
@@ -271,6 +261,12 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Creden
                 }
                 Box::pin(client.follow_registry()).await;
             }
+            _ = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
+                session.send(FrameError::new("token_expired", "the token of this connection has expired; connect again with a new one").frame());
+                Box::pin(client.leave()).await;
+                Box::pin(session.close(close::POLICY, "token expired")).await;
+                return;
+            }
         }
     }
     Box::pin(client.leave()).await;
@@ -278,6 +274,19 @@ async fn serve(socket: WebSocket, app: AppState, slot: Slot, credentials: Creden
 }
 
 impl Client {
+    /// An `insufficient_scope` error unless the connection's credential
+    /// allows `scope`.
+    fn require(&self, scope: Scope) -> Result<(), FrameError> {
+        if self.identity.as_ref().is_none_or(|i| i.allows(scope)) {
+            Ok(())
+        } else {
+            Err(FrameError::new(
+                "insufficient_scope",
+                format!("this needs the {} scope", scope.as_str()),
+            ))
+        }
+    }
+
     async fn handle(&mut self, frame: ClientFrame) -> Result<Vec<String>, FrameError> {
         match frame {
             ClientFrame::Auth(_) => Err(FrameError::new(
@@ -287,6 +296,7 @@ impl Client {
             ClientFrame::Ping => Ok(vec![json!({"type": "pong"}).to_string()]),
             ClientFrame::Subscribe(request) => {
                 let id = request.id.clone();
+                self.require(Scope::Read).map_err(|e| e.about(&id))?;
                 self.subscribe(*request).await.map_err(|e| e.about(&id))
             }
             ClientFrame::Unsubscribe(id) => self.unsubscribe(&id).await.map_err(|e| e.about(&id)),
@@ -489,16 +499,27 @@ impl Client {
         }
     }
 
-    /// Re-resolves subscriptions that select from the registry.
+    /// Follows a registry reload: a device the connection may no longer
+    /// see (moved to another tenant, removed) leaves every subscription at
+    /// once, each with an `error` frame naming it; subscriptions that select
+    /// from the registry take in what now matches.
     async fn follow_registry(&mut self) {
+        let state = self.app.pipeline.clone();
+        let identity = self.identity.clone();
         let changes: Vec<(String, Channel, BTreeSet<String>, BTreeSet<String>)> = {
             let subscriptions = self.watcher.subscriptions();
             subscriptions
                 .iter()
-                .filter(|(_, s)| s.request.selects_from_registry())
                 .filter_map(|(id, s)| {
-                    let now =
-                        resolve(&self.app.pipeline, self.identity.as_ref(), &s.request).ok()?;
+                    let now = if s.request.selects_from_registry() {
+                        covered(&state, identity.as_ref(), &s.request)
+                    } else {
+                        s.devices
+                            .iter()
+                            .filter(|d| sees_device(&state, identity.as_ref(), d))
+                            .cloned()
+                            .collect()
+                    };
                     (now != s.devices)
                         .then(|| (id.clone(), s.request.channel, s.devices.clone(), now))
                 })
@@ -507,6 +528,18 @@ impl Client {
         for (id, channel, before, now) in changes {
             let added: BTreeSet<String> = now.difference(&before).cloned().collect();
             let removed: BTreeSet<String> = before.difference(&now).cloned().collect();
+            for device in &removed {
+                if !sees_device(&state, identity.as_ref(), device) {
+                    let frame = serde_json::json!({
+                        "type": "error",
+                        "code": "unknown_device",
+                        "id": id,
+                        "device": device,
+                        "message": format!("device {device:?} is no longer known to this connection; it left the subscription"),
+                    });
+                    self.watcher.outbox.push(frame.to_string());
+                }
+            }
             // Held first, so a failure leaves the subscription as it was.
             if let Err(error) = self.hold(&added, channel).await {
                 tracing::warn!(%error.message, "could not follow a registry change");

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::access::{check_device, latest_of_many, matches, status_of_many, visible_devices};
-use super::auth::Identity;
+use super::auth::{Identity, Scope};
 use super::frames::{Call, FrameError, Subscribe, select_keys};
 
 /// What a service may see of the calling connection.
@@ -22,8 +22,23 @@ pub(super) struct ServiceContext<'a> {
     pub(super) connection_devices: usize,
 }
 
+/// The scope a service needs: the instance-wide ones are for admins.
+fn scope_of(service: &str) -> Scope {
+    match service {
+        "scripts.list" | "stats" => Scope::Admin,
+        _ => Scope::Read,
+    }
+}
+
 /// Runs `call` and returns its `response` frame.
 pub(super) async fn call(context: &ServiceContext<'_>, call: Call) -> Result<String, FrameError> {
+    let scope = scope_of(&call.service);
+    if context.identity.is_some_and(|i| !i.allows(scope)) {
+        return Err(FrameError::new(
+            "insufficient_scope",
+            format!("{} needs the {} scope", call.service, scope.as_str()),
+        ));
+    }
     let result = match call.service.as_str() {
         "devices.list" => devices_list(context, &call.args)?,
         "devices.status" => devices_status(context, &call.args).await?,

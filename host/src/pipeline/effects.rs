@@ -311,8 +311,12 @@ mod tests {
             self.letters.fetch_add(batch.len(), Ordering::SeqCst);
             Ok(())
         }
-        async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
-            self.inner.dead_letters(limit).await
+        async fn dead_letters(
+            &self,
+            limit: usize,
+            tenant: Option<&str>,
+        ) -> Result<Vec<DeadLetter>, BusError> {
+            self.inner.dead_letters(limit, tenant).await
         }
         async fn add_records(&self, _: &[String]) -> Result<(), BusError> {
             self.check()

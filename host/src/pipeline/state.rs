@@ -47,6 +47,9 @@ pub struct Seen {
     pub product: Arc<str>,
     /// When its last message arrived, ms since the Unix epoch.
     pub last_seen_ms: i64,
+    /// The tenant it belongs to: the one of the caller whose HTTP ingest
+    /// created it, or of the gateway whose outputs did (empty: none).
+    pub tenant: Arc<str>,
 }
 
 /// Every device outside the registry that this instance keeps track of,
@@ -71,9 +74,10 @@ impl SeenDevices {
         }
     }
 
-    /// Notes a message from unregistered `device` of `product`; false when
-    /// the device is new and the table is full (the message is refused).
-    pub fn admit(&self, device: &str, product: &str, at_ms: i64) -> bool {
+    /// Notes a message from unregistered `device` of `product`; a new
+    /// device belongs to `tenant`. False when the device is new and the
+    /// table is full (the message is refused).
+    pub fn admit(&self, device: &str, product: &str, at_ms: i64, tenant: &str) -> bool {
         let mut shard = self.shards.for_device(device);
         match shard.get_mut(device) {
             Some(seen) => {
@@ -98,6 +102,7 @@ impl SeenDevices {
                     Seen {
                         product: product.into(),
                         last_seen_ms: at_ms,
+                        tenant: tenant.into(),
                     },
                 );
                 metrics::gauge!("sluice_unregistered_devices").increment(1.0);
@@ -169,13 +174,17 @@ impl PipelineState {
             .unwrap_or_default()
     }
 
-    /// The tenant of `device` (empty when unregistered).
+    /// The tenant of `device`: the registry's, else the one it was
+    /// admitted into (empty when none).
     pub fn tenant_of(&self, device: &str) -> String {
-        self.registry
-            .load()
-            .get(device)
-            .map(|d| d.tenant.clone())
-            .unwrap_or_default()
+        match self.registry.load().get(device) {
+            Some(registered) => registered.tenant.clone(),
+            None => self
+                .seen
+                .get(device)
+                .map(|s| s.tenant.to_string())
+                .unwrap_or_default(),
+        }
     }
 
     /// The name of `device` (its id when unregistered).
@@ -187,9 +196,36 @@ impl PipelineState {
     }
 
     /// Whether `device` may be tracked: registered, or admitted as one of
-    /// the unregistered devices this instance keeps (see [`SeenDevices`]).
-    pub fn admit(&self, device: &str, product: &str, at_ms: i64) -> bool {
-        self.registry.load().get(device).is_some() || self.seen.admit(device, product, at_ms)
+    /// the unregistered devices this instance keeps (see [`SeenDevices`]),
+    /// belonging to `tenant` when it is new.
+    pub fn admit(&self, device: &str, product: &str, at_ms: i64, tenant: &str) -> bool {
+        self.registry.load().get(device).is_some()
+            || self.seen.admit(device, product, at_ms, tenant)
+    }
+
+    /// Whether the outputs of `reporter` (of `product`) may write `target`:
+    /// its declared child (`parent = reporter` in the registry), or, when
+    /// the product's `children = "same_tenant"`, a device of its tenant (a
+    /// device no one knows yet then joins that tenant).
+    pub fn may_write(&self, reporter: &str, product: &str, target: &str) -> bool {
+        let registry = self.registry.load();
+        let registered = registry.get(target);
+        if registered.is_some_and(|d| d.parent.as_deref() == Some(reporter)) {
+            return true;
+        }
+        let same_tenant = self
+            .scripts
+            .get(product)
+            .is_some_and(|p| p.children == crate::config::Children::SameTenant);
+        if !same_tenant {
+            return false;
+        }
+        let tenant = self.tenant_of(reporter);
+        match (registered, self.seen.get(target)) {
+            (Some(device), _) => device.tenant == tenant,
+            (None, Some(seen)) => *seen.tenant == *tenant,
+            (None, None) => true,
+        }
     }
 
     /// The product of `device`: from the registry, else from its messages.

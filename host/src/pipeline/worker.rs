@@ -122,10 +122,12 @@ impl Worker {
             self.done.extend(envelope.done);
             match envelope.inbound {
                 Inbound::Data(message) => {
-                    if !self
-                        .state
-                        .admit(&message.device_id, &message.product, message.received_at)
-                    {
+                    if !self.state.admit(
+                        &message.device_id,
+                        &message.product,
+                        message.received_at,
+                        "",
+                    ) {
                         self.refuse(&message);
                         continue;
                     }
@@ -240,15 +242,16 @@ impl Worker {
     }
 
     fn dead_letter(&mut self, message: &RawMessage, reason: Reason, error: String, version: &str) {
-        self.outbox.push(Effect::DeadLetter(DeadLetter::of(
-            message, reason, error, version,
-        )));
+        let mut letter = DeadLetter::of(message, reason, error, version);
+        letter.tenant_id = self.state.tenant_of(&message.device_id);
+        self.outbox.push(Effect::DeadLetter(letter));
     }
 
     /// Applies a script's outputs: latest values, publications for watched
     /// devices, records, and status for every device named. Outputs naming
-    /// a device this instance may not track are left out, and the message
-    /// is dead-lettered with them named.
+    /// a device the reporting device may not write, or one this instance
+    /// has no room to track, change nothing; the message is dead-lettered
+    /// with them named.
     fn apply(
         &mut self,
         message: &RawMessage,
@@ -257,21 +260,35 @@ impl Worker {
         limits: &Limits,
     ) {
         let mut signals: Vec<(String, Option<bool>)> = Vec::new();
+        let mut foreign: Vec<String> = Vec::new();
         let mut refused: Vec<String> = Vec::new();
+        let reporter_tenant = self.state.tenant_of(&message.device_id);
         for output in outputs {
             let device = output
                 .device_id
                 .clone()
                 .unwrap_or_else(|| message.device_id.clone());
-            if device != message.device_id
-                && !self
+            if device != message.device_id {
+                if !self
                     .state
-                    .admit(&device, &message.product, message.received_at)
-            {
-                if !refused.contains(&device) {
-                    refused.push(device);
+                    .may_write(&message.device_id, &message.product, &device)
+                {
+                    if !foreign.contains(&device) {
+                        foreign.push(device);
+                    }
+                    continue;
                 }
-                continue;
+                if !self.state.admit(
+                    &device,
+                    &message.product,
+                    message.received_at,
+                    &reporter_tenant,
+                ) {
+                    if !refused.contains(&device) {
+                        refused.push(device);
+                    }
+                    continue;
+                }
             }
             let timestamp = output.timestamp.unwrap_or(message.received_at);
             if self.state.records
@@ -346,6 +363,18 @@ impl Worker {
                 OutputKind::Event { .. } | OutputKind::Alert { .. } => {}
             }
         }
+        if !foreign.is_empty() {
+            metrics::counter!("sluice_foreign_outputs_total").increment(foreign.len() as u64);
+            self.dead_letter(
+                message,
+                Reason::ForeignDevice,
+                format!(
+                    "outputs for {foreign:?} were left out: {:?} may write only its declared children (registry `parent`), or devices of its tenant where the product has `children = \"same_tenant\"`",
+                    message.device_id
+                ),
+                version,
+            );
+        }
         if !refused.is_empty() {
             self.dead_letter(
                 message,
@@ -380,7 +409,7 @@ impl Worker {
     /// An explicit signal from the status topic.
     fn signal(&mut self, device: &str, online: bool, _source: SourceKind) {
         let product = self.state.product_of(device).unwrap_or_default();
-        if !self.state.admit(device, &product, now_ms()) {
+        if !self.state.admit(device, &product, now_ms(), "") {
             metrics::counter!("sluice_status_signals_refused_total").increment(1);
             return;
         }

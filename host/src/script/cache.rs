@@ -1,7 +1,15 @@
 //! Compiled scripts on disk, keyed by the script's content hash and the
 //! engine's configuration, so a restart loads instead of recompiling.
+//!
+//! The files are native code that is loaded without re-validation, so the
+//! directory must be sluice's alone: it is created `0700`, a directory
+//! that is group- or world-writable or owned by another user is refused,
+//! files are written create-new without following links and renamed into
+//! place, and read without following links.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use wasmtime::Engine;
@@ -30,10 +38,39 @@ pub(crate) struct ArtifactCache {
     engine_key: String,
 }
 
+/// Why a cache directory may not be used.
+fn unsafe_directory(dir: &Path) -> std::io::Result<()> {
+    let metadata = std::fs::metadata(dir)?;
+    if !metadata.is_dir() {
+        return Err(std::io::Error::other("it is not a directory"));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if metadata.uid() != me {
+        return Err(std::io::Error::other(format!(
+            "it belongs to user {}, not to sluice's user {me}: the files there are native code sluice runs",
+            metadata.uid()
+        )));
+    }
+    let mode = metadata.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "it is writable by its group or by everyone (mode {:o}); only sluice's user may write there: chmod 700 it",
+            mode & 0o777
+        )));
+    }
+    Ok(())
+}
+
 impl ArtifactCache {
-    /// Opens (creating if needed) the cache in `dir` for `engine`.
+    /// Opens (creating it `0700` if needed) the cache in `dir` for
+    /// `engine`; refuses a directory others may write to.
     pub(crate) fn open(dir: &Path, engine: &Engine) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        unsafe_directory(dir)?;
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         Ok(ArtifactCache {
@@ -57,7 +94,7 @@ impl ArtifactCache {
         let path = self.path_for(sha256);
         // Read into memory rather than map the file: another process may
         // replace or trim the cache while this one runs.
-        if let Ok(artifact) = std::fs::read(&path) {
+        if let Ok(artifact) = read_no_follow(&path) {
             // SAFETY: files named `<sha256>-<engine key>.cwasm` in this
             // directory are written only below, from
             // `Engine::precompile_component` of an engine with the same
@@ -82,11 +119,25 @@ impl ArtifactCache {
         Ok((component, CacheOutcome::Compiled))
     }
 
-    /// Writes atomically (temporary file, then rename), then trims the directory.
+    /// Writes atomically (a new temporary file, created exclusively and
+    /// without following links, then renamed), then trims the directory.
     fn store(&self, path: &Path, artifact: &[u8]) -> std::io::Result<()> {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, artifact)?;
-        std::fs::rename(&tmp, path)?;
+        let tmp = path.with_extension(format!(
+            "tmp{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(artifact).and_then(|()| file.sync_all()));
+        if let Err(error) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(error);
+        }
         self.trim()
     }
 
@@ -107,13 +158,74 @@ impl ArtifactCache {
     }
 }
 
+/// A file's bytes, refusing a symbolic link.
+fn read_no_follow(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// The default cache directory: `$XDG_CACHE_HOME/sluice/compiled`, else
-/// `~/.cache/sluice/compiled`, else one under the system temporary directory.
-pub fn default_cache_dir() -> PathBuf {
+/// `~/.cache/sluice/compiled`; `None` when neither variable is set (never
+/// a shared path such as the system temporary directory).
+pub fn default_cache_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("sluice")
-        .join("compiled")
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|home| PathBuf::from(home).join(".cache"))
+        })
+        .map(|base| base.join("sluice").join("compiled"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn engine() -> Engine {
+        Engine::default()
+    }
+
+    #[test]
+    fn the_directory_is_created_private() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("a/b/compiled");
+        ArtifactCache::open(&dir, &engine()).unwrap();
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_directory_others_may_write_is_refused() {
+        let base = tempfile::tempdir().unwrap();
+        for mode in [0o777, 0o770, 0o722] {
+            std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let error = ArtifactCache::open(base.path(), &engine()).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .contains("writable by its group or by everyone"),
+                "{error}"
+            );
+        }
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        ArtifactCache::open(base.path(), &engine()).unwrap();
+    }
+
+    #[test]
+    fn a_linked_artifact_is_not_read() {
+        let base = tempfile::tempdir().unwrap();
+        let target = base.path().join("elsewhere");
+        std::fs::write(&target, b"native code from someone else").unwrap();
+        let link = base.path().join("x.cwasm");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(read_no_follow(&link).is_err());
+        assert!(read_no_follow(&target).is_ok());
+    }
 }

@@ -34,6 +34,7 @@ pub struct EngineOptions {
     /// Keep compiled scripts on disk so a restart does not recompile.
     pub cache: bool,
     /// Where compiled scripts are kept; default `~/.cache/sluice/compiled`.
+    /// It must be writable only by sluice's user (created `0700`).
     pub cache_dir: Option<PathBuf>,
     /// Pre-allocate instance slots: instantiation (after a trap or a reload)
     /// becomes a few microseconds instead of tens.
@@ -68,6 +69,11 @@ pub enum EngineError {
     /// wasmtime refused the configuration.
     #[error("cannot configure the WebAssembly engine: {0}")]
     Config(String),
+    /// No directory for the compiled-script cache is configured or known.
+    #[error(
+        "no directory for the compiled-script cache: set [scripts] cache_dir, --cache-dir or SLUICE_CACHE_DIR (or HOME), or cache = false"
+    )]
+    NoCacheDir,
     /// The compiled-script cache directory is unusable.
     #[error("cannot use the compiled-script cache {path}: {source}")]
     Cache {
@@ -129,7 +135,11 @@ impl ScriptEngine {
         let engine = Engine::new(&config).map_err(|e| EngineError::Config(format!("{e:#}")))?;
         let linker = host_linker(&engine).map_err(|e| EngineError::Config(format!("{e:#}")))?;
         let cache = if options.cache {
-            let dir = options.cache_dir.clone().unwrap_or_else(default_cache_dir);
+            let dir = options
+                .cache_dir
+                .clone()
+                .or_else(default_cache_dir)
+                .ok_or(EngineError::NoCacheDir)?;
             Some(
                 ArtifactCache::open(&dir, &engine)
                     .map_err(|source| EngineError::Cache { path: dir, source })?,

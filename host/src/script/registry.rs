@@ -19,6 +19,8 @@ pub struct Product {
     pub name: String,
     /// Its status mode (a registered device may override it).
     pub mode: StatusMode,
+    /// Which other devices its outputs may write.
+    pub children: crate::config::Children,
     /// The script file.
     pub path: PathBuf,
     /// The running script; `None` when none could be loaded.
@@ -147,6 +149,11 @@ impl Product {
                 .products
                 .get(name)
                 .map(|p| p.status)
+                .unwrap_or_default(),
+            children: config
+                .products
+                .get(name)
+                .map(|p| p.children)
                 .unwrap_or_default(),
             path: config.script_path(name),
             script: None,

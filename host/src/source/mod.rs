@@ -1,7 +1,6 @@
-//! Sources: where device messages come from (MQTT, Kafka, HTTP, and the
-//! demo's device simulator).
+//! Sources: the transports device messages come from (MQTT, Kafka, and the
+//! demo's device simulator); HTTP ingest is a route of the gateway.
 
-pub mod http;
 mod kafka;
 mod mqtt;
 pub mod simulator;

@@ -354,29 +354,48 @@ impl Bus for RedisBus {
             .map_err(unavailable)
     }
 
-    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BusError> {
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
-            .arg(DEADLETTER_KEY)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(limit)
-            .query_async(&mut self.connection())
-            .await
-            .map_err(unavailable)?;
-        entries
-            .into_iter()
-            .filter_map(|(_, fields)| {
-                fields
-                    .into_iter()
-                    .find(|(k, _)| k == "letter")
-                    .map(|(_, v)| v)
-            })
-            .map(|json| {
-                serde_json::from_str(&json)
-                    .map_err(|e| BusError::Corrupt(format!("dead letter: {e}")))
-            })
-            .collect()
+    async fn dead_letters(
+        &self,
+        limit: usize,
+        tenant: Option<&str>,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        // Newest first, a page at a time, until `limit` letters match or the
+        // (capped) stream ends.
+        let mut connection = self.connection();
+        let mut found = Vec::new();
+        let mut from = "+".to_owned();
+        loop {
+            let page: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+                .arg(DEADLETTER_KEY)
+                .arg(&from)
+                .arg("-")
+                .arg("COUNT")
+                .arg(LOAD_CHUNK)
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            let Some((last, _)) = page.last() else {
+                return Ok(found);
+            };
+            from = format!("({last}");
+            let full = page.len() == LOAD_CHUNK;
+            for (_, fields) in page {
+                let Some((_, json)) = fields.into_iter().find(|(k, _)| k == "letter") else {
+                    continue;
+                };
+                let letter: DeadLetter = serde_json::from_str(&json)
+                    .map_err(|e| BusError::Corrupt(format!("dead letter: {e}")))?;
+                if tenant.is_none_or(|t| letter.tenant_id == t) {
+                    found.push(letter);
+                    if found.len() == limit {
+                        return Ok(found);
+                    }
+                }
+            }
+            if !full {
+                return Ok(found);
+            }
+        }
     }
 
     async fn add_records(&self, batch: &[String]) -> Result<(), BusError> {

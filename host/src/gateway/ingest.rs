@@ -1,6 +1,12 @@
 //! HTTP ingest: `POST /api/v1/ingest/{product}/{device}` with the raw
 //! payload as the body, and `POST /api/v1/ingest/{product}` with a JSON
 //! array of messages. Answered once the messages are queued for a worker.
+//!
+//! With `[auth]`, the caller needs the `ingest` scope and every target
+//! device must be its tenant's (another tenant's device and an unknown one
+//! get the same 404); a device of its own registered under another product
+//! gets 409. With `accept_unregistered`, an unknown device is created and
+//! belongs to the caller's tenant.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -10,14 +16,17 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
+use super::access::{sees_device, unknown_device};
+use super::auth::Scope;
+use super::caller::Caller;
+use super::{AppError, AppState};
 use crate::config::check_name;
-use crate::gateway::{AppError, AppState};
 use crate::message::{RawMessage, SourceKind, now_ms};
 use crate::pipeline::{Envelope, Inbound, Ingest};
 
 /// The answer to an accepted ingest request.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Accepted {
+pub(super) struct Accepted {
     /// How many messages were queued.
     pub accepted: usize,
 }
@@ -83,6 +92,63 @@ fn message(product: &str, device: String, payload: Vec<u8>) -> Result<RawMessage
     })
 }
 
+/// Whether `caller` may send data of `product` for `device`: the checks of
+/// the module's head, in the order that tells nothing of other tenants.
+fn authorize(app: &AppState, caller: &Caller, product: &str, device: &str) -> Result<(), AppError> {
+    let Some(identity) = caller.identity() else {
+        return Ok(());
+    };
+    let state = &app.pipeline;
+    let unknown = || {
+        AppError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+            unknown_device(device),
+        )
+    };
+    match state.registry.load().get(device) {
+        Some(registered) => {
+            if !identity.sees(&registered.tenant) {
+                return Err(unknown());
+            }
+            caller.require(Scope::Ingest)?;
+            if registered.product != product {
+                return Err(AppError::new(
+                    StatusCode::CONFLICT,
+                    "wrong_product",
+                    format!(
+                        "device {device:?} is registered as a {:?}, not a {product:?}; send to /api/v1/ingest/{}/{device}",
+                        registered.product, registered.product
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        None => {
+            let exists = state.seen.get(device).is_some();
+            if exists && !sees_device(state, Some(identity), device)
+                || !exists && !app.accept_unregistered
+            {
+                return Err(unknown());
+            }
+            caller.require(Scope::Ingest)?;
+            // Created now for the caller's tenant, so its data is the tenant's.
+            if !exists
+                && !state
+                    .seen
+                    .admit(device, product, now_ms(), identity.tenant_name())
+            {
+                return Err(AppError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "device_limit",
+                    "this instance keeps track of as many unregistered devices as it may (registry.max_unregistered)",
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
 async fn submit(app: &AppState, ingest: &Ingest, message: RawMessage) -> Result<(), AppError> {
     let timeout = app.http.enqueue_timeout;
     match tokio::time::timeout(
@@ -109,20 +175,25 @@ async fn submit(app: &AppState, ingest: &Ingest, message: RawMessage) -> Result<
 }
 
 /// `POST /api/v1/ingest/{product}/{device}`.
-pub async fn ingest_one(
+pub(super) async fn ingest_one(
     State(app): State<AppState>,
+    caller: Caller,
     Path((product, device)): Path<(String, String)>,
     payload: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), AppError> {
     let payload = body(payload, app.http.max_body.as_u64())?;
     let ingest = ingest_of(&app, &product)?;
-    submit(&app, &ingest, message(&product, device, payload.to_vec())?).await?;
+    let message = message(&product, device, payload.to_vec())?;
+    authorize(&app, &caller, &product, &message.device_id)?;
+    submit(&app, &ingest, message).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted: 1 })))
 }
 
-/// `POST /api/v1/ingest/{product}` with `[{"device_id": …, "payload": …}, …]`.
-pub async fn ingest_batch(
+/// `POST /api/v1/ingest/{product}` with `[{"device_id": …, "payload": …}, …]`;
+/// every device is checked before any message is queued.
+pub(super) async fn ingest_batch(
     State(app): State<AppState>,
+    caller: Caller,
     Path(product): Path<String>,
     payload: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Accepted>), AppError> {
@@ -172,6 +243,12 @@ pub async fn ingest_batch(
             message(&product, m.device_id, bytes).map_err(|e| bad(e.message))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    for (i, message) in messages.iter().enumerate() {
+        authorize(&app, &caller, &product, &message.device_id).map_err(|mut error| {
+            error.message = format!("message {i}: {}", error.message);
+            error
+        })?;
+    }
     let total = messages.len();
     for (accepted, message) in messages.into_iter().enumerate() {
         if let Err(mut error) = submit(&app, &ingest, message).await {
