@@ -1,166 +1,164 @@
-// The canonical-ABI glue between the `sluice:script/script` world and a
-// script's `parse`. Script authors never import this file: the transform in
-// `transform.js` generates the exports that call it.
+// The glue between the `sluice:script@0.2.0` world and a script's `parse`.
+// Script authors never import this file: the transform in `transform.js`
+// generates the exports that call it.
 //
-// Layouts (canonical ABI, wasm32), offsets in bytes:
-//   message (48, align 8): device-id 0, product 8, topic 16, payload 24,
-//     received-at 32, source 40
-//   result<list<output>, script-error> (20, align 4): tag 0, payload 4
-//   output (56, align 8): option<string> device-id 0 (tag 0, string 4),
-//     option<s64> timestamp 16 (tag 16, value 24), output-kind 32 (tag 32,
-//     payload 36)
-//   field (24, align 8): key 0, value 8 (tag 8, payload 16)
-//   string / list: (pointer u32, length u32)
+// Messages arrive and outputs leave in the packed encoding of the world
+// (`wit/script.wit`, `docs/script-abi.md`): one `list<u8>` each way. The
+// canonical ABI around it, in wasm32 terms:
+//
+//   parse(ptr, len) -> ret        ret: result<list<u8>, script-error>
+//                                 (20 bytes, align 4: tag 0; ok: ptr 4,
+//                                 len 8; err: code 4..12, message 12..20)
+//   parse-batch(ptr, len) -> ret  ret: list<u8> (ptr 0, len 4)
+//
+// The answer's bytes live in the reused answer buffer (see memory.ts) and
+// stay put until the next call, after the host has copied them.
 
 import { Message } from "./assembly/message";
 import { Field, Fields, ValueKind } from "./assembly/value";
 import { Output, OutputKind, Result } from "./assembly/output";
-import { freeBlock, realloc, releaseResult, resultBlock, storeString, takeBytes, takeString } from "./assembly/memory";
+import { Answer, PackedReader, freeBlock, realloc } from "./assembly/memory";
 
-export { realloc, releaseResult };
+export { realloc };
 
-const MESSAGE_SIZE: usize = 48;
-const RESULT_SIZE: usize = 20;
-const OUTPUT_SIZE: usize = 56;
-const FIELD_SIZE: usize = 24;
+// The return area of `parse` and `parse-batch`.
+const RET_AREA: usize = memory.data(20, 8);
 
-/** The message passed to `parse` as flat arguments. */
-export function liftMessage(
-  devicePtr: usize, deviceLen: usize,
-  productPtr: usize, productLen: usize,
-  topicPtr: usize, topicLen: usize,
-  payloadPtr: usize, payloadLen: usize,
-  receivedAt: i64, source: i32,
-): Message {
-  return new Message(
-    takeString(devicePtr, deviceLen),
-    takeString(productPtr, productLen),
-    takeString(topicPtr, topicLen),
-    takeBytes(payloadPtr, payloadLen),
-    receivedAt,
-    source,
-  );
+function readMessage(r: PackedReader): Message {
+  const deviceId = r.string();
+  const product = r.string();
+  const topic = r.string();
+  const receivedAt = r.i64();
+  const source = <i32>r.u8();
+  const payload = r.bytes();
+  return new Message(deviceId, product, topic, payload, receivedAt, source);
 }
 
-/** The messages passed to `parse-batch`; frees the list. */
-export function liftMessages(ptr: usize, len: usize): Message[] {
-  const messages = new Array<Message>(<i32>len);
-  for (let i: usize = 0; i < len; i++) {
-    const at = ptr + i * MESSAGE_SIZE;
-    messages[<i32>i] = liftMessage(
-      load<u32>(at, 0), load<u32>(at, 4),
-      load<u32>(at, 8), load<u32>(at, 12),
-      load<u32>(at, 16), load<u32>(at, 20),
-      load<u32>(at, 24), load<u32>(at, 28),
-      load<i64>(at, 32), <i32>load<u8>(at, 40),
-    );
-  }
-  freeBlock(ptr, len * MESSAGE_SIZE);
+/** The packed message passed to `parse`; frees its block. */
+export function takeMessage(ptr: usize, len: usize): Message {
+  const message = readMessage(new PackedReader(ptr, len));
+  freeBlock(ptr, len);
+  return message;
+}
+
+/** The packed messages passed to `parse-batch`; frees their block. */
+export function takeMessages(ptr: usize, len: usize): Message[] {
+  const r = new PackedReader(ptr, len);
+  const count = <i32>r.u32();
+  const messages = new Array<Message>(0);
+  for (let i = 0; i < count && !r.short; i++) messages.push(readMessage(r));
+  freeBlock(ptr, len);
   return messages;
 }
 
-/** `parse`'s return value: the address of a lowered result. */
-export function lowerResult(result: Result): usize {
-  const at = resultBlock(RESULT_SIZE);
-  storeResult(at, result);
-  return at;
-}
-
-/** `parse-batch`'s return value: the address of a lowered list of results. */
-export function lowerResults(results: Result[]): usize {
-  const len = <usize>results.length;
-  const list = resultBlock(len * RESULT_SIZE);
-  for (let i: usize = 0; i < len; i++) {
-    storeResult(list + i * RESULT_SIZE, unchecked(results[<i32>i]));
-  }
-  const at = resultBlock(8);
-  store<u32>(at, <u32>list);
-  store<u32>(at, <u32>len, 4);
-  return at;
-}
-
-function storeResult(at: usize, result: Result): void {
+/** `parse`'s return value: the address of its lowered result. */
+export function answer(result: Result): usize {
+  Answer.reset();
   const error = result.error;
   if (error != null) {
-    store<u8>(at, 1);
-    storeString(at + 4, error.code);
-    storeString(at + 12, error.message);
-    return;
+    // Both strings go into the answer buffer; the return area points there.
+    Answer.str(error.code);
+    const codeLen = load<u32>(Answer.start);
+    Answer.str(error.message);
+    store<u8>(RET_AREA, 1);
+    store<u32>(RET_AREA, <u32>(Answer.start + 4), 4);
+    store<u32>(RET_AREA, codeLen, 8);
+    store<u32>(RET_AREA, <u32>(Answer.start + 8 + codeLen), 12);
+    store<u32>(RET_AREA, load<u32>(Answer.start + 4 + codeLen), 16);
+    return RET_AREA;
   }
-  const outputs = result.outputs;
-  const len = <usize>outputs.length;
-  const list = resultBlock(len * OUTPUT_SIZE);
-  for (let i: usize = 0; i < len; i++) {
-    storeOutput(list + i * OUTPUT_SIZE, unchecked(outputs[<i32>i]));
-  }
-  store<u8>(at, 0);
-  store<u32>(at, <u32>list, 4);
-  store<u32>(at, <u32>len, 8);
+  putOutputs(result.outputs);
+  store<u8>(RET_AREA, 0);
+  store<u32>(RET_AREA, <u32>Answer.start, 4);
+  store<u32>(RET_AREA, <u32>Answer.length, 8);
+  return RET_AREA;
 }
 
-function storeOutput(at: usize, output: Output): void {
+/** Starts `parse-batch`'s answer of `count` results. */
+export function beginResults(count: i32): void {
+  Answer.reset();
+  Answer.u32(<u32>count);
+}
+
+/** Adds one message's result to `parse-batch`'s answer. */
+export function addResult(result: Result): void {
+  const error = result.error;
+  Answer.u8(error != null ? 1 : 0);
+  const length = Answer.hole();
+  const start = Answer.length;
+  if (error != null) {
+    Answer.str(error.code);
+    Answer.str(error.message);
+  } else {
+    putOutputs(result.outputs);
+  }
+  Answer.patch(length, <u32>(Answer.length - start));
+}
+
+/** `parse-batch`'s return value: the address of its lowered list. */
+export function endResults(): usize {
+  store<u32>(RET_AREA, <u32>Answer.start);
+  store<u32>(RET_AREA, <u32>Answer.length, 4);
+  return RET_AREA;
+}
+
+function putOutputs(outputs: Output[]): void {
+  const count = outputs.length;
+  Answer.u32(<u32>count);
+  for (let i = 0; i < count; i++) putOutput(unchecked(outputs[i]));
+}
+
+function putOutput(output: Output): void {
   const deviceId = output.deviceId;
-  if (deviceId != null) {
-    store<u8>(at, 1);
-    storeString(at + 4, deviceId);
-  }
-  if (output.hasTimestamp) {
-    store<u8>(at, 1, 16);
-    store<i64>(at, output.timestamp, 24);
-  }
-  const kind = at + 32;
-  store<u8>(kind, <u8>output.kind);
-  const payload = kind + 4;
+  Answer.u8(<u8>output.kind);
+  Answer.u8((deviceId != null ? 1 : 0) | (output.hasTimestamp ? 2 : 0));
+  if (deviceId != null) Answer.str(deviceId);
+  if (output.hasTimestamp) Answer.i64(output.timestamp);
   switch (output.kind) {
     case OutputKind.Telemetry:
     case OutputKind.Attributes:
-      storeFields(payload, output.fields);
+      putFields(output.fields);
       break;
     case OutputKind.Event:
-      storeString(payload, output.name);
-      storeFields(payload + 8, output.fields);
+      Answer.str(output.name);
+      putFields(output.fields);
       break;
     case OutputKind.Alert:
-      store<u8>(payload, <u8>output.severity);
-      storeString(payload + 4, output.title);
-      storeString(payload + 12, output.description);
+      Answer.u8(<u8>output.severity);
+      Answer.str(output.title);
+      Answer.str(output.description);
       break;
     default:
-      store<u8>(payload, output.online ? 1 : 0);
+      Answer.u8(output.online ? 1 : 0);
   }
 }
 
-function storeFields(at: usize, fields: Fields | null): void {
+function putFields(fields: Fields | null): void {
   if (fields == null) {
-    store<u32>(at, 8);
-    store<u32>(at, 0, 4);
+    Answer.u32(0);
     return;
   }
   const list = fields.list;
-  const len = <usize>list.length;
-  const block = resultBlock(len * FIELD_SIZE);
-  for (let i: usize = 0; i < len; i++) {
-    storeField(block + i * FIELD_SIZE, unchecked(list[<i32>i]));
-  }
-  store<u32>(at, <u32>block);
-  store<u32>(at, <u32>len, 4);
+  const count = list.length;
+  Answer.u32(<u32>count);
+  for (let i = 0; i < count; i++) putField(unchecked(list[i]));
 }
 
-function storeField(at: usize, field: Field): void {
-  storeString(at, field.key);
+function putField(field: Field): void {
+  Answer.str(field.key);
   const value = field.value;
-  store<u8>(at, <u8>value.kind, 8);
+  Answer.u8(<u8>value.kind);
   switch (value.kind) {
     case ValueKind.Boolean:
-      store<u8>(at, <u8>value.bits, 16);
+      Answer.u8(<u8>value.bits);
       break;
     case ValueKind.Integer:
     case ValueKind.Float:
-      store<i64>(at, value.bits, 16);
+      Answer.i64(value.bits);
       break;
     case ValueKind.Text:
     case ValueKind.Json:
-      storeString(at + 16, value.text);
+      Answer.str(value.text);
       break;
     default:
       break;

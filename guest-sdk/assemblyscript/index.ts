@@ -20,5 +20,6 @@
 export { Value, ValueKind, Field, Fields, formatNumber } from "./assembly/value";
 export { Output, OutputKind, Severity, ScriptError, Result } from "./assembly/output";
 export { Message, SourceKind } from "./assembly/message";
+export { JsonObject } from "./assembly/json";
 export { Reader, hexEncode, hexDecode } from "./assembly/binary";
 export { LogLevel, log, param, paramFloat, stateGet, stateSet } from "./assembly/host";

@@ -5,39 +5,37 @@
 // - after parsing, it adds a glue file beside the script's entry that lifts
 //   the host's arguments, calls the script's `parse` and lowers the result;
 // - after compiling, it keeps only the world's exports (`parse`,
-//   `parse-batch`, their `cabi_post_*` cleanups, `cabi_realloc`, `memory`),
-//   under their canonical names, which AssemblyScript cannot spell itself.
+//   `parse-batch`, `cabi_realloc`, `memory`), under their canonical names,
+//   which AssemblyScript cannot spell itself. There is no post-return
+//   cleanup: the answer buffer is reused by the next call, and the call's
+//   garbage is collected before it returns.
 
 const GLUE_NAME = "__sluice_glue";
 
 const GLUE = (entry) => `
 import { parse as scriptParse } from "./${entry}";
-import { liftMessage, liftMessages, lowerResult, lowerResults, realloc, releaseResult } from "sluice-script/abi";
-import { Result } from "sluice-script";
+import { addResult, answer, beginResults, endResults, realloc, takeMessage, takeMessages } from "sluice-script/abi";
 
-export function __sluice_parse(
-  devicePtr: usize, deviceLen: usize, productPtr: usize, productLen: usize,
-  topicPtr: usize, topicLen: usize, payloadPtr: usize, payloadLen: usize,
-  receivedAt: i64, source: i32,
-): usize {
-  const message = liftMessage(
-    devicePtr, deviceLen, productPtr, productLen, topicPtr, topicLen,
-    payloadPtr, payloadLen, receivedAt, source,
-  );
-  return lowerResult(scriptParse(message));
+// The script runs on AssemblyScript's \`minimal\` runtime: nothing is
+// collected while a call runs, and everything the call allocated and did
+// not keep is collected once its answer is written (the answer lives outside
+// the collected heap). No object of the call is live on the stack then, so
+// the collector, which does not scan the stack, cannot free one in use.
+export function __sluice_parse(ptr: usize, len: usize): usize {
+  const answered = answer(scriptParse(takeMessage(ptr, len)));
+  __collect();
+  return answered;
 }
 
 export function __sluice_parse_batch(ptr: usize, len: usize): usize {
-  const messages = liftMessages(ptr, len);
-  const results = new Array<Result>(messages.length);
+  const messages = takeMessages(ptr, len);
+  beginResults(messages.length);
   for (let i = 0; i < messages.length; i++) {
-    results[i] = scriptParse(unchecked(messages[i]));
+    addResult(scriptParse(unchecked(messages[i])));
   }
-  return lowerResults(results);
-}
-
-export function __sluice_post_return(ptr: usize): void {
-  releaseResult();
+  const answered = endResults();
+  __collect();
+  return answered;
 }
 
 export function __sluice_realloc(old: usize, oldSize: usize, align: usize, newSize: usize): usize {
@@ -49,7 +47,6 @@ export function __sluice_realloc(old: usize, oldSize: usize, align: usize, newSi
 const EXPORTS = {
   __sluice_parse: ["parse"],
   __sluice_parse_batch: ["parse-batch"],
-  __sluice_post_return: ["cabi_post_parse", "cabi_post_parse-batch"],
   __sluice_realloc: ["cabi_realloc"],
 };
 

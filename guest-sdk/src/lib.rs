@@ -49,20 +49,27 @@
 //! by an in-process stand-in that `sluice_guest::native` lets tests configure.
 //!
 //! Parts:
-//! - [`bindings`]: the types generated from the WIT world `sluice:script/script`;
+//! - [`types`]: [`Message`], [`Output`] and the values they hold;
 //! - [`value`]: [`Value`] conversions and the [`Fields`] builder;
 //! - [`output`]: constructors for [`Output`] and [`ScriptError`];
 //! - [`message`]: payload helpers on [`Message`] (JSON, text, binary, state);
 //! - [`binary`]: a big/little-endian [`Reader`] and hex/base64 helpers;
 //! - [`host`]: [`log`], per-device state and [`param`];
+//! - [`abi`]: the packed encoding messages and outputs cross the boundary in;
+//! - [`bindings`]: the types and imports generated from the WIT world `sluice:script/script`;
+//! - `alloc`: the allocator of scripts on WebAssembly (feature `allocator`, on by default);
 //! - `native`: the stand-in host used off WebAssembly (not built for it).
 
+pub mod abi;
+#[cfg(any(test, all(target_arch = "wasm32", feature = "allocator")))]
+mod alloc;
 pub mod binary;
 pub mod host;
 pub mod message;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod native;
 pub mod output;
+pub mod types;
 pub mod value;
 
 /// Types and functions generated from the WIT world `sluice:script/script`.
@@ -75,7 +82,7 @@ pub mod value;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "sluice:script/script@0.1.0",
+        world: "sluice:script/script@0.2.0",
         pub_export_macro: true,
         export_macro_name: "export_script",
         default_bindings_module: "sluice_guest::bindings",
@@ -85,11 +92,9 @@ pub mod bindings {
 
 pub use binary::Reader;
 pub use bindings::sluice::script::host::LogLevel;
-pub use bindings::sluice::script::types::{
-    Alert, Event, Field, Message, Output, OutputKind, ScriptError, Severity, SourceKind,
-    StateError, Value,
-};
+pub use bindings::sluice::script::types::{ScriptError, StateError};
 pub use host::{log, param, param_as};
+pub use types::{Alert, Event, Field, Message, Output, OutputKind, Severity, SourceKind, Value};
 pub use value::Fields;
 
 /// Everything a script usually needs, in one `use`.
@@ -105,7 +110,8 @@ pub mod prelude {
 ///
 /// `parse` must be a function `fn(&Message) -> Result<Vec<Output>, ScriptError>`.
 /// On WebAssembly the macro exports both `parse` and `parse-batch` of the WIT
-/// world; natively it expands to nothing, so the same crate can be tested and
+/// world, reading messages and writing outputs in the packed encoding;
+/// natively it expands to nothing, so the same crate can be tested and
 /// benchmarked as ordinary Rust.
 #[macro_export]
 macro_rules! script {
@@ -116,21 +122,13 @@ macro_rules! script {
 
             impl $crate::bindings::Guest for SluiceScript {
                 fn parse(
-                    message: $crate::Message,
-                ) -> ::core::result::Result<::std::vec::Vec<$crate::Output>, $crate::ScriptError>
-                {
-                    $crate::host::run(&message, $parse)
+                    message: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, $crate::ScriptError> {
+                    $crate::abi::parse(message, $parse)
                 }
 
-                fn parse_batch(
-                    messages: ::std::vec::Vec<$crate::Message>,
-                ) -> ::std::vec::Vec<
-                    ::core::result::Result<::std::vec::Vec<$crate::Output>, $crate::ScriptError>,
-                > {
-                    messages
-                        .iter()
-                        .map(|message| $crate::host::run(message, $parse))
-                        .collect()
+                fn parse_batch(messages: ::std::vec::Vec<u8>) -> ::std::vec::Vec<u8> {
+                    $crate::abi::parse_batch(messages, $parse)
                 }
             }
 

@@ -78,6 +78,10 @@ impl Field {
 
 /// An ordered list of fields, built one at a time.
 ///
+/// A key given twice keeps its last value, at the place of its first: that
+/// is how sluice stores the fields, and how [`Fields::get`] and
+/// [`Fields::take`] read them.
+///
 /// ```
 /// use sluice_guest::{Fields, Value};
 ///
@@ -104,9 +108,9 @@ impl Fields {
         self.0.push(Field::new(key, value));
     }
 
-    /// The value of the first field named `key`.
+    /// The value of `key` (its last, if given more than once).
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.0.iter().find(|f| f.key == key).map(|f| &f.value)
+        self.0.iter().rev().find(|f| f.key == key).map(|f| &f.value)
     }
 
     /// How many fields there are.
@@ -149,10 +153,17 @@ impl From<Vec<Field>> for Fields {
 }
 
 impl Fields {
-    /// Removes the first field named `key` and returns its value.
+    /// Removes `key` and returns its value (its last, if given more than once).
     pub fn take(&mut self, key: &str) -> Option<Value> {
-        let index = self.0.iter().position(|f| f.key == key)?;
-        Some(self.0.remove(index).value)
+        let mut taken = None;
+        self.0.retain_mut(|field| {
+            if field.key != key {
+                return true;
+            }
+            taken = Some(std::mem::replace(&mut field.value, Value::Null));
+            false
+        });
+        taken
     }
 
     /// The fields, in order.
@@ -323,6 +334,10 @@ mod tests {
         );
         assert_eq!(fields.take("z"), Some(Value::Integer(1)));
         assert_eq!(fields.len(), 4);
+        let mut twice = Fields::new().with("k", 1).with("j", 2).with("k", 3);
+        assert_eq!(twice.get("k"), Some(&Value::Integer(3)));
+        assert_eq!(twice.take("k"), Some(Value::Integer(3)));
+        assert_eq!(twice.len(), 1);
         assert!(serde_json::from_str::<Fields>("[1]").is_err());
     }
 

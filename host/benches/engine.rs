@@ -1,7 +1,8 @@
 //! Engine throughput: the `json-sensor` script on a ~150-byte payload,
 //! through WebAssembly (one call per message, and batches) against the same
-//! Rust source compiled natively, in one process; and the thermostat script
-//! in Rust against the same script in AssemblyScript.
+//! Rust source compiled natively, in one process, and the same script in
+//! AssemblyScript; and the thermostat script in Rust against the same
+//! script in AssemblyScript.
 //!
 //! Run with: `cargo bench -p sluice --bench engine`
 
@@ -36,15 +37,16 @@ fn params() -> Params {
     [("temp_max".to_owned(), "30".to_owned())].into()
 }
 
-fn load(engine: &ScriptEngine) -> Script {
-    let wasm = common::example_script("json-sensor");
+/// `json-sensor` (Rust) or `json-sensor-as` (AssemblyScript), with `temp_max = 30`.
+fn load(engine: &ScriptEngine, product: &str) -> Script {
+    let wasm = common::example_script(product);
     let settings = ScriptSettings {
         params: params(),
         ..ScriptSettings::default()
     };
     engine
-        .load_file("json-sensor", &wasm, settings)
-        .expect("json-sensor loads")
+        .load_file(product, &wasm, settings)
+        .unwrap_or_else(|e| panic!("{product} loads: {e}"))
 }
 
 /// What the host does with a script's outputs after a call (checks and
@@ -104,7 +106,8 @@ fn engine(pooling: bool) -> ScriptEngine {
 
 fn json_sensor(c: &mut Criterion) {
     assert_eq!(PAYLOAD.len(), 152);
-    let script = load(&engine(false));
+    let engine = engine(false);
+    let script = load(&engine, "json-sensor");
     let mut group = c.benchmark_group("json-sensor");
     group.throughput(Throughput::Elements(1));
 
@@ -127,6 +130,17 @@ fn json_sensor(c: &mut Criterion) {
         b.iter(|| instance.parse(std::hint::black_box(&msg)).expect("parses"))
     });
 
+    let mut assemblyscript = load(&engine, "json-sensor-as")
+        .instantiate()
+        .expect("instantiates");
+    group.bench_function("assemblyscript", |b| {
+        b.iter(|| {
+            assemblyscript
+                .parse(std::hint::black_box(&msg))
+                .expect("parses")
+        })
+    });
+
     let batch: Vec<RawMessage> = (0..BATCH).map(|_| message()).collect();
     group.throughput(Throughput::Elements(BATCH as u64));
     group.bench_function(format!("wasm-batch-{BATCH}"), |b| {
@@ -138,7 +152,7 @@ fn json_sensor(c: &mut Criterion) {
 fn instantiate(c: &mut Criterion) {
     let mut group = c.benchmark_group("instantiate");
     for (name, pooling) in [("on-demand", false), ("pooling", true)] {
-        let script = load(&engine(pooling));
+        let script = load(&engine(pooling), "json-sensor");
         group.bench_function(name, |b| {
             b.iter(|| drop(script.instantiate().expect("instantiates")))
         });

@@ -23,9 +23,10 @@ pub struct Snapshot {
 /// fewer than `max_keys`; returns how many keys were not kept.
 fn merge_capped(into: &mut Fields, fields: &Fields, max_keys: usize) -> usize {
     let mut dropped = 0;
-    for (key, value) in fields.iter() {
+    for (key, value) in fields.entries() {
         if into.len() < max_keys || into.contains_key(key) {
-            into.insert(key, value.clone());
+            // The report's key is shared, not copied.
+            into.insert(key.clone(), value.clone());
         } else {
             dropped += 1;
         }

@@ -9,8 +9,9 @@
 //! - [`pipeline`]: envelopes are sharded by device to script workers,
 //!   whose effects reach the bus in batches; timers expire deadlines;
 //! - [`script`]: the sandboxed engine runs the product's data script
-//!   (build, compile, cache, core modules wrapped into components, limits,
-//!   instances, outputs, fixtures, hot reload);
+//!   (compile, cache, core modules wrapped into components, limits,
+//!   instances, the packed encoding of messages and outputs, fixtures, hot
+//!   reload); [`authoring`] builds, creates and benchmarks scripts;
 //! - [`status`]: status modes and a tracker sized for a million devices;
 //! - [`latest`]: each device's last values;
 //! - [`bus`]: publication to watched devices only, in-process or through
@@ -22,6 +23,7 @@
 //!   up, wiring together and running it; [`supervisor`] restarts a
 //!   long-lived task that panics.
 
+pub mod authoring;
 pub mod bus;
 pub mod cli;
 pub mod config;

@@ -1,23 +1,15 @@
 //! The raw message: a device's payload as it arrived, before any script ran.
 
-use wasmtime::component::{ComponentType, Lower};
-
 /// How a message reached sluice.
-#[derive(ComponentType, Lower, Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[component(enum)]
-#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SourceKind {
     /// An MQTT publish.
-    #[component(name = "mqtt")]
     Mqtt,
     /// A Kafka record.
-    #[component(name = "kafka")]
     Kafka,
     /// An HTTP ingest request.
-    #[component(name = "http")]
     Http,
     /// Produced inside sluice: the device simulator, `sluice script test`, fixtures.
-    #[component(name = "internal")]
     Internal,
 }
 
@@ -33,15 +25,11 @@ impl SourceKind {
     }
 }
 
-/// One raw message from a device, exactly as it arrived.
-///
-/// It is lowered into a script's memory as the WIT record
-/// `sluice:script/types.message` without an intermediate copy.
-#[derive(ComponentType, Lower, Debug, Clone, PartialEq)]
-#[component(record)]
+/// One raw message from a device, exactly as it arrived. A script receives
+/// it in the packed encoding of `sluice:script` (see `docs/script-abi.md`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct RawMessage {
     /// The device the message was routed to (for a gateway: the gateway itself).
-    #[component(name = "device-id")]
     pub device_id: String,
     /// The product whose script parses it.
     pub product: String,
@@ -50,7 +38,6 @@ pub struct RawMessage {
     /// The payload bytes, unchanged.
     pub payload: Vec<u8>,
     /// When sluice received it, in milliseconds since the Unix epoch.
-    #[component(name = "received-at")]
     pub received_at: i64,
     /// How it arrived.
     pub source: SourceKind,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use sluice::script::build::{BuildOutput, BuiltScript, build_scripts};
+use sluice::authoring::build::{BuildOutput, BuiltScript, build_scripts};
 use sluice::script::{EngineOptions, ScriptEngine};
 
 /// The repository root.

@@ -9,7 +9,7 @@ use bytesize::ByteSize;
 use serde_json::json;
 use sluice::message::{RawMessage, SourceKind};
 use sluice::script::{Limits, OutputKind, ScriptError, ScriptInstance, ScriptSettings};
-use sluice_tests::build::{engine, example_script, guest};
+use sluice_tests::build::{engine, example_script, guest, repo_root};
 use sluice_tests::sluice::{Site, base_url, eventually};
 
 fn message(device: &str, payload: &[u8]) -> RawMessage {
@@ -136,4 +136,18 @@ async fn the_assemblyscript_example_runs_in_the_pipeline() {
     let text = scripts.to_string();
     assert!(text.contains("thermostat-as"), "{text}");
     running.stop().await;
+}
+
+#[test]
+fn the_assemblyscript_json_sensor_shares_the_rust_scripts_fixtures() {
+    let root = repo_root();
+    let rust = std::fs::read_to_string(root.join("scripts/json-sensor/json-sensor.examples.json"))
+        .expect("the Rust fixtures");
+    let assemblyscript =
+        std::fs::read_to_string(root.join("scripts/json-sensor-as/json-sensor-as.examples.json"))
+            .expect("the AssemblyScript fixtures");
+    assert_eq!(
+        rust, assemblyscript,
+        "the two json-sensor scripts must pass the same examples"
+    );
 }

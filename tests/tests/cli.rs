@@ -112,6 +112,7 @@ fn script_check_passes_every_example_script_from_source() {
         "gateway@",
         "counter@",
         "thermostat@",
+        "json-sensor-as@",
         "thermostat-as@",
     ] {
         assert!(
@@ -120,7 +121,7 @@ fn script_check_passes_every_example_script_from_source() {
             run.stdout
         );
     }
-    assert!(run.stdout.contains("6 script(s)"), "{}", run.stdout);
+    assert!(run.stdout.contains("7 script(s)"), "{}", run.stdout);
     assert!(run.stdout.contains(" 0 failed"), "{}", run.stdout);
     assert!(!run.stdout.contains("FAIL"), "{}", run.stdout);
 }

@@ -194,7 +194,7 @@ fn huge_and_numerous_outputs_are_refused() {
     let mut instance = hostile();
     match instance.parse(&message("huge")).unwrap_err() {
         ScriptError::OutputTooLarge { size, limit, .. } => {
-            assert!(size > 4_000_000, "{size}");
+            assert!(size > 3_000_000, "{size}");
             assert_eq!(limit, 1 << 20);
         }
         other => panic!("expected output too large, got {other}"),
@@ -269,6 +269,21 @@ fn a_component_of_another_world_does_not_load() {
         .unwrap_err();
     assert!(matches!(error, ScriptError::Link { .. }), "{error}");
     assert!(error.to_string().contains("parse"), "{error}");
+}
+
+#[test]
+fn a_script_built_for_the_previous_world_is_refused_with_a_rebuild_hint() {
+    let error = engine()
+        .load_file("legacy", &guest("legacy"), ScriptSettings::default())
+        .unwrap_err();
+    assert!(matches!(error, ScriptError::Link { .. }), "{error}");
+    let text = error.to_string();
+    assert!(text.contains("sluice:script/"), "{text}");
+    assert!(text.contains("@0.1.0`"), "{text}");
+    assert!(
+        text.contains("must be rebuilt with the current one"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -3,7 +3,8 @@
 // results that do not fit in one value come back through a return area.
 
 import { ScriptError } from "./output";
-import { takeBytes, takeString } from "./memory";
+import { PackedReader, freeBlock, takeBytes, takeString } from "./memory";
+import { Fields, readFields } from "./value";
 
 /** How important a log line is. */
 export enum LogLevel {
@@ -14,17 +15,20 @@ export enum LogLevel {
   Error = 4,
 }
 
-@external("sluice:script/host@0.1.0", "log")
+@external("sluice:script/host@0.2.0", "log")
 declare function hostLog(level: i32, ptr: usize, len: usize): void;
 
-@external("sluice:script/host@0.1.0", "state-get")
+@external("sluice:script/host@0.2.0", "state-get")
 declare function hostStateGet(ptr: usize, len: usize, ret: usize): void;
 
-@external("sluice:script/host@0.1.0", "state-set")
+@external("sluice:script/host@0.2.0", "state-set")
 declare function hostStateSet(idPtr: usize, idLen: usize, valPtr: usize, valLen: usize, ret: usize): void;
 
-@external("sluice:script/host@0.1.0", "param")
+@external("sluice:script/host@0.2.0", "param")
 declare function hostParam(ptr: usize, len: usize, ret: usize): void;
+
+@external("sluice:script/host@0.2.0", "json-fields")
+declare function hostJsonFields(ptr: usize, len: usize, ret: usize): void;
 
 // The return area of the imports: an option or result discriminant at 0 and
 // its payload at 4 and 8. One call at a time uses it.
@@ -86,4 +90,27 @@ export function paramFloat(key: string, fallback: f64): f64 {
   if (text == null) return fallback;
   const value = parseFloat(text);
   return isFinite(value) ? value : fallback;
+}
+
+/**
+ * `text` parsed by the host as a JSON object: its members as fields, in
+ * document order (nested objects and arrays as JSON text); or why it is
+ * not one, in `error`.
+ */
+export function jsonFields(text: Uint8Array): JsonFields {
+  hostJsonFields(text.dataStart, <usize>text.byteLength, RET_AREA);
+  const ptr = load<u32>(RET_AREA, 4);
+  const len = load<u32>(RET_AREA, 8);
+  if (load<u8>(RET_AREA) != 0) return new JsonFields(new Fields(), takeString(ptr, len));
+  const fields = readFields(new PackedReader(ptr, len));
+  freeBlock(ptr, len);
+  return new JsonFields(fields, null);
+}
+
+/** What `jsonFields` answers. */
+export class JsonFields {
+  constructor(
+    public readonly fields: Fields,
+    public readonly error: string | null,
+  ) {}
 }

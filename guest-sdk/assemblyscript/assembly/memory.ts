@@ -1,8 +1,10 @@
 // Memory that crosses the boundary: blocks the host asks for through
-// `cabi_realloc` (arguments, returned lists), which the script owns and frees
-// once copied, and the blocks of a result, kept until the host's post-return
-// call. They live outside the garbage-collected heap, so the collector
-// neither moves nor frees them behind the host's back.
+// `cabi_realloc` (the packed message, the answers of host functions), which
+// the script owns and frees once read, and the answer buffer the packed
+// outputs are written into, which is kept and reused from call to call (the
+// host copies the answer before the call returns). Both live outside the
+// garbage-collected heap, so the collector neither moves nor frees them
+// behind the host's back.
 
 /** What `cabi_realloc` hands out for a zero-sized request: never freed. */
 function isDangling(ptr: usize): bool {
@@ -41,30 +43,126 @@ export function takeString(ptr: usize, len: usize): string {
   return text;
 }
 
-// Blocks of the result being handed to the host, freed by `releaseResult`.
-// Raw addresses, so the collector does not look inside.
-let resultBlocks = new Array<usize>();
+/**
+ * Reads the packed encoding's primitives from raw memory, front to back.
+ * The host writes well-formed messages; a read past the end returns zeros
+ * and sets `short`, which the caller reports.
+ */
+export class PackedReader {
+  private at: usize;
+  private readonly end: usize;
+  /** Set once a read went past the end. */
+  short: bool = false;
 
-/** A zeroed block of `size` bytes that lives until the post-return call. */
-export function resultBlock(size: usize): usize {
-  if (size == 0) return 8;
-  const ptr = heap.alloc(size);
-  memory.fill(ptr, 0, size);
-  resultBlocks.push(ptr);
-  return ptr;
+  constructor(ptr: usize, len: usize) {
+    this.at = ptr;
+    this.end = ptr + len;
+  }
+
+  private take(size: usize): usize {
+    if (this.end - this.at < size) {
+      this.short = true;
+      this.at = this.end;
+      return 0;
+    }
+    const at = this.at;
+    this.at += size;
+    return at;
+  }
+
+  u8(): u8 {
+    const at = this.take(1);
+    return at == 0 ? 0 : load<u8>(at);
+  }
+  u32(): u32 {
+    const at = this.take(4);
+    return at == 0 ? 0 : load<u32>(at);
+  }
+  i64(): i64 {
+    const at = this.take(8);
+    return at == 0 ? 0 : load<i64>(at);
+  }
+  f64(): f64 {
+    const at = this.take(8);
+    return at == 0 ? 0 : load<f64>(at);
+  }
+  string(): string {
+    const len = <usize>this.u32();
+    const at = this.take(len);
+    return at == 0 || len == 0 ? "" : String.UTF8.decodeUnsafe(at, len);
+  }
+  bytes(): Uint8Array {
+    const len = <usize>this.u32();
+    const at = this.take(len);
+    const bytes = new Uint8Array(at == 0 ? 0 : <i32>len);
+    if (at != 0) memory.copy(bytes.dataStart, at, len);
+    return bytes;
+  }
 }
 
-/** `text` as UTF-8 in a result block; stores (pointer, length) at `at`. */
-export function storeString(at: usize, text: string): void {
-  const len = <usize>String.UTF8.byteLength(text);
-  const ptr = resultBlock(len);
-  if (len != 0) String.UTF8.encodeUnsafe(changetype<usize>(text), text.length, ptr);
-  store<u32>(at, <u32>ptr);
-  store<u32>(at, <u32>len, 4);
-}
+/**
+ * The answer being written: one block outside the collected heap, grown by
+ * doubling and kept for the next call, so a call writes its outputs with
+ * no allocation once the buffer has reached their size.
+ */
+export class Answer {
+  static start: usize = 0;
+  static capacity: usize = 0;
+  static length: usize = 0;
 
-/** Frees every block of the last result (the host has copied it). */
-export function releaseResult(): void {
-  for (let i = 0; i < resultBlocks.length; i++) heap.free(unchecked(resultBlocks[i]));
-  resultBlocks.length = 0;
+  /** Starts a new answer. */
+  static reset(): void {
+    Answer.length = 0;
+  }
+
+  /** Room for `size` more bytes; the address to write them at. */
+  @inline
+  static reserve(size: usize): usize {
+    const needed = Answer.length + size;
+    if (needed > Answer.capacity) Answer.grow(needed);
+    return Answer.start + Answer.length;
+  }
+
+  private static grow(needed: usize): void {
+    let capacity = Answer.capacity < 256 ? <usize>256 : Answer.capacity;
+    while (capacity < needed) capacity <<= 1;
+    Answer.start = Answer.start == 0 ? heap.alloc(capacity) : heap.realloc(Answer.start, capacity);
+    Answer.capacity = capacity;
+  }
+
+  static u8(value: u8): void {
+    store<u8>(Answer.reserve(1), value);
+    Answer.length += 1;
+  }
+  static u32(value: u32): void {
+    store<u32>(Answer.reserve(4), value);
+    Answer.length += 4;
+  }
+  static i64(value: i64): void {
+    store<i64>(Answer.reserve(8), value);
+    Answer.length += 8;
+  }
+  /** A placeholder `u32` to fill in with `patch`; its offset. */
+  static hole(): usize {
+    const at = Answer.length;
+    Answer.u32(0);
+    return at;
+  }
+  static patch(at: usize, value: u32): void {
+    store<u32>(Answer.start + at, value);
+  }
+  /** `text` as a packed `str`: its UTF-8 length, then its UTF-8 bytes. */
+  static str(text: string): void {
+    const units = <usize>text.length;
+    // A UTF-16 code unit becomes at most three UTF-8 bytes.
+    const at = Answer.reserve(4 + units * 3);
+    // Unpaired surrogates become U+FFFD: the host accepts only UTF-8.
+    const len: usize = units == 0
+      ? <usize>0
+      : String.UTF8.encodeUnsafe(
+          changetype<usize>(text), <i32>units, at + 4, false, String.UTF8.ErrorMode.REPLACE,
+        );
+    store<u32>(at, <u32>len);
+    Answer.length += 4 + len;
+  }
 }

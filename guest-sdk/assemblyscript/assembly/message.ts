@@ -1,10 +1,12 @@
-// The input of a script (WIT `message`) and helpers on its payload.
+// The input of a script (the packed encoding's message) and helpers on
+// its payload.
 
 import { Reader } from "./binary";
+import { JsonObject } from "./json";
 import { ScriptError } from "./output";
 import { stateGet, stateSet } from "./host";
 
-/** How a message reached sluice; the numbers are the WIT enum cases. */
+/** How a message reached sluice; the numbers are the packed encoding's source bytes. */
 export enum SourceKind {
   Mqtt = 0,
   Kafka = 1,
@@ -32,6 +34,14 @@ export class Message {
   /** The payload as UTF-8 text (invalid sequences become U+FFFD). */
   text(): string {
     return String.UTF8.decode(this.payload.buffer);
+  }
+
+  /**
+   * The payload parsed as a JSON object, natively by the host; when it is
+   * not one, the result's `error` says why.
+   */
+  json(): JsonObject {
+    return JsonObject.parse(this.payload);
   }
 
   /** A big/little-endian reader over the payload. */

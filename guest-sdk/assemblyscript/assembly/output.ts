@@ -1,4 +1,4 @@
-// Outputs of a script (WIT `output`, `output-kind`, `script-error`) and the
+// Outputs of a script (the packed encoding's outputs, WIT `script-error`) and the
 // result of `parse`.
 
 import { Fields } from "./value";
@@ -10,7 +10,7 @@ export enum Severity {
   Critical = 2,
 }
 
-/** What an output reports; the numbers are the WIT variant cases. */
+/** What an output reports; the numbers are the packed encoding's kinds. */
 export enum OutputKind {
   Telemetry = 0,
   Attributes = 1,

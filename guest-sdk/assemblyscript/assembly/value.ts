@@ -1,6 +1,9 @@
-// Typed field values and the `Fields` builder (WIT `value`, `field`).
+// Typed field values and the `Fields` builder (the packed encoding's
+// `value` and `fields`).
 
-/** Which kind of value a `Value` holds; the numbers are the WIT variant cases. */
+import { PackedReader } from "./memory";
+
+/** Which kind of value a `Value` holds; the numbers are the packed encoding's tags. */
 export enum ValueKind {
   Null = 0,
   Boolean = 1,
@@ -78,6 +81,29 @@ export class Value {
   asBoolean(): bool {
     return this.kind == ValueKind.Boolean && this.bits != 0;
   }
+  /** The text held (for `json` values, the JSON text), or `null` for other kinds. */
+  asText(): string | null {
+    return this.kind == ValueKind.Text || this.kind == ValueKind.Json ? this.text : null;
+  }
+  /** Whether it is JSON `null`. */
+  get isNull(): bool {
+    return this.kind == ValueKind.Null;
+  }
+  /** The value for people: `null`, `true`, `42`, `21.5`, the text, or the JSON text. */
+  toString(): string {
+    switch (this.kind) {
+      case ValueKind.Null:
+        return "null";
+      case ValueKind.Boolean:
+        return this.bits != 0 ? "true" : "false";
+      case ValueKind.Integer:
+        return this.bits.toString();
+      case ValueKind.Float:
+        return formatNumber(reinterpret<f64>(this.bits));
+      default:
+        return this.text;
+    }
+  }
 }
 
 /** A named value, such as `temperature = 21.5`. */
@@ -88,9 +114,13 @@ export class Field {
   ) {}
 }
 
-/** An ordered list of fields, built with `with`. */
+/**
+ * An ordered list of fields, built with `with`. A key given twice keeps its
+ * last value, at the place of its first: that is how sluice stores the
+ * fields, and how `get` and `take` read them.
+ */
 export class Fields {
-  readonly list: Field[] = [];
+  list: Field[] = [];
 
   /**
    * Adds `key = value` and returns the builder, so calls chain:
@@ -103,13 +133,29 @@ export class Fields {
     return this;
   }
 
-  /** The value of `key`, if present. */
+  /** The value of `key`, if present (its last, if given more than once). */
   get(key: string): Value | null {
-    for (let i = 0; i < this.list.length; i++) {
+    for (let i = this.list.length - 1; i >= 0; i--) {
       const field = unchecked(this.list[i]);
       if (field.key == key) return field.value;
     }
     return null;
+  }
+
+  /** Removes `key` and returns its value (its last, if given more than once). */
+  take(key: string): Value | null {
+    let taken: Value | null = null;
+    const kept = new Array<Field>(0);
+    for (let i = 0; i < this.list.length; i++) {
+      const field = unchecked(this.list[i]);
+      if (field.key == key) {
+        taken = field.value;
+      } else {
+        kept.push(field);
+      }
+    }
+    if (taken != null) this.list = kept;
+    return taken;
   }
 
   /** How many fields there are. */
@@ -127,4 +173,32 @@ export function formatNumber(value: f64): string {
     return (<i64>value).toString();
   }
   return value.toString();
+}
+
+/** Reads packed `fields`, as the host's `json-fields` answers them. */
+export function readFields(r: PackedReader): Fields {
+  const fields = new Fields();
+  const count = <i32>r.u32();
+  for (let i = 0; i < count && !r.short; i++) {
+    const key = r.string();
+    fields.list.push(new Field(key, readValue(r)));
+  }
+  return fields;
+}
+
+function readValue(r: PackedReader): Value {
+  switch (<i32>r.u8()) {
+    case ValueKind.Boolean:
+      return Value.boolean(r.u8() != 0);
+    case ValueKind.Integer:
+      return Value.integer(r.i64());
+    case ValueKind.Float:
+      return Value.float(r.f64());
+    case ValueKind.Text:
+      return Value.text(r.string());
+    case ValueKind.Json:
+      return Value.json(r.string());
+    default:
+      return Value.null();
+  }
 }

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sluice::script::build::{BuildOutput, build_scripts};
+use sluice::authoring::build::{BuildOutput, build_scripts};
 
 /// Builds the example scripts (once per target directory, then cached by
 /// cargo) and returns the component of the one named `name`.

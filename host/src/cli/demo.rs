@@ -11,8 +11,8 @@ use anyhow::Context as _;
 use clap::Args;
 use tokio::sync::watch;
 
+use crate::authoring::build::is_script_source;
 use crate::config::{Config, LoadedConfig};
-use crate::script::build::is_script_source;
 use crate::source::simulator::Simulator;
 
 /// The demo's configuration and device registry, written beside the built

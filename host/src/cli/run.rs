@@ -8,10 +8,10 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 
+use crate::authoring::build::is_script_source;
 use crate::config::{Config, LoadedConfig};
 use crate::devices::DeviceRegistry;
 use crate::route::Router;
-use crate::script::build::is_script_source;
 use crate::script::{ScriptEngine, load_product};
 
 #[derive(Debug, Args)]

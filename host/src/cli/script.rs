@@ -1,22 +1,26 @@
-//! `sluice script test | check | new`.
+//! `sluice script test | bench | check | new | build`.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
+use crate::authoring;
+use crate::authoring::build::{BuildOutput, build_scripts, is_script_source};
+use crate::authoring::scaffold::{Lang, scaffold};
 use crate::message::{RawMessage, SourceKind, now_ms};
-use crate::script::build::{BuildOutput, build_scripts, is_script_source};
 use crate::script::fixture::{CaseReport, DEFAULT_DEVICE, Fixtures};
-use crate::script::scaffold::{Lang, scaffold};
-use crate::script::{EngineOptions, ScriptEngine, ScriptSettings};
+use crate::script::{EngineOptions, ScriptEngine, ScriptInstance, ScriptSettings};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ScriptCommand {
     /// Run a script on one input and print its outputs as JSON.
     Test(TestArgs),
+    /// Run a script on one input again and again under the real engine and
+    /// limits, and print calls/s, time per call and the instance's memory.
+    Bench(BenchArgs),
     /// Run the `<name>.examples.json` fixtures of a script, a directory of
     /// scripts, or a cargo workspace of script crates (built first).
     Check(CheckArgs),
@@ -44,22 +48,26 @@ pub(crate) struct EngineArgs {
     /// Where compiled scripts are kept.
     #[arg(long, env = "SLUICE_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Write `/tmp/perf-<pid>.map`, so `perf report` names the script's
+    /// own functions (compiles afresh: the cache holds no symbols).
+    #[arg(long)]
+    perf_map: bool,
 }
 
 impl EngineArgs {
     fn engine(&self) -> anyhow::Result<ScriptEngine> {
         Ok(ScriptEngine::new(&EngineOptions {
-            cache: !self.no_cache,
+            cache: !self.no_cache && !self.perf_map,
             cache_dir: self.cache_dir.clone(),
+            perf_map: self.perf_map,
             ..EngineOptions::default()
         })?)
     }
 }
 
+/// The message a script runs on.
 #[derive(Debug, Args)]
-pub(crate) struct TestArgs {
-    /// The script component (`.wasm`).
-    script: PathBuf,
+pub(crate) struct MessageArgs {
     /// The payload: a file, or `-` for stdin.
     #[arg(long, short)]
     input: PathBuf,
@@ -72,12 +80,35 @@ pub(crate) struct TestArgs {
     /// The message's device id.
     #[arg(long, default_value = DEFAULT_DEVICE)]
     device: String,
-    /// The product name (default: the file name without `.wasm`).
+    /// The product name (default: the script's name).
     #[arg(long)]
     product: Option<String>,
     /// A product parameter, `key=value`; repeatable.
     #[arg(long = "param", value_parser = parse_param)]
     params: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct TestArgs {
+    /// The script component (`.wasm`).
+    script: PathBuf,
+    #[command(flatten)]
+    message: MessageArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct BenchArgs {
+    /// The script (`.wasm`), or a cargo workspace or crate of Rust scripts
+    /// or an AssemblyScript project (built first; with several scripts,
+    /// `--product` picks one).
+    script: PathBuf,
+    #[command(flatten)]
+    message: MessageArgs,
+    /// How long to time calls, after a warm-up of 0.2 s.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -126,6 +157,7 @@ fn parse_param(text: &str) -> Result<(String, String), String> {
 pub(crate) fn run(command: ScriptCommand) -> ExitCode {
     let result = match command {
         ScriptCommand::Test(args) => test(&args),
+        ScriptCommand::Bench(args) => bench(&args),
         ScriptCommand::Check(args) => check(&args),
         ScriptCommand::New(args) => new(&args),
         ScriptCommand::Build(args) => build(&args),
@@ -146,41 +178,57 @@ fn product_of(path: &Path) -> String {
         .into_owned()
 }
 
+impl MessageArgs {
+    /// The payload, read from the file or stdin (and decoded from hex).
+    fn payload(&self) -> anyhow::Result<Vec<u8>> {
+        let mut input = Vec::new();
+        if self.input == Path::new("-") {
+            std::io::stdin()
+                .read_to_end(&mut input)
+                .context("cannot read stdin")?;
+        } else {
+            input = std::fs::read(&self.input)
+                .with_context(|| format!("cannot read input {}", self.input.display()))?;
+        }
+        if self.hex {
+            let digits: String = String::from_utf8_lossy(&input).split_whitespace().collect();
+            input = hex::decode(&digits).context("--hex input is not hex digits")?;
+        }
+        Ok(input)
+    }
+
+    /// Loads `wasm` as the script of `product` (unless `--product` names
+    /// another) with the parameters, and makes the message.
+    fn load(
+        &self,
+        engine: &EngineArgs,
+        wasm: &Path,
+        product: String,
+    ) -> anyhow::Result<(ScriptInstance, RawMessage)> {
+        let payload = self.payload()?;
+        let product = self.product.clone().unwrap_or(product);
+        let settings = ScriptSettings {
+            params: self.params.iter().cloned().collect(),
+            ..ScriptSettings::default()
+        };
+        let script = engine.engine()?.load_file(&product, wasm, settings)?;
+        let instance = script.instantiate()?;
+        let message = RawMessage {
+            device_id: self.device.clone(),
+            product,
+            topic: self.topic.clone(),
+            payload,
+            received_at: now_ms(),
+            source: SourceKind::Internal,
+        };
+        Ok((instance, message))
+    }
+}
+
 fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
-    let mut input = Vec::new();
-    if args.input == Path::new("-") {
-        std::io::stdin()
-            .read_to_end(&mut input)
-            .context("cannot read stdin")?;
-    } else {
-        input = std::fs::read(&args.input)
-            .with_context(|| format!("cannot read input {}", args.input.display()))?;
-    }
-    if args.hex {
-        let digits: String = String::from_utf8_lossy(&input).split_whitespace().collect();
-        input = hex::decode(&digits).context("--hex input is not hex digits")?;
-    }
-    let product = args
-        .product
-        .clone()
-        .unwrap_or_else(|| product_of(&args.script));
-    let settings = ScriptSettings {
-        params: args.params.iter().cloned().collect(),
-        ..ScriptSettings::default()
-    };
-    let script = args
-        .engine
-        .engine()?
-        .load_file(&product, &args.script, settings)?;
-    let mut instance = script.instantiate()?;
-    let message = RawMessage {
-        device_id: args.device.clone(),
-        product,
-        topic: args.topic.clone(),
-        payload: input,
-        received_at: now_ms(),
-        source: SourceKind::Internal,
-    };
+    let (mut instance, message) =
+        args.message
+            .load(&args.engine, &args.script, product_of(&args.script))?;
     match instance.parse(&message) {
         Ok(outputs) => {
             println!("{}", serde_json::to_string_pretty(&outputs)?);
@@ -191,6 +239,101 @@ fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 3600.0) {
+        bail!("--seconds must be more than 0 and at most 3600");
+    }
+    let (wasm, product) = bench_target(&args.script, args.message.product.as_deref())?;
+    let (mut instance, message) = args.message.load(&args.engine, &wasm, product)?;
+    let duration = std::time::Duration::from_secs_f64(args.seconds);
+    eprintln!(
+        "{} on {} bytes for {:.1} s (after a 0.2 s warm-up)",
+        instance.script().id(),
+        message.payload.len(),
+        args.seconds
+    );
+    let terminal = std::io::stderr().is_terminal();
+    let every = std::time::Duration::from_millis(if terminal { 250 } else { 1000 });
+    let report = authoring::bench::bench(&mut instance, &message, duration, every, |p| {
+        let line = format!(
+            "  {:>5.1} s  {:>12} calls  {:>9.0} calls/s",
+            p.elapsed.as_secs_f64(),
+            p.calls,
+            p.calls as f64 / p.elapsed.as_secs_f64()
+        );
+        if terminal {
+            eprint!("\r{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    });
+    if terminal {
+        eprintln!();
+    }
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => {
+            eprintln!(
+                "error: the script fails on this input, so there is nothing to time: {error}"
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let limit = instance.script().limits().memory;
+    println!("script      {}", instance.script().id());
+    println!(
+        "calls       {} in {:.2} s: {:.0} calls/s",
+        report.calls,
+        report.elapsed.as_secs_f64(),
+        report.calls_per_second()
+    );
+    println!(
+        "per call    median {:?}, p99 {:?}, max {:?}",
+        report.median, report.p99, report.max
+    );
+    println!(
+        "memory      {} of linear memory (limit {limit})",
+        bytesize::ByteSize::b(report.memory_bytes as u64)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The component to bench and its product name: the file itself, or the
+/// one script (or the one named `product`) a source directory builds.
+fn bench_target(path: &Path, product: Option<&str>) -> anyhow::Result<(PathBuf, String)> {
+    if path.is_file() {
+        return Ok((path.to_path_buf(), product_of(path)));
+    }
+    if !is_script_source(path) {
+        bail!(
+            "{} is neither a .wasm file nor a script workspace, crate or AssemblyScript project",
+            path.display()
+        );
+    }
+    eprintln!("building the scripts in {} ...", path.display());
+    let built = build_scripts(path, None, BuildOutput::Show)?;
+    let names: Vec<&str> = built.iter().map(|s| s.name.as_str()).collect();
+    let chosen = match product {
+        Some(name) => built.iter().find(|s| s.name == name),
+        None if built.len() == 1 => built.first(),
+        None => bail!(
+            "{} builds {} scripts ({}): pick one with --product",
+            path.display(),
+            built.len(),
+            names.join(", ")
+        ),
+    };
+    let Some(script) = chosen else {
+        bail!(
+            "{} builds no script named {:?} (it builds {})",
+            path.display(),
+            product.unwrap_or_default(),
+            names.join(", ")
+        );
+    };
+    Ok((script.wasm.clone(), script.name.clone()))
 }
 
 /// A script to check: its product name, component and fixture file.

@@ -4,9 +4,12 @@
 
 wasmtime::component::bindgen!({
     path: "../wit",
-    world: "sluice:script/script@0.1.0",
+    world: "sluice:script/script@0.2.0",
     additional_derives: [PartialEq],
 });
 
+/// The version of the world this host speaks, as it appears in import names.
+pub(crate) const WORLD_VERSION: &str = "0.2.0";
+
 pub(crate) use self::sluice::script::host::{self as host_api, LogLevel};
-pub(crate) use self::sluice::script::types::{Field, OutputKind, Severity, StateError, Value};
+pub(crate) use self::sluice::script::types::StateError;

@@ -33,8 +33,35 @@ pub(crate) fn wasm_kind(wasm: &[u8]) -> Result<WasmKind, String> {
     }
 }
 
+/// The first `sluice:script` interface among `imports` that is not of the
+/// version this host speaks: a script built with an older SDK.
+pub(crate) fn older_contract<'a>(mut imports: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    imports.find(|name| {
+        name.strip_prefix("sluice:script/")
+            .and_then(|rest| rest.split_once('@'))
+            .is_some_and(|(_, version)| version != super::bindings::WORLD_VERSION)
+    })
+}
+
+/// The modules a core module imports from.
+fn module_imports(module: &[u8]) -> Vec<String> {
+    let mut names = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(module) {
+        if let Ok(wasmparser::Payload::ImportSection(imports)) = payload {
+            for import in imports.into_imports().flatten() {
+                names.push(import.module.to_owned());
+            }
+        }
+    }
+    names
+}
+
 /// Wraps a core module into a component of the `sluice:script/script` world.
 pub(crate) fn componentize(module: &[u8]) -> Result<Vec<u8>, String> {
+    let imports = module_imports(module);
+    if let Some(old) = older_contract(imports.iter().map(String::as_str)) {
+        return Err(format!("it imports `{old}`: {}", super::instance::REBUILD));
+    }
     let mut resolve = Resolve::default();
     let package = resolve
         .push_source("script.wit", WIT)

@@ -21,10 +21,10 @@ use wasmtime_wasi::random::WasiRandom;
 
 use super::bindings;
 use super::cache::{ArtifactCache, CacheOutcome, default_cache_dir};
-use super::component::{WasmKind, componentize, wasm_kind};
+use super::component::{WasmKind, componentize, older_contract, wasm_kind};
 use super::error::{ScriptError, ScriptId};
 use super::host::{HostState, Params};
-use super::instance::Script;
+use super::instance::{REBUILD, Script};
 use super::limits::Limits;
 
 /// Settings of the engine shared by every script of a sluice process.
@@ -228,6 +228,17 @@ impl ScriptEngine {
             script: id.clone(),
             reason: format!("{e:#}"),
         })?;
+        let component_type = component.component_type();
+        let imports: Vec<&str> = component_type
+            .imports(&self.inner.engine)
+            .map(|(name, _)| name)
+            .collect();
+        if let Some(old) = older_contract(imports.into_iter()) {
+            return Err(ScriptError::Link {
+                script: id,
+                reason: format!("it imports `{old}`: {REBUILD}"),
+            });
+        }
         let pre = self
             .inner
             .linker

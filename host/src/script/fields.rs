@@ -6,6 +6,7 @@
 
 use std::hash::BuildHasher;
 use std::ops::Index;
+use std::sync::Arc;
 
 use hashbrown::HashTable;
 use serde::de::{MapAccess, Visitor};
@@ -17,10 +18,14 @@ use serde_json::Value;
 /// for the few fields of a typical report); beyond it, through an index.
 const SCAN_LIMIT: usize = 16;
 
+/// A field's name. Shared: the keys a script produces again and again are
+/// interned, and a snapshot that merges a report keeps the report's key.
+pub type Key = Arc<str>;
+
 /// Named values, in order, each key once. Serialises as a JSON object.
 #[derive(Clone, Default)]
 pub struct Fields {
-    entries: Vec<(String, Value)>,
+    entries: Vec<(Key, Value)>,
     /// Positions in `entries` by key hash, once there are more than
     /// [`SCAN_LIMIT`] entries.
     index: Option<KeyIndex>,
@@ -33,7 +38,7 @@ struct KeyIndex {
 }
 
 impl KeyIndex {
-    fn build(entries: &[(String, Value)]) -> Self {
+    fn build(entries: &[(Key, Value)]) -> Self {
         let mut index = KeyIndex {
             table: HashTable::with_capacity(entries.len()),
             hasher: std::hash::RandomState::new(),
@@ -44,19 +49,19 @@ impl KeyIndex {
         index
     }
 
-    fn find(&self, entries: &[(String, Value)], key: &str) -> Option<usize> {
+    fn find(&self, entries: &[(Key, Value)], key: &str) -> Option<usize> {
         let hash = self.hasher.hash_one(key);
         self.table
-            .find(hash, |&i| entries[i as usize].0 == key)
+            .find(hash, |&i| &*entries[i as usize].0 == key)
             .map(|&i| i as usize)
     }
 
-    fn insert(&mut self, entries: &[(String, Value)], position: usize) {
+    fn insert(&mut self, entries: &[(Key, Value)], position: usize) {
         let hasher = &self.hasher;
-        let hash = hasher.hash_one(entries[position].0.as_str());
+        let hash = hasher.hash_one(&*entries[position].0);
         let position = u32::try_from(position).expect("fewer than 4 billion fields");
         self.table.insert_unique(hash, position, |&i| {
-            hasher.hash_one(entries[i as usize].0.as_str())
+            hasher.hash_one(&*entries[i as usize].0)
         });
     }
 }
@@ -69,13 +74,18 @@ impl Fields {
         Fields::default()
     }
 
+    /// No fields, with room for `capacity`.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Fields {
+            entries: Vec::with_capacity(capacity),
+            index: None,
+        }
+    }
+
     /// Fields from pairs in order; a repeated key keeps its last value at
     /// the place of its first.
-    pub fn from_pairs(pairs: Vec<(String, Value)>) -> Self {
-        let mut fields = Fields {
-            entries: Vec::with_capacity(pairs.len()),
-            index: None,
-        };
+    pub fn from_pairs<K: AsRef<str> + Into<Key>>(pairs: Vec<(K, Value)>) -> Self {
+        let mut fields = Fields::with_capacity(pairs.len());
         for (key, value) in pairs {
             fields.insert(key, value);
         }
@@ -85,7 +95,7 @@ impl Fields {
     fn position(&self, key: &str) -> Option<usize> {
         match &self.index {
             Some(index) => index.find(&self.entries, key),
-            None => self.entries.iter().position(|(k, _)| k == key),
+            None => self.entries.iter().position(|(k, _)| &**k == key),
         }
     }
 
@@ -94,14 +104,14 @@ impl Fields {
         self.position(key).map(|i| &self.entries[i].1)
     }
 
-    /// Sets `key`, replacing its value in place when present.
-    pub fn insert(&mut self, key: impl Into<String>, value: Value) {
-        let key = key.into();
-        if let Some(position) = self.position(&key) {
+    /// Sets `key`, replacing its value in place when present (the key is
+    /// then not converted, so no allocation is made for it).
+    pub fn insert<K: AsRef<str> + Into<Key>>(&mut self, key: K, value: Value) {
+        if let Some(position) = self.position(key.as_ref()) {
             self.entries[position].1 = value;
             return;
         }
-        self.entries.push((key, value));
+        self.entries.push((key.into(), value));
         let last = self.entries.len() - 1;
         match &mut self.index {
             Some(index) => index.insert(&self.entries, last),
@@ -113,7 +123,7 @@ impl Fields {
     }
 
     /// The same fields with `key` set, for chaining.
-    pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+    pub fn with<K: AsRef<str> + Into<Key>>(mut self, key: K, value: impl Into<Value>) -> Self {
         self.insert(key, value.into());
         self
     }
@@ -130,7 +140,13 @@ impl Fields {
 
     /// The fields in order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Value)> {
-        self.entries.iter().map(|(k, v)| (k.as_str(), v))
+        self.entries.iter().map(|(k, v)| (&**k, v))
+    }
+
+    /// The fields in order, with their shared keys (cloning one is a
+    /// reference count, not a copy).
+    pub fn entries(&self) -> impl Iterator<Item = (&Key, &Value)> {
+        self.entries.iter().map(|(k, v)| (k, v))
     }
 
     /// Whether `key` is present.
@@ -154,17 +170,22 @@ impl std::fmt::Debug for Fields {
 }
 
 impl IntoIterator for Fields {
-    type Item = (String, Value);
-    type IntoIter = std::vec::IntoIter<(String, Value)>;
+    type Item = (Key, Value);
+    type IntoIter = std::vec::IntoIter<(Key, Value)>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.entries.into_iter()
     }
 }
 
-impl FromIterator<(String, Value)> for Fields {
-    fn from_iter<I: IntoIterator<Item = (String, Value)>>(iter: I) -> Self {
-        Fields::from_pairs(iter.into_iter().collect())
+impl<K: AsRef<str> + Into<Key>> FromIterator<(K, Value)> for Fields {
+    fn from_iter<I: IntoIterator<Item = (K, Value)>>(iter: I) -> Self {
+        let iter = iter.into_iter();
+        let mut fields = Fields::with_capacity(iter.size_hint().0);
+        for (key, value) in iter {
+            fields.insert(key, value);
+        }
+        fields
     }
 }
 
@@ -181,7 +202,7 @@ impl Serialize for Fields {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut map = serializer.serialize_map(Some(self.entries.len()))?;
         for (key, value) in &self.entries {
-            map.serialize_entry(key, value)?;
+            map.serialize_entry(&**key, value)?;
         }
         map.end()
     }
@@ -199,8 +220,9 @@ impl<'de> Deserialize<'de> for Fields {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
-                let mut fields = Fields::new();
-                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                let mut fields = Fields::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(KeyOf(key)) = map.next_key()? {
+                    let value = map.next_value::<Value>()?;
                     fields.insert(key, value);
                 }
                 Ok(fields)
@@ -208,6 +230,29 @@ impl<'de> Deserialize<'de> for Fields {
         }
 
         deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+/// A map key read straight into a [`Key`], without an intermediate `String`.
+struct KeyOf(Key);
+
+impl<'de> Deserialize<'de> for KeyOf {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+
+        impl Visitor<'_> for KeyVisitor {
+            type Value = KeyOf;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<KeyOf, E> {
+                Ok(KeyOf(Key::from(key)))
+            }
+        }
+
+        deserializer.deserialize_str(KeyVisitor)
     }
 }
 

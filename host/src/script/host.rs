@@ -134,4 +134,10 @@ impl host_api::Host for HostState {
     fn param(&mut self, key: String) -> Option<String> {
         self.params.get(&key).cloned()
     }
+
+    fn json_fields(&mut self, text: Vec<u8>) -> Result<Vec<u8>, String> {
+        let mut fields = Vec::with_capacity(text.len() + text.len() / 2 + 16);
+        super::packed::put_json_fields(&mut fields, &text)?;
+        Ok(fields)
+    }
 }

@@ -13,14 +13,17 @@ use super::engine::{LoadInfo, ScriptEngine, ScriptSettings};
 use super::error::{ScriptError, ScriptId};
 use super::host::{HostState, Params};
 use super::limits::{Limits, MemoryExceeded};
-use super::output::{Output, OutputCaps, OutputViolation, convert_outputs};
+use super::output::{Output, OutputCaps, OutputViolation};
+use super::packed::{self, KeyInterner};
 use super::state::DeviceState;
 use crate::message::RawMessage;
 
-type ParseParams<'a> = (&'a RawMessage,);
-type ParseResults = (Result<Vec<bindings::Output>, bindings::ScriptError>,);
-type BatchParams<'a> = (&'a [RawMessage],);
-type BatchResults = (Vec<Result<Vec<bindings::Output>, bindings::ScriptError>>,);
+/// `parse`: a packed message in, packed outputs or a typed error out.
+type ParseParams<'a> = (&'a [u8],);
+type ParseResults = (Result<Vec<u8>, bindings::ScriptError>,);
+/// `parse-batch`: packed messages in, packed results out.
+type BatchParams<'a> = (&'a [u8],);
+type BatchResults = (Vec<u8>,);
 
 /// A product's compiled and linked script at one version. Cheap to clone;
 /// every worker instantiates its own [`ScriptInstance`] from it.
@@ -214,10 +217,13 @@ impl Script {
         let state = DeviceState::new(limits.state_bytes(), limits.state_devices);
         let mut instance = ScriptInstance {
             script: self.clone(),
-            live: None,
-            parked: Some(state),
+            runtime: Runtime {
+                live: None,
+                parked: Some(state),
+            },
+            codec: Codec::default(),
         };
-        instance.live()?;
+        instance.runtime.live(self)?;
         Ok(instance)
     }
 }
@@ -229,6 +235,13 @@ impl Script {
 /// fresh one. Per-device state survives that, minus the trapped call's writes.
 pub struct ScriptInstance {
     script: Script,
+    runtime: Runtime,
+    codec: Codec,
+}
+
+/// The wasmtime side of an instance: live, or parked between a trap and
+/// the next call.
+struct Runtime {
     live: Option<Live>,
     /// The per-device state while no instance is live.
     parked: Option<DeviceState>,
@@ -240,11 +253,32 @@ struct Live {
     parse_batch: Func,
 }
 
+/// The host's side of the packed encoding, kept across calls: the buffer
+/// messages are written into, and the field keys seen so far.
+#[derive(Debug, Default)]
+struct Codec {
+    input: Vec<u8>,
+    keys: KeyInterner,
+}
+
+impl Codec {
+    /// Input buffers above this size are given back after the call that
+    /// needed them.
+    const KEEP_INPUT: usize = 64 << 10;
+
+    fn release(&mut self) {
+        if self.input.capacity() > Self::KEEP_INPUT {
+            self.input = Vec::new();
+        }
+    }
+}
+
 impl std::fmt::Debug for ScriptInstance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ScriptInstance")
             .field("script", &self.script.inner.id)
-            .field("live", &self.live.is_some())
+            .field("live", &self.runtime.live.is_some())
+            .field("keys", &self.codec.keys.len())
             .finish()
     }
 }
@@ -255,12 +289,20 @@ impl ScriptInstance {
         &self.script
     }
 
+    /// Bytes of the instance's linear memory now (0 while none is live).
+    pub fn memory_bytes(&self) -> usize {
+        self.runtime
+            .live
+            .as_ref()
+            .map_or(0, |live| live.store.data().limiter.total())
+    }
+
     /// Switches to another version of the product's script, keeping the
     /// per-device state. The new version's instance starts on the next call.
     pub fn upgrade(&mut self, script: Script) {
-        let state = self.take_state();
+        let state = self.runtime.take_state();
         self.script = script;
-        self.parked = Some(state);
+        self.runtime.parked = Some(state);
     }
 
     /// Parses one message.
@@ -307,19 +349,33 @@ impl ScriptInstance {
     }
 
     fn call_parse(&mut self, message: &RawMessage) -> Result<Vec<Output>, ScriptError> {
-        let deadline = self.script.inner.limits.deadline;
-        let live = self.begin_call(deadline)?;
+        let script = &self.script;
+        let deadline = script.inner.limits.deadline;
+        self.codec.input.clear();
+        packed::put_message(&mut self.codec.input, message);
+        let live = self.runtime.begin_call(script, deadline)?;
         // SAFETY: `live.parse` was type-checked against exactly these
-        // parameter and result types in `ScriptInstance::live`.
+        // parameter and result types in `start`.
         let parse =
             unsafe { TypedFunc::<ParseParams<'_>, ParseResults>::new_unchecked(live.parse) };
-        match parse.call(&mut live.store, (message,)) {
+        let result = match parse.call(&mut live.store, (self.codec.input.as_slice(),)) {
             Ok((result,)) => {
                 live.store.data_mut().state.commit();
-                self.finish(result, message.received_at)
+                match result {
+                    Ok(answer) => {
+                        packed::read_outputs(&answer, script.caps(), &mut self.codec.keys)
+                            .map_err(|v| script.violation(v))
+                            .and_then(|outputs| {
+                                script.check_timestamps(outputs, message.received_at)
+                            })
+                    }
+                    Err(rejected) => Err(script.rejected(rejected.code, rejected.message)),
+                }
             }
-            Err(error) => Err(self.trapped(error, deadline)),
-        }
+            Err(error) => Err(self.runtime.trapped(script, error, deadline)),
+        };
+        self.codec.release();
+        result
     }
 
     /// A batch call; `Err` only when the call trapped.
@@ -327,89 +383,109 @@ impl ScriptInstance {
         &mut self,
         messages: &[RawMessage],
     ) -> Result<Vec<Result<Vec<Output>, ScriptError>>, ScriptError> {
-        let deadline = self
-            .script
+        let script = &self.script;
+        let deadline = script
             .inner
             .limits
             .deadline
             .saturating_mul(u32::try_from(messages.len()).unwrap_or(u32::MAX));
-        let live = self.begin_call(deadline)?;
-        // SAFETY: type-checked in `ScriptInstance::live`, as for `parse`.
+        self.codec.input.clear();
+        packed::put_messages(&mut self.codec.input, messages);
+        let live = self.runtime.begin_call(script, deadline)?;
+        // SAFETY: type-checked in `start`, as for `parse`.
         let batch =
             unsafe { TypedFunc::<BatchParams<'_>, BatchResults>::new_unchecked(live.parse_batch) };
-        match batch.call(&mut live.store, (messages,)) {
-            Ok((results,)) => {
+        let result = match batch.call(&mut live.store, (self.codec.input.as_slice(),)) {
+            Ok((answer,)) => {
                 live.store.data_mut().state.commit();
-                if results.len() != messages.len() {
-                    let reason = format!(
-                        "parse-batch returned {} results for {} messages",
-                        results.len(),
-                        messages.len()
-                    );
-                    return Ok(messages
-                        .iter()
-                        .map(|_| {
-                            Err(ScriptError::BadOutput {
-                                script: self.script.inner.id.clone(),
-                                index: 0,
-                                reason: reason.clone(),
+                Ok(
+                    match packed::read_results(
+                        &answer,
+                        messages.len(),
+                        script.caps(),
+                        &mut self.codec.keys,
+                    ) {
+                        Ok(results) => results
+                            .into_iter()
+                            .zip(messages)
+                            .map(|(result, message)| match result {
+                                Ok(Ok(outputs)) => {
+                                    script.check_timestamps(outputs, message.received_at)
+                                }
+                                Ok(Err(rejected)) => {
+                                    Err(script.rejected(rejected.code, rejected.message))
+                                }
+                                Err(violation) => Err(script.violation(violation)),
                             })
-                        })
-                        .collect());
-                }
-                Ok(results
-                    .into_iter()
-                    .zip(messages)
-                    .map(|(r, m)| self.finish(r, m.received_at))
-                    .collect())
+                            .collect(),
+                        Err(malformed) => messages
+                            .iter()
+                            .map(|_| {
+                                Err(script.violation(OutputViolation::Bad {
+                                    index: 0,
+                                    reason: format!("parse-batch: {malformed}"),
+                                }))
+                            })
+                            .collect(),
+                    },
+                )
             }
-            Err(error) => Err(self.trapped(error, deadline)),
-        }
+            Err(error) => Err(self.runtime.trapped(script, error, deadline)),
+        };
+        self.codec.release();
+        result
     }
+}
 
-    /// The live instance, armed with `deadline` and a fresh log budget.
-    fn begin_call(&mut self, deadline: Duration) -> Result<&mut Live, ScriptError> {
-        let ticks = self.script.inner.engine.ticks(deadline);
-        let log_lines = self.script.inner.limits.log_lines;
-        let live = self.live()?;
-        live.store.set_epoch_deadline(ticks);
-        live.store.data_mut().log.begin(log_lines);
-        Ok(live)
-    }
-
-    /// Checks and converts what one message's call returned; every
-    /// timestamp must lie within the product's window around `received_at`.
-    fn finish(
-        &self,
-        result: Result<Vec<bindings::Output>, bindings::ScriptError>,
-        received_at: i64,
-    ) -> Result<Vec<Output>, ScriptError> {
-        let script = &self.script.inner;
-        let raw = result.map_err(|e| ScriptError::Rejected {
-            script: script.id.clone(),
-            code: e.code,
-            message: e.message,
-        })?;
-        let limits = &script.limits;
-        let caps = OutputCaps {
+impl Script {
+    fn caps(&self) -> OutputCaps {
+        let limits = &self.inner.limits;
+        OutputCaps {
             bytes: limits.output_bytes(),
             count: limits.max_outputs,
             fields: limits.max_fields,
-        };
-        let outputs = convert_outputs(raw, caps).map_err(|violation| match violation {
+        }
+    }
+
+    /// The script's own refusal of a message.
+    fn rejected(&self, code: String, message: String) -> ScriptError {
+        ScriptError::Rejected {
+            script: self.inner.id.clone(),
+            code,
+            message,
+        }
+    }
+
+    /// An answer the host refuses.
+    fn violation(&self, violation: OutputViolation) -> ScriptError {
+        let script = self.inner.id.clone();
+        match violation {
             OutputViolation::Bad { index, reason } => ScriptError::BadOutput {
-                script: script.id.clone(),
+                script,
                 index,
                 reason,
             },
-            OutputViolation::TooLarge { size, count } => ScriptError::OutputTooLarge {
-                script: script.id.clone(),
-                size,
-                count,
-                limit: caps.bytes,
-                max_count: caps.count,
-            },
-        })?;
+            OutputViolation::TooLarge { size, count } => {
+                let caps = self.caps();
+                ScriptError::OutputTooLarge {
+                    script,
+                    size,
+                    count,
+                    limit: caps.bytes,
+                    max_count: caps.count,
+                }
+            }
+        }
+    }
+
+    /// Every timestamp must lie within the product's window around
+    /// `received_at`.
+    fn check_timestamps(
+        &self,
+        outputs: Vec<Output>,
+        received_at: i64,
+    ) -> Result<Vec<Output>, ScriptError> {
+        let limits = &self.inner.limits;
         let earliest = received_at.saturating_sub(millis(limits.timestamp_past));
         let latest = received_at.saturating_add(millis(limits.timestamp_future));
         for (index, output) in outputs.iter().enumerate() {
@@ -417,7 +493,7 @@ impl ScriptInstance {
                 && !(earliest..=latest).contains(&timestamp)
             {
                 return Err(ScriptError::BadTimestamp {
-                    script: script.id.clone(),
+                    script: self.inner.id.clone(),
                     index,
                     timestamp,
                     received_at,
@@ -428,15 +504,36 @@ impl ScriptInstance {
         }
         Ok(outputs)
     }
+}
+
+impl Runtime {
+    /// The live instance, armed with `deadline` and a fresh log budget.
+    fn begin_call(
+        &mut self,
+        script: &Script,
+        deadline: Duration,
+    ) -> Result<&mut Live, ScriptError> {
+        let ticks = script.inner.engine.ticks(deadline);
+        let log_lines = script.inner.limits.log_lines;
+        let live = self.live(script)?;
+        live.store.set_epoch_deadline(ticks);
+        live.store.data_mut().log.begin(log_lines);
+        Ok(live)
+    }
 
     /// Turns a trap into its typed error and drops the poisoned instance.
-    fn trapped(&mut self, error: wasmtime::Error, deadline: Duration) -> ScriptError {
+    fn trapped(
+        &mut self,
+        script: &Script,
+        error: wasmtime::Error,
+        deadline: Duration,
+    ) -> ScriptError {
         let panic = self
             .live
             .as_mut()
             .and_then(|l| l.store.data_mut().log.last_error.take());
         self.discard();
-        classify_trap(self.script.inner.id.clone(), error, deadline, panic)
+        classify_trap(script.inner.id.clone(), error, deadline, panic)
     }
 
     fn take_state(&mut self) -> DeviceState {
@@ -454,9 +551,9 @@ impl ScriptInstance {
     }
 
     /// The live instance, starting one when there is none.
-    fn live(&mut self) -> Result<&mut Live, ScriptError> {
+    fn live(&mut self, script: &Script) -> Result<&mut Live, ScriptError> {
         if self.live.is_none() {
-            self.live = Some(start(&self.script, &mut self.parked)?);
+            self.live = Some(start(script, &mut self.parked)?);
         }
         Ok(self.live.as_mut().expect("an instance was just started"))
     }
@@ -504,11 +601,11 @@ fn start(script: &Script, parked: &mut Option<DeviceState>) -> Result<Live, Scri
         let parse = export(&mut store, "parse")?;
         parse
             .typed::<ParseParams<'_>, ParseResults>(&store)
-            .map_err(|e| format!("its `parse` has the wrong type: {e:#}"))?;
+            .map_err(|e| format!("its `parse` has the wrong type ({REBUILD}): {e:#}"))?;
         let parse_batch = export(&mut store, "parse-batch")?;
         parse_batch
             .typed::<BatchParams<'_>, BatchResults>(&store)
-            .map_err(|e| format!("its `parse-batch` has the wrong type: {e:#}"))?;
+            .map_err(|e| format!("its `parse-batch` has the wrong type ({REBUILD}): {e:#}"))?;
         Ok::<_, String>((parse, parse_batch))
     })();
     match checked {
@@ -526,6 +623,11 @@ fn start(script: &Script, parked: &mut Option<DeviceState>) -> Result<Live, Scri
         }
     }
 }
+
+/// What to do about a script built for another version of the world.
+pub(crate) const REBUILD: &str = "this sluice speaks sluice:script@0.2.0; a script built with an \
+    older SDK must be rebuilt with the current one (sluice-guest 0.2 for Rust, sluice-script 0.2 \
+    for AssemblyScript)";
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)

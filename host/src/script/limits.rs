@@ -83,15 +83,23 @@ pub(crate) struct MemoryExceeded {
     pub(crate) limit: usize,
 }
 
-/// Refuses linear memory growth beyond the cap by trapping the call.
+/// Refuses linear memory growth beyond the cap by trapping the call, and
+/// keeps the size of the instance's memories.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     limit: usize,
+    /// Bytes of all linear memories of the instance.
+    total: usize,
 }
 
 impl MemoryLimiter {
     pub(crate) fn new(limit: usize) -> Self {
-        MemoryLimiter { limit }
+        MemoryLimiter { limit, total: 0 }
+    }
+
+    /// Bytes of all linear memories of the instance now.
+    pub(crate) fn total(&self) -> usize {
+        self.total
     }
 }
 
@@ -112,6 +120,7 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
             }
             .into());
         }
+        self.total = self.total.saturating_add(desired.saturating_sub(current));
         Ok(true)
     }
 
@@ -151,6 +160,7 @@ mod tests {
     fn growth_past_the_cap_traps_with_the_numbers() {
         let mut limiter = MemoryLimiter::new(1 << 20);
         assert!(limiter.memory_growing(0, 1 << 20, None).unwrap());
+        assert_eq!(limiter.total(), 1 << 20);
         let err = limiter.memory_growing(1 << 20, 2 << 20, None).unwrap_err();
         let exceeded = err.downcast_ref::<MemoryExceeded>().unwrap();
         assert_eq!(

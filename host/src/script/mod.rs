@@ -1,8 +1,9 @@
-//! Data scripts: the engine that compiles and sandboxes them, their
-//! instances, limits, outputs and fixtures.
+//! Data scripts at run time: the engine that compiles and sandboxes them,
+//! their instances, limits, the packed encoding of their messages and
+//! outputs, fixtures and hot reload. Building and creating scripts lives in
+//! [`crate::authoring`].
 
 mod bindings;
-pub mod build;
 mod cache;
 mod component;
 mod engine;
@@ -13,15 +14,15 @@ mod host;
 mod instance;
 mod limits;
 mod output;
+mod packed;
 mod registry;
 pub mod reload;
-pub mod scaffold;
 mod state;
 
 pub use cache::{CacheOutcome, default_cache_dir};
 pub use engine::{EngineError, EngineOptions, LoadInfo, ScriptEngine, ScriptSettings};
 pub use error::{ScriptError, ScriptId};
-pub use fields::Fields;
+pub use fields::{Fields, Key};
 pub use host::Params;
 pub use instance::{Script, ScriptInstance, ScriptStats, StatsSnapshot};
 pub use limits::Limits;
