@@ -24,30 +24,51 @@ export { realloc };
 // The return area of `parse` and `parse-batch`.
 const RET_AREA: usize = memory.data(20, 8);
 
-function readMessage(r: PackedReader): Message {
-  const deviceId = r.string();
-  const product = r.string();
-  const topic = r.string();
+/**
+ * The message at the reader's position, in `raw` (the copy of the block the
+ * reader reads, which starts at `base`): its strings and payload stay in
+ * `raw`, referred to by offset.
+ */
+function readMessage(r: PackedReader, raw: ArrayBuffer, base: usize): Message {
+  const idAt = r.span(base);
+  const idLen = r.spanLength;
+  const productAt = r.span(base);
+  const productLen = r.spanLength;
+  const topicAt = r.span(base);
+  const topicLen = r.spanLength;
   const receivedAt = r.i64();
   const source = <i32>r.u8();
-  const payload = r.bytes();
-  return new Message(deviceId, product, topic, payload, receivedAt, source);
+  const payloadAt = r.span(base);
+  const payload = Uint8Array.wrap(raw, payloadAt, r.spanLength);
+  return new Message(raw, idAt, idLen, productAt, productLen, topicAt, topicLen, payload, receivedAt, source);
+}
+
+/** The reader of `parse` and `parse-batch` messages, reused by every call. */
+const MESSAGES = new PackedReader(0, 0);
+
+/** A copy of the host's block, in the collected heap; frees the block. */
+function copyBlock(ptr: usize, len: usize): ArrayBuffer {
+  const raw = new ArrayBuffer(<i32>len);
+  memory.copy(changetype<usize>(raw), ptr, len);
+  freeBlock(ptr, len);
+  return raw;
 }
 
 /** The packed message passed to `parse`; frees its block. */
 export function takeMessage(ptr: usize, len: usize): Message {
-  const message = readMessage(new PackedReader(ptr, len));
-  freeBlock(ptr, len);
-  return message;
+  const raw = copyBlock(ptr, len);
+  const base = changetype<usize>(raw);
+  return readMessage(MESSAGES.reset(base, len), raw, base);
 }
 
 /** The packed messages passed to `parse-batch`; frees their block. */
 export function takeMessages(ptr: usize, len: usize): Message[] {
-  const r = new PackedReader(ptr, len);
+  const raw = copyBlock(ptr, len);
+  const base = changetype<usize>(raw);
+  const r = MESSAGES.reset(base, len);
   const count = <i32>r.u32();
   const messages = new Array<Message>(0);
-  for (let i = 0; i < count && !r.short; i++) messages.push(readMessage(r));
-  freeBlock(ptr, len);
+  for (let i = 0; i < count && !r.short; i++) messages.push(readMessage(r, raw, base));
   return messages;
 }
 

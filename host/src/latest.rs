@@ -49,6 +49,15 @@ impl Snapshot {
     }
 }
 
+/// The entry of `device` in `map`, created empty when missing; the id is
+/// copied only then, not on every report.
+fn entry<'a, V: Default>(map: &'a mut HashMap<String, V>, device: &str) -> &'a mut V {
+    if !map.contains_key(device) {
+        map.insert(device.to_owned(), V::default());
+    }
+    map.get_mut(device).expect("the entry was just made")
+}
+
 /// What changed for one device since the last write-behind.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Delta {
@@ -88,16 +97,9 @@ impl LatestStore {
     /// at most `max_keys` keys (new keys beyond it are not kept, and counted).
     pub fn merge_telemetry(&self, device: &str, fields: &Fields, at_ms: i64, max_keys: usize) {
         let mut shard = self.shards.for_device(device);
-        if !shard.snapshots.contains_key(device) {
-            shard
-                .snapshots
-                .insert(device.to_owned(), Snapshot::default());
-        }
-        let dropped = shard.snapshots.get_mut(device).map_or(0, |snapshot| {
-            snapshot.merge_telemetry(fields, at_ms, max_keys)
-        });
+        let dropped = entry(&mut shard.snapshots, device).merge_telemetry(fields, at_ms, max_keys);
         if self.write_behind {
-            let delta = shard.pending.entry(device.to_owned()).or_default();
+            let delta = entry(&mut shard.pending, device);
             merge_capped(&mut delta.telemetry, fields, max_keys);
             delta.updated_ms = delta.updated_ms.max(at_ms);
         }
@@ -107,13 +109,9 @@ impl LatestStore {
     /// Merges attributes of `device`, keeping at most `max_keys` keys.
     pub fn merge_attributes(&self, device: &str, fields: &Fields, max_keys: usize) {
         let mut shard = self.shards.for_device(device);
-        let dropped = shard
-            .snapshots
-            .entry(device.to_owned())
-            .or_default()
-            .merge_attributes(fields, max_keys);
+        let dropped = entry(&mut shard.snapshots, device).merge_attributes(fields, max_keys);
         if self.write_behind {
-            let delta = shard.pending.entry(device.to_owned()).or_default();
+            let delta = entry(&mut shard.pending, device);
             merge_capped(&mut delta.attributes, fields, max_keys);
         }
         count_dropped(dropped);

@@ -3,7 +3,7 @@
 // results that do not fit in one value come back through a return area.
 
 import { ScriptError } from "./output";
-import { PackedReader, freeBlock, takeBytes, takeString } from "./memory";
+import { PackedReader, Scratch, freeBlock, takeBytes, takeString } from "./memory";
 import { Fields, readFields } from "./value";
 
 /** How important a log line is. */
@@ -36,14 +36,19 @@ const RET_AREA: usize = memory.data(12, 8);
 
 /** Writes a line to the host's log, tagged with the product and script version. */
 export function log(level: LogLevel, message: string): void {
-  const utf8 = String.UTF8.encode(message);
-  hostLog(<i32>level, changetype<usize>(utf8), <usize>utf8.byteLength);
+  const utf8 = Scratch.utf8(message);
+  hostLog(<i32>level, utf8, Scratch.length);
 }
 
 /** The state this product's script last stored for `deviceId`, or `null`. */
 export function stateGet(deviceId: string): Uint8Array | null {
-  const id = String.UTF8.encode(deviceId);
-  hostStateGet(changetype<usize>(id), <usize>id.byteLength, RET_AREA);
+  const id = Scratch.utf8(deviceId);
+  return stateGetUtf8(id, Scratch.length);
+}
+
+/** `stateGet` of a device id given as `len` UTF-8 bytes at `ptr`. */
+export function stateGetUtf8(ptr: usize, len: usize): Uint8Array | null {
+  hostStateGet(ptr, len, RET_AREA);
   if (load<u8>(RET_AREA) == 0) return null;
   return takeBytes(load<u32>(RET_AREA, 4), load<u32>(RET_AREA, 8));
 }
@@ -54,14 +59,13 @@ export function stateGet(deviceId: string): Uint8Array | null {
  * host's limit or the host keeps state for as many devices as it allows.
  */
 export function stateSet(deviceId: string, value: Uint8Array): ScriptError | null {
-  const id = String.UTF8.encode(deviceId);
-  hostStateSet(
-    changetype<usize>(id),
-    <usize>id.byteLength,
-    value.dataStart,
-    <usize>value.byteLength,
-    RET_AREA,
-  );
+  const id = Scratch.utf8(deviceId);
+  return stateSetUtf8(id, Scratch.length, value);
+}
+
+/** `stateSet` of a device id given as `len` UTF-8 bytes at `ptr`. */
+export function stateSetUtf8(ptr: usize, len: usize, value: Uint8Array): ScriptError | null {
+  hostStateSet(ptr, len, value.dataStart, <usize>value.byteLength, RET_AREA);
   if (load<u8>(RET_AREA) == 0) return null;
   const limit = load<u32>(RET_AREA, 8);
   if (load<u8>(RET_AREA, 4) == 0) {
@@ -78,8 +82,8 @@ export function stateSet(deviceId: string, value: Uint8Array): ScriptError | nul
 
 /** The product parameter `key` from the host's configuration, or `null`. */
 export function param(key: string): string | null {
-  const utf8 = String.UTF8.encode(key);
-  hostParam(changetype<usize>(utf8), <usize>utf8.byteLength, RET_AREA);
+  const utf8 = Scratch.utf8(key);
+  hostParam(utf8, Scratch.length, RET_AREA);
   if (load<u8>(RET_AREA) == 0) return null;
   return takeString(load<u32>(RET_AREA, 4), load<u32>(RET_AREA, 8));
 }

@@ -50,13 +50,21 @@ export function takeString(ptr: usize, len: usize): string {
  */
 export class PackedReader {
   private at: usize;
-  private readonly end: usize;
+  private end: usize;
   /** Set once a read went past the end. */
   short: bool = false;
 
   constructor(ptr: usize, len: usize) {
     this.at = ptr;
     this.end = ptr + len;
+  }
+
+  /** Reads `len` bytes at `ptr` from the start, so one reader serves every call. */
+  reset(ptr: usize, len: usize): PackedReader {
+    this.at = ptr;
+    this.end = ptr + len;
+    this.short = false;
+    return this;
   }
 
   private take(size: usize): usize {
@@ -91,13 +99,18 @@ export class PackedReader {
     const at = this.take(len);
     return at == 0 || len == 0 ? "" : String.UTF8.decodeUnsafe(at, len);
   }
-  bytes(): Uint8Array {
+  /**
+   * A packed `str` or `bytes` left in place: its offset from `base`
+   * (`spanLength` holds its length; both are 0 when it is cut short).
+   */
+  span(base: usize): i32 {
     const len = <usize>this.u32();
     const at = this.take(len);
-    const bytes = new Uint8Array(at == 0 ? 0 : <i32>len);
-    if (at != 0) memory.copy(bytes.dataStart, at, len);
-    return bytes;
+    this.spanLength = at == 0 ? 0 : <i32>len;
+    return at == 0 ? 0 : <i32>(at - base);
   }
+  /** The length of the last `span`. */
+  spanLength: i32 = 0;
 }
 
 /**
@@ -164,5 +177,37 @@ export class Answer {
         );
     store<u32>(at, <u32>len);
     Answer.length += 4 + len;
+  }
+}
+
+/**
+ * A string's UTF-8 bytes for one host call, in a block outside the
+ * collected heap that is kept and reused, so passing a key or a log line to
+ * the host allocates nothing once the block is large enough. The bytes stay
+ * valid until the next `Scratch.utf8`.
+ */
+export class Scratch {
+  private static start: usize = 0;
+  private static capacity: usize = 0;
+  /** The length of the last `utf8`. */
+  static length: usize = 0;
+
+  /** `text` as UTF-8 (unpaired surrogates become U+FFFD); its address. */
+  static utf8(text: string): usize {
+    const units = <usize>text.length;
+    // A UTF-16 code unit becomes at most three UTF-8 bytes.
+    const needed = units * 3;
+    if (needed > Scratch.capacity) {
+      let capacity = Scratch.capacity < 64 ? <usize>64 : Scratch.capacity;
+      while (capacity < needed) capacity <<= 1;
+      Scratch.start = Scratch.start == 0 ? heap.alloc(capacity) : heap.realloc(Scratch.start, capacity);
+      Scratch.capacity = capacity;
+    }
+    Scratch.length = units == 0
+      ? 0
+      : <usize>String.UTF8.encodeUnsafe(
+          changetype<usize>(text), <i32>units, Scratch.start, false, String.UTF8.ErrorMode.REPLACE,
+        );
+    return Scratch.start;
   }
 }

@@ -21,13 +21,18 @@ export class Value {
     public readonly text: string,
   ) {}
 
+  // Values never change, so null and the booleans are shared.
+  private static readonly NULL: Value = new Value(ValueKind.Null, 0, "");
+  private static readonly TRUE: Value = new Value(ValueKind.Boolean, 1, "");
+  private static readonly FALSE: Value = new Value(ValueKind.Boolean, 0, "");
+
   /** JSON `null`. */
   static null(): Value {
-    return new Value(ValueKind.Null, 0, "");
+    return Value.NULL;
   }
   /** `true` or `false`. */
   static boolean(value: bool): Value {
-    return new Value(ValueKind.Boolean, value ? 1 : 0, "");
+    return value ? Value.TRUE : Value.FALSE;
   }
   /** A whole number. */
   static integer(value: i64): Value {

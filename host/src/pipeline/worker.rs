@@ -164,7 +164,7 @@ impl Worker {
             Err((reason, error)) => {
                 for message in run.iter() {
                     self.dead_letter(message, reason, error.clone(), "");
-                    self.observe(message, &[]);
+                    self.observe(message, None, &[]);
                 }
                 run.clear();
                 return;
@@ -238,7 +238,7 @@ impl Worker {
     fn failed(&mut self, message: &RawMessage, error: &ScriptError, version: &str) {
         tracing::debug!(device = %message.device_id, product = %message.product, %error, "message dead-lettered");
         self.dead_letter(message, Reason::of(error), error.to_string(), version);
-        self.observe(message, &[]);
+        self.observe(message, None, &[]);
     }
 
     fn dead_letter(&mut self, message: &RawMessage, reason: Reason, error: String, version: &str) {
@@ -259,70 +259,82 @@ impl Worker {
         version: &str,
         limits: &Limits,
     ) {
-        let mut signals: Vec<(String, Option<bool>)> = Vec::new();
+        // The reporting device's own explicit signal, and the other devices
+        // the outputs named with theirs: the common case (outputs for the
+        // reporting device only) allocates nothing here.
+        let mut own: Option<bool> = None;
+        let mut others: Vec<(String, Option<bool>)> = Vec::new();
         let mut foreign: Vec<String> = Vec::new();
         let mut refused: Vec<String> = Vec::new();
-        let reporter_tenant = self.state.tenant_of(&message.device_id);
+        let mut reporter_tenant: Option<String> = None;
         for output in outputs {
-            let device = output
-                .device_id
-                .clone()
-                .unwrap_or_else(|| message.device_id.clone());
-            if device != message.device_id {
+            let timestamp = output.timestamp.unwrap_or(message.received_at);
+            let device: &str = output.device_id.as_deref().unwrap_or(&message.device_id);
+            let is_own = device == message.device_id;
+            if !is_own {
                 if !self
                     .state
-                    .may_write(&message.device_id, &message.product, &device)
+                    .may_write(&message.device_id, &message.product, device)
                 {
-                    if !foreign.contains(&device) {
-                        foreign.push(device);
+                    if !foreign.iter().any(|d| d == device) {
+                        foreign.push(device.to_owned());
                     }
                     continue;
                 }
-                if !self.state.admit(
-                    &device,
-                    &message.product,
-                    message.received_at,
-                    &reporter_tenant,
-                ) {
-                    if !refused.contains(&device) {
-                        refused.push(device);
+                let tenant =
+                    reporter_tenant.get_or_insert_with(|| self.state.tenant_of(&message.device_id));
+                if !self
+                    .state
+                    .admit(device, &message.product, message.received_at, tenant)
+                {
+                    if !refused.iter().any(|d| d == device) {
+                        refused.push(device.to_owned());
                     }
                     continue;
                 }
             }
-            let timestamp = output.timestamp.unwrap_or(message.received_at);
             if self.state.records
                 && let Some(record) = record_json(
                     message,
                     &output,
-                    &device,
-                    &self.state.tenant_of(&device),
+                    device,
+                    &self.state.tenant_of(device),
                     version,
                 )
             {
                 self.outbox.push(Effect::Record(record));
             }
-            let watched = self.state.interest.is_watched(&device);
-            let slot = match signals.iter().position(|(d, _)| *d == device) {
-                Some(slot) => slot,
-                None => {
-                    signals.push((device.clone(), None));
-                    signals.len() - 1
-                }
+            let watched = self.state.interest.is_watched(device);
+            let signal = if is_own {
+                &mut own
+            } else {
+                let slot = match others.iter().position(|(d, _)| d == device) {
+                    Some(slot) => slot,
+                    None => {
+                        others.push((device.to_owned(), None));
+                        others.len() - 1
+                    }
+                };
+                &mut others[slot].1
             };
+            if let OutputKind::Status { online } = output.kind {
+                *signal = Some(online);
+            }
+            let published = |state: &PipelineState| (state.tenant_of(device), device.to_owned());
             match output.kind {
                 OutputKind::Telemetry { fields } => {
                     self.state.latest.merge_telemetry(
-                        &device,
+                        device,
                         &fields,
                         timestamp,
                         limits.snapshot_keys,
                     );
                     if watched {
+                        let (tenant_id, device_id) = published(&self.state);
                         self.outbox.push(Effect::Publish(Publication::Telemetry(
                             TelemetryReport {
-                                tenant_id: self.state.tenant_of(&device),
-                                device_id: device,
+                                tenant_id,
+                                device_id,
                                 timestamp,
                                 data: fields,
                             },
@@ -332,14 +344,15 @@ impl Worker {
                 OutputKind::Attributes { fields } => {
                     self.state
                         .latest
-                        .merge_attributes(&device, &fields, limits.snapshot_keys)
+                        .merge_attributes(device, &fields, limits.snapshot_keys)
                 }
-                OutputKind::Status { online } => signals[slot].1 = Some(online),
+                OutputKind::Status { .. } => {}
                 OutputKind::Event { name, fields } if watched => {
+                    let (tenant_id, device_id) = published(&self.state);
                     self.outbox
                         .push(Effect::Publish(Publication::Event(EventReported {
-                            tenant_id: self.state.tenant_of(&device),
-                            device_id: device,
+                            tenant_id,
+                            device_id,
                             timestamp,
                             name,
                             data: fields,
@@ -350,10 +363,11 @@ impl Worker {
                     title,
                     description,
                 } if watched => {
+                    let (tenant_id, device_id) = published(&self.state);
                     self.outbox
                         .push(Effect::Publish(Publication::Alert(AlertRaised {
-                            tenant_id: self.state.tenant_of(&device),
-                            device_id: device,
+                            tenant_id,
+                            device_id,
                             timestamp,
                             severity,
                             title,
@@ -386,18 +400,20 @@ impl Worker {
                 version,
             );
         }
-        self.observe(message, &signals);
+        self.observe(message, own, &others);
     }
 
     /// Status bookkeeping for a message: its own device (with its explicit
-    /// signal, if the script gave one) and every other device its outputs named.
-    fn observe(&mut self, message: &RawMessage, signals: &[(String, Option<bool>)]) {
-        let own = signals
-            .iter()
-            .find(|(d, _)| *d == message.device_id)
-            .and_then(|(_, s)| *s);
+    /// signal, if the script gave one) and every other device its outputs
+    /// named (with theirs).
+    fn observe(
+        &mut self,
+        message: &RawMessage,
+        own: Option<bool>,
+        others: &[(String, Option<bool>)],
+    ) {
         self.observe_device(&message.device_id, &message.product, own);
-        for (device, signal) in signals.iter().filter(|(d, _)| *d != message.device_id) {
+        for (device, signal) in others {
             let product = self
                 .state
                 .product_of(device)
