@@ -215,6 +215,12 @@ async fn clients_receive_again_after_redis_restarts_empty() {
             _ => {}
         }
     }
+    // The subscriptions and the counts are put back by separate steps: a
+    // report can arrive before the counts are written, so wait for them.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while watchers(&redis).await != Some(2) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(watchers(&redis).await, Some(2), "both counts are back");
     let frame = loop {
         let frame = compat.next_json().await;
