@@ -167,19 +167,18 @@ function putFields(fields: Fields | null): void {
 
 function putField(field: Field): void {
   Answer.str(field.key);
-  const value = field.value;
-  Answer.u8(<u8>value.kind);
-  switch (value.kind) {
+  Answer.u8(<u8>field.kind);
+  switch (field.kind) {
     case ValueKind.Boolean:
-      Answer.u8(<u8>value.bits);
+      Answer.u8(<u8>field.bits);
       break;
     case ValueKind.Integer:
     case ValueKind.Float:
-      Answer.i64(value.bits);
+      Answer.i64(field.bits);
       break;
     case ValueKind.Text:
     case ValueKind.Json:
-      Answer.str(value.text);
+      Answer.str(field.text);
       break;
     default:
       break;

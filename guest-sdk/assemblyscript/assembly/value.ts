@@ -111,12 +111,54 @@ export class Value {
   }
 }
 
-/** A named value, such as `temperature = 21.5`. */
+/**
+ * A named value, such as `temperature = 21.5`. The value is stored in the
+ * field itself (its kind, bits and text, as in `Value`), so a field costs one
+ * object, not two; `value` hands it out as a `Value`.
+ */
 export class Field {
   constructor(
     public readonly key: string,
-    public readonly value: Value,
+    public readonly kind: ValueKind,
+    public readonly bits: i64,
+    public readonly text: string,
   ) {}
+
+  /** `key = value`. */
+  static of(key: string, value: Value): Field {
+    return new Field(key, value.kind, value.bits, value.text);
+  }
+
+  /** `key = value`, the value chosen by its type as `Value.of` does. */
+  static from<T>(key: string, value: T): Field {
+    if (isBoolean<T>()) {
+      return new Field(key, ValueKind.Boolean, <bool>value ? 1 : 0, "");
+    } else if (isInteger<T>()) {
+      return new Field(key, ValueKind.Integer, <i64>value, "");
+    } else if (isFloat<T>()) {
+      return new Field(key, ValueKind.Float, reinterpret<i64>(<f64>value), "");
+    } else {
+      return Field.of(key, Value.of<T>(value));
+    }
+  }
+
+  /** The value. */
+  get value(): Value {
+    switch (this.kind) {
+      case ValueKind.Null:
+        return Value.null();
+      case ValueKind.Boolean:
+        return Value.boolean(this.bits != 0);
+      case ValueKind.Integer:
+        return Value.integer(this.bits);
+      case ValueKind.Float:
+        return Value.float(reinterpret<f64>(this.bits));
+      case ValueKind.Text:
+        return Value.text(this.text);
+      default:
+        return Value.json(this.text);
+    }
+  }
 }
 
 /**
@@ -134,7 +176,7 @@ export class Fields {
    * pass a `Value` for null or nested JSON.
    */
   with<T>(key: string, value: T): Fields {
-    this.list.push(new Field(key, Value.of<T>(value)));
+    this.list.push(Field.from<T>(key, value));
     return this;
   }
 
@@ -186,24 +228,24 @@ export function readFields(r: PackedReader): Fields {
   const count = <i32>r.u32();
   for (let i = 0; i < count && !r.short; i++) {
     const key = r.string();
-    fields.list.push(new Field(key, readValue(r)));
+    fields.list.push(readField(key, r));
   }
   return fields;
 }
 
-function readValue(r: PackedReader): Value {
+function readField(key: string, r: PackedReader): Field {
   switch (<i32>r.u8()) {
     case ValueKind.Boolean:
-      return Value.boolean(r.u8() != 0);
+      return new Field(key, ValueKind.Boolean, r.u8() != 0 ? 1 : 0, "");
     case ValueKind.Integer:
-      return Value.integer(r.i64());
+      return new Field(key, ValueKind.Integer, r.i64(), "");
     case ValueKind.Float:
-      return Value.float(r.f64());
+      return new Field(key, ValueKind.Float, reinterpret<i64>(r.f64()), "");
     case ValueKind.Text:
-      return Value.text(r.string());
+      return new Field(key, ValueKind.Text, 0, r.string());
     case ValueKind.Json:
-      return Value.json(r.string());
+      return new Field(key, ValueKind.Json, 0, r.string());
     default:
-      return Value.null();
+      return new Field(key, ValueKind.Null, 0, "");
   }
 }
