@@ -1,4 +1,5 @@
-// The glue between the `sluice:script@0.2.0` world and a script's `parse`.
+// The glue between the `sluice:script@0.2.1` world and a script's `parse`
+// (and `encode`).
 // Script authors never import this file: the transform in `transform.js`
 // generates the exports that call it.
 //
@@ -10,14 +11,16 @@
 //                                 (20 bytes, align 4: tag 0; ok: ptr 4,
 //                                 len 8; err: code 4..12, message 12..20)
 //   parse-batch(ptr, len) -> ret  ret: list<u8> (ptr 0, len 4)
+//   encode(ptr, len) -> ret       ret: as parse
 //
 // The answer's bytes live in the reused answer buffer (see memory.ts) and
 // stay put until the next call, after the host has copied them.
 
 import { Message } from "./assembly/message";
 import { Field, Fields, ValueKind } from "./assembly/value";
-import { Output, OutputKind, Result } from "./assembly/output";
+import { Output, OutputKind, Result, ScriptError } from "./assembly/output";
 import { Answer, PackedReader, freeBlock, realloc } from "./assembly/memory";
+import { Command, Downlink, Encoded } from "./assembly/command";
 
 export { realloc };
 
@@ -72,27 +75,78 @@ export function takeMessages(ptr: usize, len: usize): Message[] {
   return messages;
 }
 
-/** `parse`'s return value: the address of its lowered result. */
-export function answer(result: Result): usize {
-  Answer.reset();
+/** The packed command passed to `encode`; frees its block. */
+export function takeCommand(ptr: usize, len: usize): Command {
+  const r = new PackedReader(ptr, len);
+  const id = r.string();
+  const deviceId = r.string();
+  const product = r.string();
+  const name = r.string();
+  const params = r.string();
+  const issuedAt = r.i64();
+  freeBlock(ptr, len);
+  return new Command(id, deviceId, product, name, params, issuedAt);
+}
+
+/** `encode`'s return value: the address of its lowered result. */
+export function answerEncoded(result: Encoded): usize {
   const error = result.error;
-  if (error != null) {
-    // Both strings go into the answer buffer; the return area points there.
-    Answer.str(error.code);
-    const codeLen = load<u32>(Answer.start);
-    Answer.str(error.message);
-    store<u8>(RET_AREA, 1);
-    store<u32>(RET_AREA, <u32>(Answer.start + 4), 4);
-    store<u32>(RET_AREA, codeLen, 8);
-    store<u32>(RET_AREA, <u32>(Answer.start + 8 + codeLen), 12);
-    store<u32>(RET_AREA, load<u32>(Answer.start + 4 + codeLen), 16);
-    return RET_AREA;
-  }
-  putOutputs(result.outputs);
+  if (error != null) return answerError(error);
+  Answer.reset();
+  const downlinks = result.downlinks;
+  Answer.u32(<u32>downlinks.length);
+  for (let i = 0; i < downlinks.length; i++) putDownlink(unchecked(downlinks[i]));
+  return answerOk();
+}
+
+function putDownlink(downlink: Downlink): void {
+  const topic = downlink.topic;
+  const flags =
+    (topic != null ? 1 : 0) |
+    (downlink.fport != 0 ? 2 : 0) |
+    (downlink.confirmed ? 4 : 0) |
+    (downlink.qos >= 0 ? 8 : 0);
+  Answer.u8(<u8>flags);
+  if (topic != null) Answer.str(topic);
+  if (downlink.fport != 0) Answer.u8(downlink.fport);
+  if (downlink.qos >= 0) Answer.u8(<u8>downlink.qos);
+  const payload = downlink.payload;
+  Answer.u32(<u32>payload.length);
+  const at = Answer.reserve(<usize>payload.length);
+  memory.copy(at, payload.dataStart, <usize>payload.length);
+  Answer.length += <usize>payload.length;
+}
+
+/** The lowered `err(script-error)`. */
+function answerError(error: ScriptError): usize {
+  Answer.reset();
+  // Both strings go into the answer buffer; the return area points there.
+  Answer.str(error.code);
+  const codeLen = load<u32>(Answer.start);
+  Answer.str(error.message);
+  store<u8>(RET_AREA, 1);
+  store<u32>(RET_AREA, <u32>(Answer.start + 4), 4);
+  store<u32>(RET_AREA, codeLen, 8);
+  store<u32>(RET_AREA, <u32>(Answer.start + 8 + codeLen), 12);
+  store<u32>(RET_AREA, load<u32>(Answer.start + 4 + codeLen), 16);
+  return RET_AREA;
+}
+
+/** The lowered `ok(list<u8>)` of the answer buffer. */
+function answerOk(): usize {
   store<u8>(RET_AREA, 0);
   store<u32>(RET_AREA, <u32>Answer.start, 4);
   store<u32>(RET_AREA, <u32>Answer.length, 8);
   return RET_AREA;
+}
+
+/** `parse`'s return value: the address of its lowered result. */
+export function answer(result: Result): usize {
+  const error = result.error;
+  if (error != null) return answerError(error);
+  Answer.reset();
+  putOutputs(result.outputs);
+  return answerOk();
 }
 
 /** Starts `parse-batch`'s answer of `count` results. */
@@ -148,6 +202,12 @@ function putOutput(output: Output): void {
       Answer.u8(<u8>output.severity);
       Answer.str(output.title);
       Answer.str(output.description);
+      break;
+    case OutputKind.Reply:
+      Answer.str(output.name);
+      Answer.u8(output.online ? 1 : 0);
+      Answer.str(output.title);
+      putFields(output.fields);
       break;
     default:
       Answer.u8(output.online ? 1 : 0);

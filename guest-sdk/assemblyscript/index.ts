@@ -16,10 +16,20 @@
 //     }
 //     return Result.ok(out);
 //   }
+//
+// A product that accepts commands also exports `encode`:
+//
+//   export function encode(command: Command): Encoded {
+//     if (command.name != "set_setpoint") return Encoded.unknown(command);
+//     const celsius = command.params().getFloat("celsius");
+//     ...
+//     return Encoded.ok([new Downlink(frame)]);
+//   }
 
 export { Value, ValueKind, Field, Fields, formatNumber } from "./assembly/value";
 export { Output, OutputKind, Severity, ScriptError, Result } from "./assembly/output";
 export { Message, SourceKind } from "./assembly/message";
+export { Command, Downlink, Encoded } from "./assembly/command";
 export { JsonObject } from "./assembly/json";
 export { Reader, hexEncode, hexDecode } from "./assembly/binary";
 export { LogLevel, log, param, paramFloat, stateGet, stateSet } from "./assembly/host";

@@ -1,21 +1,35 @@
 // Compiler transform that turns a script's `export function parse(message:
-// Message): Result` into a core module with the exports of the
-// `sluice:script/script` world, so that sluice can wrap it into a component:
+// Message): Result` (and, for products that accept commands, `export
+// function encode(command: Command): Encoded`) into a core module with the
+// exports of the `sluice:script/script` world, so that sluice can wrap it
+// into a component:
 //
 // - after parsing, it adds a glue file beside the script's entry that lifts
 //   the host's arguments, calls the script's `parse` and lowers the result;
 // - after compiling, it keeps only the world's exports (`parse`,
-//   `parse-batch`, `cabi_realloc`, `memory`), under their canonical names,
+//   `parse-batch`, `encode` when the script has one, `cabi_realloc`,
+//   `memory`), under their canonical names,
 //   which AssemblyScript cannot spell itself. There is no post-return
 //   cleanup: the answer buffer is reused by the next call, and the call's
 //   garbage is collected before it returns.
 
 const GLUE_NAME = "__sluice_glue";
 
-const GLUE = (entry) => `
+const ENCODE_GLUE = (entry) => `
+import { encode as scriptEncode } from "./${entry}";
+import { answerEncoded, takeCommand } from "sluice-script/abi";
+
+export function __sluice_encode(ptr: usize, len: usize): usize {
+  const answered = answerEncoded(scriptEncode(takeCommand(ptr, len)));
+  __collect();
+  return answered;
+}
+`;
+
+const GLUE = (entry, encodes) => `
 import { parse as scriptParse } from "./${entry}";
 import { addResult, answer, beginResults, endResults, realloc, takeMessage, takeMessages } from "sluice-script/abi";
-
+${encodes ? ENCODE_GLUE(entry) : ""}
 // The script runs on AssemblyScript's \`minimal\` runtime: nothing is
 // collected while a call runs, and everything the call allocated and did
 // not keep is collected once its answer is written (the answer lives outside
@@ -49,6 +63,13 @@ const EXPORTS = {
   __sluice_parse_batch: ["parse-batch"],
   __sluice_realloc: ["cabi_realloc"],
 };
+// The same, for exports a script may leave out.
+const OPTIONAL = {
+  __sluice_encode: ["encode"],
+};
+
+// Whether the entry's source exports a function `encode`.
+const ENCODE = /^\s*export\s+function\s+encode\s*\(/m;
 
 const USER_ENTRY = 1; // SourceKind.UserEntry
 
@@ -69,7 +90,7 @@ export default class SluiceScriptTransform {
     const slash = entry.lastIndexOf("/");
     const dir = slash < 0 ? "" : entry.substring(0, slash + 1);
     const base = entry.substring(slash + 1);
-    parser.parseFile(GLUE(base), `${dir}${GLUE_NAME}.ts`, true);
+    parser.parseFile(GLUE(base, ENCODE.test(entries[0].text)), `${dir}${GLUE_NAME}.ts`, true);
   }
 
   afterCompile(module) {
@@ -84,10 +105,12 @@ export default class SluiceScriptTransform {
     for (const info of exports) {
       if (info.kind === binaryen.ExternalMemory) continue;
       module.removeExport(info.name);
-      if (info.name in EXPORTS) found.set(info.name, info.value);
+      if (info.name in EXPORTS || info.name in OPTIONAL) found.set(info.name, info.value);
     }
     for (const [name, internal] of found) {
-      for (const external of EXPORTS[name]) module.addFunctionExport(internal, external);
+      for (const external of EXPORTS[name] ?? OPTIONAL[name]) {
+        module.addFunctionExport(internal, external);
+      }
     }
     for (const name of Object.keys(EXPORTS)) {
       if (!found.has(name)) {

@@ -1,10 +1,12 @@
-//! The packed encoding of the `sluice:script@0.2.0` world, on the script's
-//! side: the message read from the host's bytes, the outputs written back
-//! in one buffer. The encoding is specified in `wit/script.wit` and
+//! The packed encoding of the `sluice:script@0.2.1` world, on the script's
+//! side: the message (or command) read from the host's bytes, the outputs
+//! (or downlinks) written back in one buffer. The encoding is specified in `wit/script.wit` and
 //! `docs/script-abi.md`; [`crate::script!`] calls [`parse`] and
 //! [`parse_batch`], so a script never sees it.
 
-use crate::{Field, Message, Output, OutputKind, ScriptError, Severity, SourceKind, Value};
+use crate::{
+    Command, Downlink, Field, Message, Output, OutputKind, ScriptError, Severity, SourceKind, Value,
+};
 
 /// Reads the primitives of a message, failing with what was cut short.
 struct Reader<'a> {
@@ -44,6 +46,24 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes)
             .map(str::to_owned)
             .map_err(|e| bad_message(format!("{what} is not UTF-8: {e}")))
+    }
+
+    fn command(&mut self) -> Result<Command, ScriptError> {
+        let id = self.string("the command id")?;
+        let device_id = self.string("the device id")?;
+        let product = self.string("the product")?;
+        let name = self.string("the command name")?;
+        let params = self.string("the params")?;
+        let time = self.take(8, "the issue time")?;
+        let issued_at = i64::from_le_bytes(time.try_into().expect("8 bytes were taken"));
+        Ok(Command {
+            id,
+            device_id,
+            product,
+            name,
+            params,
+            issued_at,
+        })
     }
 
     fn message(&mut self) -> Result<Message, ScriptError> {
@@ -86,6 +106,11 @@ pub fn read_message(bytes: &[u8]) -> Result<Message, ScriptError> {
     Reader { bytes, at: 0 }.message()
 }
 
+/// A packed command.
+pub fn read_command(bytes: &[u8]) -> Result<Command, ScriptError> {
+    Reader { bytes, at: 0 }.command()
+}
+
 /// Packed messages: a count, then each.
 pub fn read_messages(bytes: &[u8]) -> Result<Vec<Message>, ScriptError> {
     let mut reader = Reader { bytes, at: 0 };
@@ -105,6 +130,7 @@ const ATTRIBUTES: u8 = 1;
 const EVENT: u8 = 2;
 const ALERT: u8 = 3;
 const STATUS: u8 = 4;
+const REPLY: u8 = 5;
 const HAS_DEVICE: u8 = 1;
 const HAS_TIMESTAMP: u8 = 2;
 
@@ -148,6 +174,13 @@ fn outputs_len(outputs: &[Output]) -> usize {
                     OutputKind::Event(event) => 4 + event.name.len() + fields_len(&event.fields),
                     OutputKind::Alert(alert) => 1 + 8 + alert.title.len() + alert.description.len(),
                     OutputKind::Status(_) => 1,
+                    OutputKind::Reply(reply) => {
+                        4 + reply.command_id.len()
+                            + 1
+                            + 4
+                            + reply.outcome.as_ref().err().map_or(0, String::len)
+                            + fields_len(&reply.fields)
+                    }
                 }
         })
         .sum::<usize>()
@@ -194,6 +227,7 @@ pub fn put_outputs(out: &mut Vec<u8>, outputs: &[Output]) {
             OutputKind::Event(_) => EVENT,
             OutputKind::Alert(_) => ALERT,
             OutputKind::Status(_) => STATUS,
+            OutputKind::Reply(_) => REPLY,
         };
         let mut flags = 0;
         if output.device_id.is_some() {
@@ -227,8 +261,80 @@ pub fn put_outputs(out: &mut Vec<u8>, outputs: &[Output]) {
                 put_str(out, &alert.description);
             }
             OutputKind::Status(online) => out.push(u8::from(*online)),
+            OutputKind::Reply(reply) => {
+                put_str(out, &reply.command_id);
+                out.push(u8::from(reply.outcome.is_ok()));
+                put_str(out, reply.outcome.as_ref().err().map_or("", String::as_str));
+                put_fields(out, &reply.fields);
+            }
         }
     }
+}
+
+/// Downlink flags of the encoding.
+const HAS_TOPIC: u8 = 1;
+const HAS_FPORT: u8 = 2;
+const CONFIRMED: u8 = 4;
+const HAS_QOS: u8 = 8;
+
+/// `downlinks` packed: a count, then each.
+pub fn pack_downlinks(downlinks: &[Downlink]) -> Vec<u8> {
+    let size = 4 + downlinks
+        .iter()
+        .map(|d| {
+            1 + d.topic.as_ref().map_or(0, |t| 4 + t.len())
+                + usize::from(d.fport.is_some())
+                + usize::from(d.qos.is_some())
+                + 4
+                + d.payload.len()
+        })
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    put_len(&mut out, downlinks.len());
+    for downlink in downlinks {
+        let mut flags = 0;
+        if downlink.topic.is_some() {
+            flags |= HAS_TOPIC;
+        }
+        if downlink.fport.is_some() {
+            flags |= HAS_FPORT;
+        }
+        if downlink.confirmed {
+            flags |= CONFIRMED;
+        }
+        if downlink.qos.is_some() {
+            flags |= HAS_QOS;
+        }
+        out.push(flags);
+        if let Some(topic) = &downlink.topic {
+            put_str(&mut out, topic);
+        }
+        out.extend(downlink.fport);
+        out.extend(downlink.qos);
+        put_len(&mut out, downlink.payload.len());
+        out.extend_from_slice(&downlink.payload);
+    }
+    out
+}
+
+/// Runs `encode` on one packed command. Used by [`crate::script!`].
+#[doc(hidden)]
+pub fn encode(
+    command: Vec<u8>,
+    encode: fn(&Command) -> Result<Vec<Downlink>, ScriptError>,
+) -> Result<Vec<u8>, ScriptError> {
+    let command = read_command(&command)?;
+    let downlinks = crate::host::run(&command, encode)?;
+    Ok(pack_downlinks(&downlinks))
+}
+
+/// What `encode` answers for a script that only parses.
+#[doc(hidden)]
+pub fn not_supported(_command: Vec<u8>) -> Result<Vec<u8>, ScriptError> {
+    Err(ScriptError::new(
+        "not-supported",
+        "this script does not encode commands",
+    ))
 }
 
 /// `outputs` packed into a buffer of exactly their size.

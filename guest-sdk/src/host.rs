@@ -5,7 +5,7 @@
 
 use std::str::FromStr;
 
-use crate::{LogLevel, Message, Output, ScriptError, StateError};
+use crate::{LogLevel, ScriptError, StateError};
 
 #[cfg(target_arch = "wasm32")]
 use crate::bindings::sluice::script::host as imp;
@@ -63,12 +63,10 @@ pub fn state_set(device_id: &str, value: &[u8]) -> Result<(), ScriptError> {
     })
 }
 
-/// Runs a script's `parse` for one message. Used by [`crate::script!`].
+/// Runs a script's `parse` for one message, or its `encode` for one command.
+/// Used by [`crate::script!`].
 #[doc(hidden)]
-pub fn run(
-    message: &Message,
-    parse: fn(&Message) -> Result<Vec<Output>, ScriptError>,
-) -> Result<Vec<Output>, ScriptError> {
+pub fn run<T, R>(input: &T, call: fn(&T) -> Result<R, ScriptError>) -> Result<R, ScriptError> {
     static PANIC_HOOK: std::sync::Once = std::sync::Once::new();
     // A panic aborts the call (the host sees a trap); the hook hands the
     // panic message to the host first, so the trap error can say why.
@@ -77,5 +75,5 @@ pub fn run(
             log(LogLevel::Error, &format!("script {info}"))
         }));
     });
-    parse(message)
+    call(input)
 }

@@ -82,7 +82,7 @@ pub mod value;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "sluice:script/script@0.2.0",
+        world: "sluice:script/script@0.2.1",
         pub_export_macro: true,
         export_macro_name: "export_script",
         default_bindings_module: "sluice_guest::bindings",
@@ -94,7 +94,10 @@ pub use binary::Reader;
 pub use bindings::sluice::script::host::LogLevel;
 pub use bindings::sluice::script::types::{ScriptError, StateError};
 pub use host::{log, param, param_as};
-pub use types::{Alert, Event, Field, Message, Output, OutputKind, Severity, SourceKind, Value};
+pub use types::{
+    Alert, Command, Downlink, Event, Field, Message, Output, OutputKind, Reply, Severity,
+    SourceKind, Value,
+};
 pub use value::Fields;
 
 /// Everything a script usually needs, in one `use`.
@@ -102,20 +105,37 @@ pub mod prelude {
     pub use crate::binary::{Reader, base64_decode, hex_decode, hex_encode};
     pub use crate::host::{log, param, param_as};
     pub use crate::{
-        Fields, LogLevel, Message, Output, OutputKind, ScriptError, Severity, SourceKind, Value,
+        Command, Downlink, Fields, LogLevel, Message, Output, OutputKind, ScriptError, Severity,
+        SourceKind, Value,
     };
 }
 
-/// Exports `parse` as the script's entry point.
+/// Exports `parse` (and `encode`, when given) as the script's entry points.
 ///
-/// `parse` must be a function `fn(&Message) -> Result<Vec<Output>, ScriptError>`.
-/// On WebAssembly the macro exports both `parse` and `parse-batch` of the WIT
-/// world, reading messages and writing outputs in the packed encoding;
-/// natively it expands to nothing, so the same crate can be tested and
-/// benchmarked as ordinary Rust.
+/// `parse` must be a function `fn(&Message) -> Result<Vec<Output>, ScriptError>`;
+/// `encode`, for products that accept commands,
+/// `fn(&Command) -> Result<Vec<Downlink>, ScriptError>`:
+///
+/// ```ignore
+/// sluice_guest::script!(parse);          // parses only
+/// sluice_guest::script!(parse, encode);  // also turns commands into downlinks
+/// ```
+///
+/// On WebAssembly the macro exports `parse`, `parse-batch` and `encode` of
+/// the WIT world, reading messages and commands and writing outputs and
+/// downlinks in the packed encoding (without an `encode` function, the
+/// exported `encode` answers `not-supported`, which sluice reads as "does
+/// not accept commands"); natively it expands to nothing, so the same
+/// crate can be tested and benchmarked as ordinary Rust.
 #[macro_export]
 macro_rules! script {
     ($parse:path) => {
+        $crate::script!(@export $parse, $crate::abi::not_supported);
+    };
+    ($parse:path, $encode:path) => {
+        $crate::script!(@export $parse, |command| $crate::abi::encode(command, $encode));
+    };
+    (@export $parse:path, $encode:expr) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
             struct SluiceScript;
@@ -129,6 +149,15 @@ macro_rules! script {
 
                 fn parse_batch(messages: ::std::vec::Vec<u8>) -> ::std::vec::Vec<u8> {
                     $crate::abi::parse_batch(messages, $parse)
+                }
+
+                fn encode(
+                    command: ::std::vec::Vec<u8>,
+                ) -> ::core::result::Result<::std::vec::Vec<u8>, $crate::ScriptError> {
+                    let encode: fn(
+                        ::std::vec::Vec<u8>,
+                    ) -> ::core::result::Result<::std::vec::Vec<u8>, $crate::ScriptError> = $encode;
+                    encode(command)
                 }
             }
 

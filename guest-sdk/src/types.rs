@@ -102,6 +102,54 @@ pub enum OutputKind {
     Alert(Alert),
     /// An explicit online (`true`) or offline (`false`) signal.
     Status(bool),
+    /// The device's answer to a command sluice sent it.
+    Reply(Reply),
+}
+
+/// A device's answer to a command: it completes the command whose id it
+/// names, for the device the output is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The [`Command::id`] of the command answered.
+    pub command_id: String,
+    /// `Ok` when the device did what was asked; `Err` with why not.
+    pub outcome: Result<(), String>,
+    /// Values the device answered with.
+    pub fields: Vec<Field>,
+}
+
+/// A command for a device, as [`crate::script!`]'s `encode` receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Command {
+    /// sluice's id of the command; a device's reply names it
+    /// ([`Output::reply`]), so devices that answer carry it back.
+    pub id: String,
+    /// The device the command is for.
+    pub device_id: String,
+    /// The device's product.
+    pub product: String,
+    /// What to do, such as `set_setpoint`.
+    pub name: String,
+    /// The caller's parameters: the text of a JSON object (`{}` when none).
+    pub params: String,
+    /// When sluice accepted the command, in milliseconds since the Unix epoch.
+    pub issued_at: i64,
+}
+
+/// One payload for a device, as `encode` answers it; build with
+/// [`Downlink::new`] and the setters.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Downlink {
+    /// The bytes for the device, sent unchanged.
+    pub payload: Vec<u8>,
+    /// A topic used instead of the product's command topic (MQTT, Kafka).
+    pub topic: Option<String>,
+    /// The LoRaWAN fPort, 1 to 223.
+    pub fport: Option<u8>,
+    /// Whether a LoRaWAN downlink asks the device for an acknowledgement.
+    pub confirmed: bool,
+    /// The MQTT QoS (0, 1 or 2), instead of the product's.
+    pub qos: Option<u8>,
 }
 
 /// One result of parsing a message.

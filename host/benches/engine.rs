@@ -85,6 +85,12 @@ fn to_host(output: sluice_guest::Output) -> Output {
             description: a.description,
         },
         G::Status(online) => OutputKind::Status { online },
+        G::Reply(r) => OutputKind::Reply {
+            command_id: r.command_id,
+            ok: r.outcome.is_ok(),
+            error: r.outcome.err().unwrap_or_default(),
+            fields: fields(r.fields),
+        },
     };
     Output {
         device_id: output.device_id,

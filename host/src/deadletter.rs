@@ -38,6 +38,9 @@ pub enum Reason {
     /// A script output names a device the reporting device may not write
     /// (not its declared child, nor of its tenant where the product allows that).
     ForeignDevice,
+    /// A command's script refused it or failed on it (the "payload" is
+    /// the command as JSON).
+    EncodeError,
 }
 
 impl Reason {
@@ -53,13 +56,14 @@ impl Reason {
             Reason::TooLarge => "too_large",
             Reason::DeviceLimit => "device_limit",
             Reason::ForeignDevice => "foreign_device",
+            Reason::EncodeError => "encode_error",
         }
     }
 
     /// The reason for a script failure.
     pub fn of(error: &ScriptError) -> Self {
         match error {
-            ScriptError::Rejected { .. } => Reason::ScriptError,
+            ScriptError::Rejected { .. } | ScriptError::NotSupported { .. } => Reason::ScriptError,
             ScriptError::BadOutput { .. } | ScriptError::OutputTooLarge { .. } => Reason::BadOutput,
             ScriptError::BadTimestamp { .. } => Reason::BadTimestamp,
             ScriptError::Read { .. } | ScriptError::Compile { .. } | ScriptError::Link { .. } => {

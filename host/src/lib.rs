@@ -18,6 +18,8 @@
 //!   Redis, and the shared state behind it;
 //! - [`deadletter`] and [`records`]: what failed, and what succeeded, kept
 //!   for later;
+//! - [`commands`]: the way back: commands encoded by the product's script,
+//!   sent as downlinks, and followed to the device's reply;
 //! - [`gateway`]: the HTTP API, the WebSockets and the dashboard (axum);
 //! - [`config`], [`devices`], [`metrics`], [`server`] and [`cli`]: setting
 //!   up, wiring together and running it; [`supervisor`] restarts a
@@ -26,6 +28,7 @@
 pub mod authoring;
 pub mod bus;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod deadletter;
 pub mod devices;

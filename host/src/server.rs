@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::bus::{
     Bus, BusError, Interest, MemoryBus, Publication, RedisBus, TransitionFeed, mirror_interest,
 };
+use crate::commands::{CommandStore, Commands, MemoryCommands, MqttDownlinks, RedisCommands};
 use crate::config::{Config, ConfigError, LoadedConfig};
 use crate::devices::DeviceRegistry;
 use crate::gateway::auth::Authenticator;
@@ -128,6 +129,8 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     let interest = Arc::new(Interest::new());
     let (timers_stop, timers_rx) = watch::channel(false);
     let buses = connect_bus(&config, &interest, &tasks, &timers_rx).await?;
+    let mqtt_downlinks = Arc::new(MqttDownlinks::default());
+    let commands = start_commands(&config, &buses, &mqtt_downlinks, &tasks, &timers_rx).await?;
     let shared = buses.bus.shares_deadlines();
     let state = Arc::new(PipelineState {
         registry: ArcSwap::from_pointee(registry),
@@ -140,6 +143,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         records: records.is_some(),
         seen: SeenDevices::new(worker_count, config.registry.max_unregistered),
         tasks: tasks.clone(),
+        commands: commands.clone(),
     });
     // With a shared table, start from it and follow it from the position
     // it had before it was read, so no change in between is missed.
@@ -155,8 +159,9 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
         None => None,
     };
 
-    let (effects_tx, effects) = start_effects(&tasks, &buses.bus, &records, &timers_rx);
+    let (effects_tx, effects) = start_effects(&tasks, &buses.bus, &records, &commands, &timers_rx);
     let (ingest, workers) = start_workers(&config, &state, &effects_tx, worker_count)?;
+    commands.attach(ingest.clone());
     let mut timers = start_timers(
         &config,
         &state,
@@ -172,7 +177,14 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     let router = Arc::new(
         Router::new(&config.routes, config.status.topic.as_deref()).map_err(RunError::Routes)?,
     );
-    let (mut intake, health) = start_sources(&config, &router, &ingest, &tasks, &intake_rx)?;
+    let (mut intake, health) = start_sources(
+        &config,
+        &router,
+        &ingest,
+        &mqtt_downlinks,
+        &tasks,
+        &intake_rx,
+    )?;
     if config.scripts.watch {
         match spawn_reloader(
             engine.clone(),
@@ -306,20 +318,69 @@ async fn connect_bus(
     })
 }
 
+/// The commands service on the bus's store (Redis, or the process), and
+/// its supervised tasks: state changes and deadlines, and with Redis the
+/// channel every instance announces changes on.
+async fn start_commands(
+    config: &Config,
+    buses: &Buses,
+    mqtt: &Arc<MqttDownlinks>,
+    tasks: &Arc<Supervisor>,
+    stop: &watch::Receiver<bool>,
+) -> Result<Arc<Commands>, RunError> {
+    let store: Arc<dyn CommandStore> = match (&buses.redis, &config.bus.redis) {
+        (Some(client), Some(redis)) => {
+            let store = Arc::new(
+                RedisCommands::connect(client, redis.timeout, config.commands.retain)
+                    .await
+                    .map_err(|e| RunError::Io(std::io::Error::other(e.to_string())))?,
+            );
+            let (follower, client, stop_rx) = (store.clone(), client.clone(), stop.clone());
+            tasks.spawn("command channel", stop.clone(), move || {
+                follower.clone().follow(client.clone(), stop_rx.clone())
+            });
+            store
+        }
+        _ => Arc::new(MemoryCommands::new(config.commands.keep)),
+    };
+    let transports = config
+        .products
+        .iter()
+        .filter_map(|(product, settings)| Some((product.clone(), settings.commands.clone()?)))
+        .collect();
+    let commands = Arc::new(Commands::new(
+        store,
+        config.commands.clone(),
+        transports,
+        mqtt.clone(),
+    ));
+    let (service, stop_rx) = (commands.clone(), stop.clone());
+    tasks.spawn("commands", stop.clone(), move || {
+        service.clone().run(stop_rx.clone())
+    });
+    Ok(commands)
+}
+
 /// Starts the task that applies effects, supervised.
 fn start_effects(
     tasks: &Arc<Supervisor>,
     bus: &Arc<dyn Bus>,
     records: &Option<Arc<RecordsOutput>>,
+    commands: &Arc<Commands>,
     stop: &watch::Receiver<bool>,
 ) -> (mpsc::Sender<Effect>, JoinHandle<()>) {
     let (effects_tx, effects_rx) = mpsc::channel::<Effect>(EFFECTS_QUEUE);
     let queue = Arc::new(tokio::sync::Mutex::new(effects_rx));
-    let (bus, records) = (bus.clone(), records.clone());
+    let (bus, records, commands) = (bus.clone(), records.clone(), commands.clone());
     // It ends when every sender is gone, not at a signal: what workers
     // hand over is applied first.
     let handle = tasks.spawn("effects", stop.clone(), move || {
-        apply_effects(queue.clone(), bus.clone(), records.clone())
+        apply_effects(
+            queue.clone(),
+            bus.clone(),
+            records.clone(),
+            commands.clone(),
+        )
     });
     (effects_tx, handle)
 }
@@ -406,12 +467,15 @@ fn start_sources(
     config: &Config,
     router: &Arc<Router>,
     ingest: &Ingest,
+    downlinks: &Arc<MqttDownlinks>,
     tasks: &Arc<Supervisor>,
     stop: &watch::Receiver<bool>,
 ) -> Result<Sources, RunError> {
     let mut intake = Vec::new();
     let mut health = Vec::new();
-    for mqtt in &config.sources.mqtt {
+    for (index, mqtt) in config.sources.mqtt.iter().enumerate() {
+        // Commands leave through the first broker connection.
+        let downlinks = (index == 0).then(|| downlinks.clone());
         let source_health = Arc::new(SourceHealth::default());
         health.push((format!("mqtt {}", mqtt.url), source_health.clone()));
         let (mqtt, router, ingest, stop_rx) =
@@ -423,6 +487,7 @@ fn start_sources(
                 router.clone(),
                 ingest.clone(),
                 source_health.clone(),
+                downlinks.clone(),
                 drain,
                 stop_rx.clone(),
             )

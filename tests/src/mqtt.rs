@@ -79,3 +79,76 @@ fn rand_id() -> u32 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::SystemTime::now()) as u32
 }
+
+/// An MQTT client that subscribes to a topic filter, as a device listening
+/// for its commands does, and can publish its answers.
+#[derive(Debug)]
+pub struct Subscriber {
+    client: AsyncClient,
+    received: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    /// Connects to the broker on `port` and waits until `filter` is subscribed.
+    pub async fn connect(port: u16, filter: &str) -> Self {
+        let mut options = MqttOptions::new(format!("test-{:08x}", rand_id()), "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut events) = AsyncClient::new(options, 1000);
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let (received_tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let subscriber = client.clone();
+        let filter = filter.to_owned();
+        let task = tokio::spawn(async move {
+            let mut subscribed = Some(subscribed_tx);
+            loop {
+                match events.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        let _ = subscriber.subscribe(&filter, QoS::AtLeastOnce).await;
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let _ = received_tx.send((publish.topic.clone(), publish.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), subscribed_rx)
+            .await
+            .expect("the test subscriber subscribes within 10 s")
+            .expect("the connection task runs");
+        Subscriber {
+            client,
+            received,
+            task,
+        }
+    }
+
+    /// The next message on the filter, if one comes within `wait`.
+    pub async fn next(&mut self, wait: Duration) -> Option<(String, Vec<u8>)> {
+        tokio::time::timeout(wait, self.received.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Publishes `payload` on `topic` at QoS 1.
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("the publish is queued");
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

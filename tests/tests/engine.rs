@@ -9,8 +9,8 @@ use serde_json::json;
 use sluice::message::{RawMessage, SourceKind};
 use sluice::script::fixture::Fixtures;
 use sluice::script::{
-    CacheOutcome, EngineOptions, Limits, OutputKind, ScriptEngine, ScriptError, ScriptInstance,
-    ScriptSettings,
+    CacheOutcome, CommandCall, EngineOptions, Limits, OutputKind, ScriptEngine, ScriptError,
+    ScriptInstance, ScriptSettings,
 };
 use sluice_tests::build::{engine, example_script, example_scripts, guest};
 
@@ -284,6 +284,44 @@ fn a_script_built_for_the_previous_world_is_refused_with_a_rebuild_hint() {
         text.contains("must be rebuilt with the current one"),
         "{text}"
     );
+}
+
+#[test]
+fn a_script_built_for_0_2_0_still_parses_and_does_not_accept_commands() {
+    let mut instance = guest_with("v020", Limits::default());
+    let outputs = instance
+        .parse(&message("abcd"))
+        .expect("a 0.2.0 script parses");
+    let OutputKind::Telemetry { fields } = &outputs[0].kind else {
+        panic!("telemetry: {outputs:?}")
+    };
+    assert_eq!(fields.get("bytes"), Some(&json!(4)));
+    let error = instance.encode(&command("reset")).unwrap_err();
+    assert!(matches!(error, ScriptError::NotSupported { .. }), "{error}");
+}
+
+#[test]
+fn a_rust_script_without_encode_does_not_accept_commands() {
+    let mut instance = guest_with("hostile", Limits::default());
+    let error = instance.encode(&command("reset")).unwrap_err();
+    assert!(matches!(error, ScriptError::NotSupported { .. }), "{error}");
+    assert!(
+        error.to_string().contains("does not accept commands"),
+        "{error}"
+    );
+    // The instance goes on parsing.
+    assert!(instance.parse(&message("ok")).is_ok());
+}
+
+fn command(name: &str) -> CommandCall {
+    CommandCall {
+        id: "c-1".into(),
+        device_id: "device-1".into(),
+        product: "p".into(),
+        name: name.into(),
+        params: "{}".into(),
+        issued_at: 1_732_262_400_000,
+    }
 }
 
 #[test]

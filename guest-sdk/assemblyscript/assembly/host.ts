@@ -15,19 +15,19 @@ export enum LogLevel {
   Error = 4,
 }
 
-@external("sluice:script/host@0.2.0", "log")
+@external("sluice:script/host@0.2.1", "log")
 declare function hostLog(level: i32, ptr: usize, len: usize): void;
 
-@external("sluice:script/host@0.2.0", "state-get")
+@external("sluice:script/host@0.2.1", "state-get")
 declare function hostStateGet(ptr: usize, len: usize, ret: usize): void;
 
-@external("sluice:script/host@0.2.0", "state-set")
+@external("sluice:script/host@0.2.1", "state-set")
 declare function hostStateSet(idPtr: usize, idLen: usize, valPtr: usize, valLen: usize, ret: usize): void;
 
-@external("sluice:script/host@0.2.0", "param")
+@external("sluice:script/host@0.2.1", "param")
 declare function hostParam(ptr: usize, len: usize, ret: usize): void;
 
-@external("sluice:script/host@0.2.0", "json-fields")
+@external("sluice:script/host@0.2.1", "json-fields")
 declare function hostJsonFields(ptr: usize, len: usize, ret: usize): void;
 
 // The return area of the imports: an option or result discriminant at 0 and

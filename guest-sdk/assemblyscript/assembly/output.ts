@@ -17,6 +17,7 @@ export enum OutputKind {
   Event = 2,
   Alert = 3,
   Status = 4,
+  Reply = 5,
 }
 
 /** One result of parsing a message. Build it with the static constructors. */
@@ -57,6 +58,15 @@ export class Output {
   /** An explicit online (`true`) or offline (`false`) signal. */
   static status(online: bool): Output {
     return new Output(OutputKind.Status, null, "", Severity.Info, "", "", online);
+  }
+
+  /** The device's answer to command `commandId` (a `Command.id`): done, with `fields`. */
+  static reply(commandId: string, fields: Fields = new Fields()): Output {
+    return new Output(OutputKind.Reply, fields, commandId, Severity.Info, "", "", true);
+  }
+  /** The device's answer to command `commandId`: it failed, for `error`. */
+  static replyError(commandId: string, error: string): Output {
+    return new Output(OutputKind.Reply, null, commandId, Severity.Info, error, "", false);
   }
 
   /** Makes the output about another device (a gateway's sub-device). */

@@ -264,6 +264,10 @@ const LIB_RS: &str = r##"//! `{name}`: a JSON object of readings → telemetry.
 //!
 //! Output: `[{"type": "telemetry", "fields": {"temperature": 21.5, "humidity": 40}}]`
 //!
+//! Commands: `set_interval {"seconds": 60}` becomes the JSON downlink
+//! `{"id": "<command id>", "interval_s": 60}`; the device answers with
+//! `{"reply_to": "<command id>", "interval_s": 60}`, which becomes a reply.
+//!
 //! Build with `cargo build --release --target wasm32-wasip2`, check with
 //! `sluice script check <this directory's workspace>`.
 
@@ -271,14 +275,36 @@ use sluice_guest::prelude::*;
 
 /// Parses one message.
 pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
-    let fields: Fields = message.json()?;
+    let mut fields: Fields = message.json()?;
+    if let Some(Value::Text(command_id)) = fields.take("reply_to") {
+        return Ok(vec![Output::reply(command_id, fields)]);
+    }
     if fields.is_empty() {
         return Err(ScriptError::new("no-readings", "the payload holds no readings"));
     }
     Ok(vec![Output::telemetry(fields)])
 }
 
-sluice_guest::script!(parse);
+/// Turns a command for a device into what is sent to it.
+pub fn encode(command: &Command) -> Result<Vec<Downlink>, ScriptError> {
+    match command.name.as_str() {
+        "set_interval" => {
+            let params: Fields = command.params()?;
+            let Some(seconds) = params.get("seconds").and_then(Value::as_i64).filter(|s| *s > 0)
+            else {
+                return Err(ScriptError::new(
+                    "invalid-params",
+                    "set_interval takes {\"seconds\": <a whole number above 0>}",
+                ));
+            };
+            let body = format!(r#"{{"id":"{}","interval_s":{seconds}}}"#, command.id);
+            Ok(vec![Downlink::new(body)])
+        }
+        _ => Err(command.unknown()),
+    }
+}
+
+sluice_guest::script!(parse, encode);
 
 #[cfg(test)]
 mod tests {
@@ -309,6 +335,21 @@ const EXAMPLES_JSON: &str = r#"{
       "name": "an empty object is refused",
       "payload": {},
       "expect_error": {"code": "no-readings", "message": "no readings"}
+    },
+    {
+      "name": "set_interval becomes a JSON downlink",
+      "command": {"name": "set_interval", "params": {"seconds": 60}, "id": "cmd-1"},
+      "expect_downlinks": [{"payload": "{\"id\":\"cmd-1\",\"interval_s\":60}"}]
+    },
+    {
+      "name": "the device's answer is a reply",
+      "payload": {"reply_to": "cmd-1", "interval_s": 60},
+      "expect": [{"type": "reply", "command_id": "cmd-1", "ok": true, "fields": {"interval_s": 60}}]
+    },
+    {
+      "name": "an unknown command is refused",
+      "command": {"name": "self_destruct"},
+      "expect_error": {"code": "unknown-command"}
     }
   ]
 }
@@ -341,10 +382,13 @@ const INDEX_TS: &str = r#"// `{name}`: a 2-byte reading → telemetry.
 //
 // Output: `[{"type": "telemetry", "fields": {"temperature": 22.0}}]`
 //
+// Commands: `set_interval {"seconds": 60}` becomes the downlink `01 00 3c`
+// (the seconds as 2 bytes big-endian).
+//
 // Build with `npm run build` (the module lands in `build/{name}.wasm`), check
 // with `sluice script check <this directory>`.
 
-import { Fields, Message, Output, Result } from "sluice-script";
+import { Command, Downlink, Encoded, Fields, Message, Output, Result } from "sluice-script";
 
 export function parse(message: Message): Result {
   const reader = message.reader();
@@ -356,6 +400,19 @@ export function parse(message: Message): Result {
     );
   }
   return Result.ok([Output.telemetry(new Fields().with("temperature", temperature))]);
+}
+
+export function encode(command: Command): Encoded {
+  if (command.name != "set_interval") return Encoded.unknown(command);
+  const seconds = command.params().getInteger("seconds", -1);
+  if (seconds < 1 || seconds > 0xffff) {
+    return Encoded.err("invalid-params", "set_interval takes {\"seconds\": 1 to 65535}");
+  }
+  const frame = new Uint8Array(3);
+  frame[0] = 0x01;
+  frame[1] = <u8>(seconds >> 8);
+  frame[2] = <u8>(seconds & 0xff);
+  return Encoded.ok([new Downlink(frame)]);
 }
 "#;
 
@@ -375,6 +432,16 @@ const AS_EXAMPLES_JSON: &str = r#"{
       "name": "a short payload is refused",
       "payload_hex": "08",
       "expect_error": {"code": "short-payload", "message": "expected 2 bytes"}
+    },
+    {
+      "name": "set_interval becomes its downlink",
+      "command": {"name": "set_interval", "params": {"seconds": 60}},
+      "expect_downlinks": [{"payload_hex": "01003c"}]
+    },
+    {
+      "name": "an interval out of range is refused",
+      "command": {"name": "set_interval", "params": {"seconds": 0}},
+      "expect_error": {"code": "invalid-params"}
     }
   ]
 }

@@ -105,7 +105,8 @@ async fn serve(mut loaded: LoadedConfig, listen: SocketAddr) -> anyhow::Result<(
     let simulator = Simulator::from_registry(&running.state().registry.load(), &products);
     let devices = simulator.len();
     let (stop, stopped) = watch::channel(false);
-    let simulation = tokio::spawn(simulator.run(running.ingest(), stopped));
+    let downlinks = running.state().commands.simulated_downlinks();
+    let simulation = tokio::spawn(simulator.run(running.ingest(), downlinks, stopped));
     println!(
         "sluice demo: dashboard at http://{addr}/ · {devices} simulated devices over {} products ({}) · in-process bus · Ctrl-C stops",
         products.len(),

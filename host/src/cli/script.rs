@@ -6,13 +6,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use serde::Deserialize;
 
 use crate::authoring;
 use crate::authoring::build::{BuildOutput, build_scripts, is_script_source};
 use crate::authoring::scaffold::{Lang, scaffold};
 use crate::message::{RawMessage, SourceKind, now_ms};
 use crate::script::fixture::{CaseReport, DEFAULT_DEVICE, Fixtures};
-use crate::script::{EngineOptions, ScriptEngine, ScriptInstance, ScriptSettings};
+use crate::script::{CommandCall, EngineOptions, ScriptEngine, ScriptInstance, ScriptSettings};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum ScriptCommand {
@@ -68,9 +69,10 @@ impl EngineArgs {
 /// The message a script runs on.
 #[derive(Debug, Args)]
 pub(crate) struct MessageArgs {
-    /// The payload: a file, or `-` for stdin.
+    /// The payload: a file, or `-` for stdin (required unless
+    /// `script test` is given `--command`).
     #[arg(long, short)]
-    input: PathBuf,
+    input: Option<PathBuf>,
     /// The input is hex digits (spaces allowed), not raw bytes.
     #[arg(long)]
     hex: bool,
@@ -92,6 +94,11 @@ pub(crate) struct MessageArgs {
 pub(crate) struct TestArgs {
     /// The script component (`.wasm`).
     script: PathBuf,
+    /// Run the script's `encode` on this command instead of `parse` on a
+    /// payload, and print its downlinks: `{"name": "set_interval",
+    /// "params": {"seconds": 60}}`.
+    #[arg(long)]
+    command: Option<String>,
     #[command(flatten)]
     message: MessageArgs,
     #[command(flatten)]
@@ -181,14 +188,17 @@ fn product_of(path: &Path) -> String {
 impl MessageArgs {
     /// The payload, read from the file or stdin (and decoded from hex).
     fn payload(&self) -> anyhow::Result<Vec<u8>> {
+        let Some(path) = &self.input else {
+            bail!("give the payload with --input <file> (or `-` for stdin)");
+        };
         let mut input = Vec::new();
-        if self.input == Path::new("-") {
+        if path == Path::new("-") {
             std::io::stdin()
                 .read_to_end(&mut input)
                 .context("cannot read stdin")?;
         } else {
-            input = std::fs::read(&self.input)
-                .with_context(|| format!("cannot read input {}", self.input.display()))?;
+            input = std::fs::read(path)
+                .with_context(|| format!("cannot read input {}", path.display()))?;
         }
         if self.hex {
             let digits: String = String::from_utf8_lossy(&input).split_whitespace().collect();
@@ -225,13 +235,70 @@ impl MessageArgs {
     }
 }
 
+/// The `--command` of `script test`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandArg {
+    name: String,
+    #[serde(default)]
+    params: Option<serde_json::Value>,
+    #[serde(default)]
+    id: Option<String>,
+}
+
 fn test(args: &TestArgs) -> anyhow::Result<ExitCode> {
+    if let Some(command) = &args.command {
+        return test_command(args, command);
+    }
     let (mut instance, message) =
         args.message
             .load(&args.engine, &args.script, product_of(&args.script))?;
     match instance.parse(&message) {
         Ok(outputs) => {
             println!("{}", serde_json::to_string_pretty(&outputs)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            eprintln!("error: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn test_command(args: &TestArgs, command: &str) -> anyhow::Result<ExitCode> {
+    let command: CommandArg = serde_json::from_str(command)
+        .context("--command is not {\"name\": ..., \"params\": {...}}")?;
+    let params = command.params.unwrap_or_else(|| serde_json::json!({}));
+    if !params.is_object() {
+        bail!("--command: `params` must be a JSON object");
+    }
+    let product = args
+        .message
+        .product
+        .clone()
+        .unwrap_or_else(|| product_of(&args.script));
+    let settings = ScriptSettings {
+        params: args.message.params.iter().cloned().collect(),
+        ..ScriptSettings::default()
+    };
+    let script = args
+        .engine
+        .engine()?
+        .load_file(&product, &args.script, settings)?;
+    let mut instance = script.instantiate()?;
+    let call = CommandCall {
+        id: command
+            .id
+            .unwrap_or_else(|| crate::script::fixture::DEFAULT_COMMAND_ID.to_owned()),
+        device_id: args.message.device.clone(),
+        product,
+        name: command.name,
+        params: params.to_string(),
+        issued_at: now_ms(),
+    };
+    match instance.encode(&call) {
+        Ok(downlinks) => {
+            println!("{}", serde_json::to_string_pretty(&downlinks)?);
             Ok(ExitCode::SUCCESS)
         }
         Err(error) => {

@@ -61,6 +61,52 @@ pub struct Config {
     /// WebSocket limits.
     #[serde(default)]
     pub websocket: WebSocketConfig,
+    /// Device commands: timeouts, expiries and bounds.
+    #[serde(default)]
+    pub commands: CommandsConfig,
+}
+
+/// Bounds and defaults of device commands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CommandsConfig {
+    /// How long a two-way command waits for its reply once sent, unless
+    /// the caller says otherwise.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// The longest reply timeout a caller may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// How long a persistent command is kept for an offline device, unless
+    /// the caller says otherwise.
+    #[serde(with = "humantime_serde")]
+    pub expiry: Duration,
+    /// The longest expiry a caller may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_expiry: Duration,
+    /// Queued commands per device, at most.
+    pub queue: usize,
+    /// Commands kept in memory (in-process bus), at most; the oldest
+    /// finished ones make room.
+    pub keep: usize,
+    /// How long a finished command stays readable (`GET
+    /// /api/v1/commands/{id}`) with the Redis bus.
+    #[serde(with = "humantime_serde")]
+    pub retain: Duration,
+}
+
+impl Default for CommandsConfig {
+    fn default() -> Self {
+        CommandsConfig {
+            timeout: Duration::from_secs(10),
+            max_timeout: Duration::from_secs(300),
+            expiry: Duration::from_secs(24 * 3600),
+            max_expiry: Duration::from_secs(7 * 24 * 3600),
+            queue: 16,
+            keep: 100_000,
+            retain: Duration::from_secs(3600),
+        }
+    }
 }
 
 /// Authentication of every caller (HTTP API and WebSockets): JWTs signed
@@ -357,6 +403,10 @@ pub struct ProductConfig {
     /// letter.
     #[serde(default)]
     pub children: Children,
+    /// How commands reach the product's devices; absent: MQTT on
+    /// `devices/{product}/{device}/command` at QoS 1.
+    #[serde(default)]
+    pub commands: Option<crate::commands::TransportConfig>,
 }
 
 /// Which devices a product's outputs may name besides the reporting one.

@@ -86,6 +86,9 @@ pub enum Channel {
     Alerts,
     /// `event` frames.
     Events,
+    /// `command` frames: every state change of the covered devices'
+    /// commands.
+    Commands,
 }
 
 /// A `subscribe` frame. Filters combine with AND across kinds and OR
@@ -134,7 +137,8 @@ impl Subscribe {
 pub struct Call {
     /// The client's id for the request, echoed in the response.
     pub request_id: String,
-    /// `devices.list`, `devices.status`, `telemetry.latest`, `scripts.list`, `stats`.
+    /// `devices.list`, `devices.status`, `telemetry.latest`, `device.command`,
+    /// `scripts.list`, `stats`.
     pub service: String,
     /// Service arguments.
     #[serde(default)]

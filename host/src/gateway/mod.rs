@@ -6,6 +6,7 @@ mod access;
 mod api;
 pub mod auth;
 pub mod caller;
+mod commands;
 mod compat;
 mod dashboard;
 mod error;
@@ -176,6 +177,8 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .route("/api/v1/deadletter", get(api::dead_letters))
         .route("/api/v1/devices/{device}", get(api::device))
+        .route("/api/v1/devices/{device}/commands", post(commands::send))
+        .route("/api/v1/commands/{id}", get(commands::get))
         .merge(admin)
         .route_layer(middleware::from_fn_with_state(
             state.clone(),

@@ -26,6 +26,8 @@ use crate::bus::Publication;
 
 /// Devices whose snapshots are looked up in one go.
 const SNAPSHOT_CHUNK: usize = 1000;
+/// `device.command` calls one connection may wait for at once.
+const MAX_WAITING_CALLS: usize = 64;
 
 /// `GET /ws`: credentials may come with the upgrade (header, or query
 /// where allowed), else in an `auth` frame.
@@ -118,11 +120,15 @@ struct Client {
     watcher: Arc<NativeWatcher>,
     /// Device → how many of this connection's subscriptions cover it, per channel.
     devices: HashMap<String, Coverage>,
+    /// Forwards command state changes, once a `commands` subscription exists.
+    commands: Option<tokio::task::JoinHandle<()>>,
+    /// `device.command` calls waiting for their command to settle.
+    calls: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// How many subscriptions of one connection cover a device, per channel.
 #[derive(Debug, Clone, Copy, Default)]
-struct Coverage([u32; 4]);
+struct Coverage([u32; 5]);
 
 impl Coverage {
     fn slot(channel: Channel) -> usize {
@@ -131,6 +137,9 @@ impl Coverage {
             Channel::Status => 1,
             Channel::Alerts => 2,
             Channel::Events => 3,
+            // Never held in the hub: command frames come from the
+            // commands service, not publications.
+            Channel::Commands => 4,
         }
     }
 
@@ -229,6 +238,8 @@ async fn serve(
         app,
         identity,
         devices: HashMap::new(),
+        commands: None,
+        calls: Arc::default(),
     };
     loop {
         tokio::select! {
@@ -300,6 +311,10 @@ impl Client {
                 self.subscribe(*request).await.map_err(|e| e.about(&id))
             }
             ClientFrame::Unsubscribe(id) => self.unsubscribe(&id).await.map_err(|e| e.about(&id)),
+            ClientFrame::Call(call) if call.service == "device.command" => {
+                let request_id = call.request_id.clone();
+                self.command(call).await.map_err(|e| e.about(&request_id))
+            }
             ClientFrame::Call(call) => {
                 let request_id = call.request_id.clone();
                 let context = ServiceContext {
@@ -314,6 +329,55 @@ impl Client {
                     .map_err(|e| e.about(&request_id))
             }
         }
+    }
+
+    /// `device.command`: accepts the command, then answers one `response`
+    /// frame when it settles (replied, failed, expired; or sent for a
+    /// one-way command, queued for a persistent one), without holding up
+    /// the connection's other frames meanwhile.
+    async fn command(&mut self, call: frames::Call) -> Result<Vec<String>, FrameError> {
+        self.require(Scope::Command)?;
+        let calls = self.calls.clone();
+        if calls.load(std::sync::atomic::Ordering::Relaxed) >= MAX_WAITING_CALLS {
+            return Err(FrameError::new(
+                "too_many_commands",
+                format!("a connection waits for at most {MAX_WAITING_CALLS} commands at once"),
+            ));
+        }
+        let args: super::commands::CommandArgs = serde_json::from_value(call.args.clone())
+            .map_err(|e| FrameError::new("bad_args", format!("device.command args: {e}")))?;
+        let device = args.device_id.clone();
+        if !sees_device(&self.app.pipeline, self.identity.as_ref(), &device) {
+            return Ok(vec![super::commands::response_frame(
+                &call,
+                Err(&crate::commands::CommandError::UnknownDevice(device)),
+            )]);
+        }
+        let commands = self.app.pipeline.commands.clone();
+        let record = match commands
+            .submit(&self.app.pipeline, &device, args.request)
+            .await
+        {
+            Ok(record) => record,
+            Err(error) => return Ok(vec![super::commands::response_frame(&call, Err(&error))]),
+        };
+        if record.settled() {
+            return Ok(vec![super::commands::response_frame(&call, Ok(&record))]);
+        }
+        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let outbox = self.watcher.outbox.clone();
+        // The reply's timeout, and a little for the deadline's sweep.
+        let limit =
+            std::time::Duration::from_millis(record.timeout_ms) + std::time::Duration::from_secs(2);
+        tokio::spawn(async move {
+            let frame = match commands.wait(&record.id, limit).await {
+                Ok(record) => super::commands::response_frame(&call, Ok(&record)),
+                Err(error) => super::commands::response_frame(&call, Err(&error)),
+            };
+            outbox.push(frame);
+            calls.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        Ok(Vec::new())
     }
 
     /// Checks and holds a subscription, then answers `subscribed` and the
@@ -368,6 +432,9 @@ impl Client {
             ));
         }
         self.hold(&devices, request.channel).await?;
+        if request.channel == Channel::Commands {
+            self.follow_commands();
+        }
         tracing::debug!(
             devices = devices.len(),
             resolve_ms = resolved.as_secs_f64() * 1000.0,
@@ -414,7 +481,7 @@ impl Client {
                         frames::status(&id, device, &state.name_of(device), status)
                     })
                     .collect(),
-                Channel::Alerts | Channel::Events => Vec::new(),
+                Channel::Alerts | Channel::Events | Channel::Commands => Vec::new(),
             };
             for frame in snapshots {
                 if !outbox.push_paced(frame).await {
@@ -444,6 +511,9 @@ impl Client {
         devices: &BTreeSet<String>,
         channel: Channel,
     ) -> Result<(), FrameError> {
+        if channel == Channel::Commands {
+            return Ok(());
+        }
         let slot = Coverage::slot(channel);
         let mut changed: Vec<(String, Kinds)> = Vec::new();
         for device in devices {
@@ -470,6 +540,9 @@ impl Client {
     /// subscription covers any more is unwatched, what still is keeps only
     /// the channels it needs.
     async fn release(&mut self, devices: &BTreeSet<String>, channel: Channel) {
+        if channel == Channel::Commands {
+            return;
+        }
         let slot = Coverage::slot(channel);
         let mut uncovered = Vec::new();
         let mut narrowed = Vec::new();
@@ -552,7 +625,53 @@ impl Client {
         }
     }
 
+    /// Starts forwarding command state changes to this connection's
+    /// `commands` subscriptions (once per connection).
+    fn follow_commands(&mut self) {
+        if self.commands.is_some() {
+            return;
+        }
+        let mut updates = self.app.pipeline.commands.updates();
+        let watcher = self.watcher.clone();
+        self.commands = Some(tokio::spawn(async move {
+            loop {
+                let record = match updates.recv().await {
+                    Ok(record) => record,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        watcher.outbox.push(
+                            FrameError::new(
+                                "commands_missed",
+                                format!("{missed} command state changes were missed; read the commands again"),
+                            )
+                            .frame(),
+                        );
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let ids: Vec<String> = watcher
+                    .subscriptions()
+                    .iter()
+                    .filter(|(_, s)| {
+                        s.request.channel == Channel::Commands
+                            && s.devices.contains(&record.device_id)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in ids {
+                    watcher.outbox.push(
+                        json!({"type": "command", "id": id, "device_id": record.device_id, "command": record.view()})
+                            .to_string(),
+                    );
+                }
+            }
+        }));
+    }
+
     async fn leave(&mut self) {
+        if let Some(task) = self.commands.take() {
+            task.abort();
+        }
         let devices: Vec<String> = self.devices.keys().cloned().collect();
         self.watcher.subscriptions().clear();
         if let Err(error) = self.app.ws.hub.unwatch_many(self.id, &devices).await {
@@ -568,5 +687,6 @@ fn channel_name(channel: Channel) -> &'static str {
         Channel::Status => "status",
         Channel::Alerts => "alerts",
         Channel::Events => "events",
+        Channel::Commands => "commands",
     }
 }

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 
 use super::envelope::Completion;
 use crate::bus::{Bus, BusError, Publication, StatusChange};
+use crate::commands::Commands;
 use crate::deadletter::DeadLetter;
 use crate::records::RecordsOutput;
 
@@ -39,9 +40,29 @@ pub enum Effect {
     DeadLetter(DeadLetter),
     /// Append a processed record (JSON).
     Record(String),
+    /// A device answered a command.
+    Reply(Reply),
+    /// A device reported (or came online) while it has queued commands:
+    /// send them.
+    DeliverQueued(String),
     /// The messages whose effects came before are finished: acknowledge
     /// them at their sources once those effects are applied.
     Acknowledge(Vec<Completion>),
+}
+
+/// A device's answer to a command, from a script's `reply` output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// The device that answered.
+    pub device_id: String,
+    /// The command it answered.
+    pub command_id: String,
+    /// Whether it did what was asked.
+    pub ok: bool,
+    /// Why not.
+    pub error: String,
+    /// Its values.
+    pub fields: crate::script::Fields,
 }
 
 /// Effects taken per batch, at most.
@@ -63,6 +84,7 @@ pub async fn apply_effects(
     queue: EffectsQueue,
     bus: Arc<dyn Bus>,
     records: Option<Arc<RecordsOutput>>,
+    commands: Arc<Commands>,
 ) {
     // Held for the life of the task; a panic releases it for the next one.
     let mut effects = queue.lock().await;
@@ -95,7 +117,7 @@ pub async fn apply_effects(
             pending.drop_publications();
             continue;
         }
-        match pending.apply(&*bus, records.as_deref()).await {
+        match pending.apply(&*bus, records.as_deref(), &commands).await {
             Ok(()) => {
                 if retry_at.take().is_some() {
                     tracing::info!(
@@ -136,6 +158,8 @@ struct Pending {
     transitions: Vec<(StatusChange, bool)>,
     dead_letters: Vec<DeadLetter>,
     records: Vec<String>,
+    replies: Vec<Reply>,
+    deliveries: Vec<String>,
     acks: Vec<Completion>,
 }
 
@@ -150,6 +174,12 @@ impl Pending {
                     self.dead_letters.push(letter);
                 }
                 Effect::Record(record) => self.records.push(record),
+                Effect::Reply(reply) => self.replies.push(reply),
+                Effect::DeliverQueued(device) => {
+                    if !self.deliveries.contains(&device) {
+                        self.deliveries.push(device);
+                    }
+                }
                 Effect::Acknowledge(done) => self.acks.extend(done),
             }
         }
@@ -157,7 +187,11 @@ impl Pending {
 
     /// What must not be lost while the bus is down.
     fn held(&self) -> usize {
-        self.transitions.len() + self.dead_letters.len() + self.records.len()
+        self.transitions.len()
+            + self.dead_letters.len()
+            + self.records.len()
+            + self.replies.len()
+            + self.deliveries.len()
     }
 
     fn drop_publications(&mut self) {
@@ -180,6 +214,7 @@ impl Pending {
         &mut self,
         bus: &dyn Bus,
         records: Option<&RecordsOutput>,
+        commands: &Commands,
     ) -> Result<(), BusError> {
         if !self.publications.is_empty() {
             bus.publish(&self.publications).await?;
@@ -215,8 +250,25 @@ impl Pending {
             metrics::counter!("sluice_records_total").increment(self.records.len() as u64);
             self.records.clear();
         }
+        // Completing a command twice (after a retry) changes nothing.
+        for reply in &self.replies {
+            commands.complete(reply).await.map_err(command_error)?;
+        }
+        self.replies.clear();
+        for device in &self.deliveries {
+            commands
+                .deliver_queued(device)
+                .await
+                .map_err(command_error)?;
+        }
+        self.deliveries.clear();
         Ok(())
     }
+}
+
+/// A failure of the command store, as the bus failure it is.
+fn command_error(error: crate::commands::CommandError) -> BusError {
+    BusError::Unavailable(error.to_string())
 }
 
 #[cfg(test)]
@@ -340,7 +392,12 @@ mod tests {
             letters: AtomicUsize::new(0),
         });
         let (tx, rx) = mpsc::channel(16);
-        let task = tokio::spawn(apply_effects(Arc::new(Mutex::new(rx)), bus.clone(), None));
+        let task = tokio::spawn(apply_effects(
+            Arc::new(Mutex::new(rx)),
+            bus.clone(),
+            None,
+            Arc::new(Commands::in_process()),
+        ));
         let acked = Arc::new(AtomicBool::new(false));
         tx.send(letter()).await.unwrap();
         let flag = acked.clone();
@@ -373,7 +430,12 @@ mod tests {
             letters: AtomicUsize::new(0),
         });
         let (tx, rx) = mpsc::channel(8);
-        let task = tokio::spawn(apply_effects(Arc::new(Mutex::new(rx)), bus.clone(), None));
+        let task = tokio::spawn(apply_effects(
+            Arc::new(Mutex::new(rx)),
+            bus.clone(),
+            None,
+            Arc::new(Commands::in_process()),
+        ));
         // The backlog fills, then the queue: the next send has to wait.
         let mut sent = 0;
         while let Ok(result) = tokio::time::timeout(Duration::from_secs(1), tx.send(letter())).await

@@ -1,7 +1,10 @@
 //! What travels from a source to a worker: a message or a status signal,
 //! and what to do once it has been processed.
 
+use tokio::sync::oneshot;
+
 use crate::message::{RawMessage, SourceKind};
+use crate::script::{CommandCall, Downlink, ScriptError};
 
 /// One unit of work for a worker.
 #[derive(Debug)]
@@ -26,6 +29,15 @@ pub enum Inbound {
         /// Where it came from.
         source: SourceKind,
     },
+    /// A command for the device, for its product's `encode` (run by the
+    /// worker that parses the device's messages, so the script sees the
+    /// same per-device state).
+    Encode {
+        /// The command.
+        call: CommandCall,
+        /// Where the downlinks, or why there are none, go.
+        answer: oneshot::Sender<Result<Vec<Downlink>, ScriptError>>,
+    },
 }
 
 impl Inbound {
@@ -34,6 +46,7 @@ impl Inbound {
         match self {
             Inbound::Data(message) => &message.device_id,
             Inbound::Status { device, .. } => device,
+            Inbound::Encode { call, .. } => &call.device_id,
         }
     }
 }

@@ -10,7 +10,7 @@ mod state;
 mod timers;
 mod worker;
 
-pub use effects::{BACKLOG, Effect, EffectsQueue, apply_effects};
+pub use effects::{BACKLOG, Effect, EffectsQueue, Reply, apply_effects};
 pub use envelope::{Completion, Envelope, Inbound};
 pub use ingest::{Closed, Ingest};
 pub use shard::{Sharded, shard_for};

@@ -38,6 +38,8 @@ pub struct PipelineState {
     pub seen: SeenDevices,
     /// The supervised tasks and how they fare.
     pub tasks: Arc<Supervisor>,
+    /// Device commands.
+    pub commands: Arc<crate::commands::Commands>,
 }
 
 /// A device outside the registry that sent messages here.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::effects::Effect;
+use super::effects::{Effect, Reply};
 use super::envelope::{Completion, Envelope, Inbound};
 use super::state::PipelineState;
 use crate::bus::{AlertRaised, EventReported, Publication, StatusChange, TelemetryReport};
@@ -146,10 +146,35 @@ impl Worker {
                 } => {
                     self.process_run(&mut run);
                     self.signal(&device, online, source);
+                    if online {
+                        self.deliver_queued(&device);
+                    }
+                }
+                Inbound::Encode { call, answer } => {
+                    self.process_run(&mut run);
+                    let result = match self.instance(&call.product) {
+                        Ok(instance) => instance.encode(&call),
+                        Err((_, reason)) => Err(ScriptError::Instantiate {
+                            script: crate::script::ScriptId {
+                                product: call.product.clone(),
+                                version: String::new(),
+                            },
+                            reason,
+                        }),
+                    };
+                    // A caller that gave up is not an error.
+                    let _ = answer.send(result);
                 }
             }
         }
         self.process_run(&mut run);
+    }
+
+    /// Asks for the device's queued commands to be sent, if it has any.
+    fn deliver_queued(&mut self, device: &str) {
+        if self.state.commands.has_queued(device) {
+            self.outbox.push(Effect::DeliverQueued(device.to_owned()));
+        }
     }
 
     /// Parses messages of one product and handles each result in order.
@@ -375,6 +400,18 @@ impl Worker {
                         })));
                 }
                 OutputKind::Event { .. } | OutputKind::Alert { .. } => {}
+                OutputKind::Reply {
+                    command_id,
+                    ok,
+                    error,
+                    fields,
+                } => self.outbox.push(Effect::Reply(Reply {
+                    device_id: device.to_owned(),
+                    command_id,
+                    ok,
+                    error,
+                    fields,
+                })),
             }
         }
         if !foreign.is_empty() {
@@ -401,6 +438,7 @@ impl Worker {
             );
         }
         self.observe(message, own, &others);
+        self.deliver_queued(&message.device_id);
     }
 
     /// Status bookkeeping for a message: its own device (with its explicit

@@ -8,7 +8,9 @@
 //! The AssemblyScript SDK (`guest-sdk/assemblyscript`) produces exactly that.
 
 use wit_component::{ComponentEncoder, StringEncoding};
-use wit_parser::Resolve;
+use wit_parser::{Resolve, WorldKey};
+
+use super::bindings::WORLD_VERSION;
 
 /// The script contract, the same file the Rust SDK is generated from.
 const WIT: &str = include_str!("../../../wit/script.wit");
@@ -39,36 +41,60 @@ pub(crate) fn older_contract<'a>(mut imports: impl Iterator<Item = &'a str>) -> 
     imports.find(|name| {
         name.strip_prefix("sluice:script/")
             .and_then(|rest| rest.split_once('@'))
-            .is_some_and(|(_, version)| version != super::bindings::WORLD_VERSION)
+            .is_some_and(|(_, version)| !super::bindings::speaks(version))
     })
 }
 
-/// The modules a core module imports from.
-fn module_imports(module: &[u8]) -> Vec<String> {
-    let mut names = Vec::new();
+/// The modules a core module imports from, and the names it exports.
+fn module_interface(module: &[u8]) -> (Vec<String>, Vec<String>) {
+    let mut imports = Vec::new();
+    let mut exports = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(module) {
-        if let Ok(wasmparser::Payload::ImportSection(imports)) = payload {
-            for import in imports.into_imports().flatten() {
-                names.push(import.module.to_owned());
+        match payload {
+            Ok(wasmparser::Payload::ImportSection(section)) => {
+                for import in section.into_imports().flatten() {
+                    imports.push(import.module.to_owned());
+                }
             }
+            Ok(wasmparser::Payload::ExportSection(section)) => {
+                for export in section.into_iter().flatten() {
+                    exports.push(export.name.to_owned());
+                }
+            }
+            _ => {}
         }
     }
-    names
+    (imports, exports)
 }
 
 /// Wraps a core module into a component of the `sluice:script/script` world.
 pub(crate) fn componentize(module: &[u8]) -> Result<Vec<u8>, String> {
-    let imports = module_imports(module);
+    let (imports, exports) = module_interface(module);
     if let Some(old) = older_contract(imports.iter().map(String::as_str)) {
         return Err(format!("it imports `{old}`: {}", super::instance::REBUILD));
     }
+    // The world at the 0.2 version the module imports (0.2.0 and 0.2.1
+    // differ only in `encode`), without `encode` when it exports none.
+    let current = format!("package sluice:script@{WORLD_VERSION};");
+    let wit = match imports
+        .iter()
+        .find_map(|name| name.strip_prefix("sluice:script/host@"))
+    {
+        Some(version) => WIT.replace(&current, &format!("package sluice:script@{version};")),
+        None => WIT.to_owned(),
+    };
     let mut resolve = Resolve::default();
     let package = resolve
-        .push_source("script.wit", WIT)
+        .push_source("script.wit", &wit)
         .map_err(|e| format!("the built-in script contract does not parse: {e:#}"))?;
     let world = resolve
         .select_world(&[package], Some("script"))
         .map_err(|e| format!("the built-in script contract has no world `script`: {e:#}"))?;
+    if !exports.iter().any(|name| name == "encode") {
+        resolve.worlds[world]
+            .exports
+            .shift_remove(&WorldKey::Name("encode".to_owned()));
+    }
     let mut module = module.to_vec();
     wit_component::embed_component_metadata(&mut module, &resolve, world, StringEncoding::UTF8)
         .map_err(|e| format!("cannot attach the script contract to the module: {e:#}"))?;

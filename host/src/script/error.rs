@@ -136,6 +136,13 @@ pub enum ScriptError {
         /// How far ahead it reaches, for people.
         future: String,
     },
+    /// The script does not encode commands (no `encode`, or one answering
+    /// `not-supported`).
+    #[error("script {script}: does not accept commands (it does not encode them)")]
+    NotSupported {
+        /// Which script.
+        script: ScriptId,
+    },
     /// The script refused the message with its own error.
     #[error("script {script}: rejected the message: {code}: {message}")]
     Rejected {
@@ -162,6 +169,7 @@ impl ScriptError {
             ScriptError::OutputTooLarge { .. } => "output_too_large",
             ScriptError::BadOutput { .. } => "bad_output",
             ScriptError::BadTimestamp { .. } => "bad_timestamp",
+            ScriptError::NotSupported { .. } => "not_supported",
             ScriptError::Rejected { .. } => "rejected",
         }
     }

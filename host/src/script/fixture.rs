@@ -12,10 +12,16 @@
 //!      "expect": [{"type": "telemetry", "fields": {"temperature": 21.5}}]},
 //!     {"name": "not JSON",
 //!      "payload_text": "hello",
-//!      "expect_error": {"code": "invalid-json"}}
+//!      "expect_error": {"code": "invalid-json"}},
+//!     {"name": "a command",
+//!      "command": {"name": "set_interval", "params": {"seconds": 60}},
+//!      "expect_downlinks": [{"payload_hex": "0100003c", "fport": 2}]}
 //!   ]
 //! }
 //! ```
+//!
+//! A `command` example runs the script's `encode` (its id is `command-1`
+//! unless it gives `id`, so a later example's device can reply to it).
 //!
 //! Examples run in order on one instance, so per-device state written by
 //! one example is seen by the next.
@@ -24,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use super::command::{CommandCall, Downlink};
 use super::error::ScriptError;
 use super::host::Params;
 use super::instance::ScriptInstance;
@@ -75,13 +82,36 @@ pub struct Example {
     /// The payload as standard base64.
     #[serde(default)]
     pub payload_base64: Option<String>,
+    /// A command for `encode` instead of a message for `parse`.
+    #[serde(default)]
+    pub command: Option<CommandExample>,
     /// The outputs the script must produce, in order.
     #[serde(default)]
     pub expect: Option<Vec<Output>>,
+    /// The downlinks `encode` must answer, in order.
+    #[serde(default)]
+    pub expect_downlinks: Option<Vec<Downlink>>,
     /// The error the script must fail with instead.
     #[serde(default)]
     pub expect_error: Option<ExpectedError>,
 }
+
+/// The command of a `command` example.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandExample {
+    /// The command's name.
+    pub name: String,
+    /// Its params (default `{}`).
+    #[serde(default)]
+    pub params: Option<serde_json::Value>,
+    /// Its id (default `command-1`).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+/// The id of a fixture's command unless it gives one.
+pub const DEFAULT_COMMAND_ID: &str = "command-1";
 
 /// An expected failure: the script's own error code (or the kind of
 /// failure, such as `timeout` or `trap`), and optionally a part of the message.
@@ -148,9 +178,15 @@ impl Fixtures {
         self.examples
             .iter()
             .map(|example| {
-                let failures = match example.message(product) {
-                    Ok(message) => example.judge(instance.parse(&message)),
-                    Err(reason) => vec![reason],
+                let failures = match &example.command {
+                    Some(_) => {
+                        let call = example.command_call(product);
+                        example.judge_downlinks(instance.encode(&call))
+                    }
+                    None => match example.message(product) {
+                        Ok(message) => example.judge(instance.parse(&message)),
+                        Err(reason) => vec![reason],
+                    },
                 };
                 CaseReport {
                     name: example.name.clone(),
@@ -169,15 +205,63 @@ impl Example {
             self.payload_hex.is_some(),
             self.payload_base64.is_some(),
         ];
-        if payloads.iter().filter(|p| **p).count() != 1 {
+        let inputs = payloads.iter().filter(|p| **p).count() + usize::from(self.command.is_some());
+        if inputs != 1 {
             return Err(
-                "give exactly one of payload, payload_text, payload_hex, payload_base64".into(),
+                "give exactly one of payload, payload_text, payload_hex, payload_base64, command"
+                    .into(),
             );
         }
-        if self.expect.is_some() == self.expect_error.is_some() {
-            return Err("give exactly one of expect, expect_error".into());
+        let expected = if self.command.is_some() {
+            (self.expect_downlinks.is_some(), "expect_downlinks")
+        } else {
+            (self.expect.is_some(), "expect")
+        };
+        if expected.0 == self.expect_error.is_some()
+            || (self.command.is_some() && self.expect.is_some())
+            || (self.command.is_none() && self.expect_downlinks.is_some())
+        {
+            return Err(format!("give exactly one of {}, expect_error", expected.1));
         }
         Ok(())
+    }
+
+    /// The command this example sends to `encode`.
+    pub fn command_call(&self, product: &str) -> CommandCall {
+        let command = self.command.as_ref();
+        CommandCall {
+            id: command
+                .and_then(|c| c.id.clone())
+                .unwrap_or_else(|| DEFAULT_COMMAND_ID.to_owned()),
+            device_id: self
+                .device_id
+                .clone()
+                .unwrap_or_else(|| DEFAULT_DEVICE.to_owned()),
+            product: product.to_owned(),
+            name: command.map(|c| c.name.clone()).unwrap_or_default(),
+            params: command
+                .and_then(|c| c.params.as_ref())
+                .map_or_else(|| "{}".to_owned(), ToString::to_string),
+            issued_at: self.received_at.unwrap_or(DEFAULT_RECEIVED_AT),
+        }
+    }
+
+    /// What differs between `encode`'s answer and the expectation.
+    fn judge_downlinks(&self, result: Result<Vec<Downlink>, ScriptError>) -> Vec<String> {
+        match (result, &self.expect_downlinks) {
+            (Ok(downlinks), Some(expected)) => {
+                let mut diffs = Vec::new();
+                let expected = serde_json::to_value(expected).expect("downlinks serialise to JSON");
+                let actual = serde_json::to_value(&downlinks).expect("downlinks serialise to JSON");
+                json_diff("downlinks", &expected, &actual, &mut diffs);
+                diffs
+            }
+            (Ok(downlinks), None) => vec![format!(
+                "expected an error, got downlinks {}",
+                serde_json::to_string(&downlinks).unwrap_or_default()
+            )],
+            (Err(error), _) => self.judge_error(&error),
+        }
     }
 
     /// The raw message this example sends.
@@ -226,29 +310,35 @@ impl Example {
                 serde_json::to_string(&outputs).unwrap_or_default()
             )],
             (Err(error), Some(_), _) => vec![format!("expected outputs, got error: {error}")],
-            (Err(error), None, Some(expected)) => {
-                let (code, message) = match &error {
-                    ScriptError::Rejected { code, message, .. } => (code.as_str(), message.clone()),
-                    other => (other.kind(), other.to_string()),
-                };
-                let mut diffs = Vec::new();
-                if code != expected.code {
-                    diffs.push(format!(
-                        "error code: expected {:?}, got {code:?} ({error})",
-                        expected.code
-                    ));
-                }
-                if let Some(part) = &expected.message
-                    && !message.contains(part.as_str())
-                {
-                    diffs.push(format!(
-                        "error message: expected it to contain {part:?}, got {message:?}"
-                    ));
-                }
-                diffs
-            }
+            (Err(error), None, Some(_)) => self.judge_error(&error),
             (_, None, None) => vec!["the example expects nothing".into()],
         }
+    }
+
+    /// What differs between a failure and the expected one.
+    fn judge_error(&self, error: &ScriptError) -> Vec<String> {
+        let Some(expected) = &self.expect_error else {
+            return vec![format!("expected downlinks, got error: {error}")];
+        };
+        let (code, message) = match error {
+            ScriptError::Rejected { code, message, .. } => (code.as_str(), message.clone()),
+            other => (other.kind(), other.to_string()),
+        };
+        let mut diffs = Vec::new();
+        if code != expected.code {
+            diffs.push(format!(
+                "error code: expected {:?}, got {code:?} ({error})",
+                expected.code
+            ));
+        }
+        if let Some(part) = &expected.message
+            && !message.contains(part.as_str())
+        {
+            diffs.push(format!(
+                "error message: expected it to contain {part:?}, got {message:?}"
+            ));
+        }
+        diffs
     }
 }
 

@@ -9,6 +9,7 @@ use wasmtime::component::{Func, InstancePre, TypedFunc};
 use wasmtime::{Store, Trap, WasmBacktrace};
 
 use super::bindings;
+use super::command::{CommandCall, Downlink};
 use super::engine::{LoadInfo, ScriptEngine, ScriptSettings};
 use super::error::{ScriptError, ScriptId};
 use super::host::{HostState, Params};
@@ -251,6 +252,8 @@ struct Live {
     store: Store<HostState>,
     parse: Func,
     parse_batch: Func,
+    /// `None` when the script does not export `encode`.
+    encode: Option<Func>,
 }
 
 /// The host's side of the packed encoding, kept across calls: the buffer
@@ -307,8 +310,16 @@ impl ScriptInstance {
 
     /// Parses one message.
     pub fn parse(&mut self, message: &RawMessage) -> Result<Vec<Output>, ScriptError> {
+        self.counted(|instance| instance.call_parse(message))
+    }
+
+    /// Runs one call and counts it in the script's statistics.
+    fn counted<T>(
+        &mut self,
+        call: impl FnOnce(&mut Self) -> Result<T, ScriptError>,
+    ) -> Result<T, ScriptError> {
         let started = Instant::now();
-        let result = self.call_parse(message);
+        let result = call(self);
         let (failed, trapped) = match &result {
             Ok(_) => (0, 0),
             Err(e) => (1, u64::from(e.discards_instance())),
@@ -369,6 +380,59 @@ impl ScriptInstance {
                                 script.check_timestamps(outputs, message.received_at)
                             })
                     }
+                    Err(rejected) => Err(script.rejected(rejected.code, rejected.message)),
+                }
+            }
+            Err(error) => Err(self.runtime.trapped(script, error, deadline)),
+        };
+        self.codec.release();
+        result
+    }
+
+    /// Turns a command for a device of this product into its downlinks.
+    ///
+    /// A script without `encode`, or whose `encode` answers
+    /// `not-supported`, fails with [`ScriptError::NotSupported`]; one that
+    /// rejects the command (an unknown name, bad params) with
+    /// [`ScriptError::Rejected`].
+    pub fn encode(&mut self, command: &CommandCall) -> Result<Vec<Downlink>, ScriptError> {
+        self.counted(|instance| instance.call_encode(command))
+    }
+
+    fn call_encode(&mut self, command: &CommandCall) -> Result<Vec<Downlink>, ScriptError> {
+        let script = &self.script;
+        let deadline = script.inner.limits.deadline;
+        self.codec.input.clear();
+        packed::put_command(&mut self.codec.input, command);
+        let live = self.runtime.begin_call(script, deadline)?;
+        let Some(encode) = live.encode else {
+            return Err(script.not_supported());
+        };
+        // SAFETY: `encode` was type-checked against these types in `start`.
+        let encode = unsafe { TypedFunc::<ParseParams<'_>, ParseResults>::new_unchecked(encode) };
+        let result = match encode.call(&mut live.store, (self.codec.input.as_slice(),)) {
+            Ok((result,)) => {
+                live.store.data_mut().state.commit();
+                match result {
+                    Ok(answer) => {
+                        packed::read_downlinks(&answer, script.caps().bytes).map_err(|reason| {
+                            match reason {
+                                Some(reason) => ScriptError::BadOutput {
+                                    script: script.inner.id.clone(),
+                                    index: 0,
+                                    reason: format!("encode: {reason}"),
+                                },
+                                None => ScriptError::OutputTooLarge {
+                                    script: script.inner.id.clone(),
+                                    size: answer.len(),
+                                    count: 1,
+                                    limit: script.caps().bytes,
+                                    max_count: packed::MAX_DOWNLINKS,
+                                },
+                            }
+                        })
+                    }
+                    Err(rejected) if rejected.code == NOT_SUPPORTED => Err(script.not_supported()),
                     Err(rejected) => Err(script.rejected(rejected.code, rejected.message)),
                 }
             }
@@ -444,6 +508,13 @@ impl Script {
             bytes: limits.output_bytes(),
             count: limits.max_outputs,
             fields: limits.max_fields,
+        }
+    }
+
+    /// The script does not encode commands.
+    fn not_supported(&self) -> ScriptError {
+        ScriptError::NotSupported {
+            script: self.inner.id.clone(),
         }
     }
 
@@ -606,13 +677,20 @@ fn start(script: &Script, parked: &mut Option<DeviceState>) -> Result<Live, Scri
         parse_batch
             .typed::<BatchParams<'_>, BatchResults>(&store)
             .map_err(|e| format!("its `parse-batch` has the wrong type ({REBUILD}): {e:#}"))?;
-        Ok::<_, String>((parse, parse_batch))
+        let encode = instance.get_func(&mut store, "encode");
+        if let Some(encode) = encode {
+            encode
+                .typed::<ParseParams<'_>, ParseResults>(&store)
+                .map_err(|e| format!("its `encode` has the wrong type: {e:#}"))?;
+        }
+        Ok::<_, String>((parse, parse_batch, encode))
     })();
     match checked {
-        Ok((parse, parse_batch)) => Ok(Live {
+        Ok((parse, parse_batch, encode)) => Ok(Live {
             store,
             parse,
             parse_batch,
+            encode,
         }),
         Err(reason) => {
             *parked = Some(store.into_data().state);
@@ -624,8 +702,12 @@ fn start(script: &Script, parked: &mut Option<DeviceState>) -> Result<Live, Scri
     }
 }
 
+/// The code with which an `encode` says the script does not encode
+/// commands (the Rust SDK's answer for a script that only parses).
+const NOT_SUPPORTED: &str = "not-supported";
+
 /// What to do about a script built for another version of the world.
-pub(crate) const REBUILD: &str = "this sluice speaks sluice:script@0.2.0; a script built with an \
+pub(crate) const REBUILD: &str = "this sluice speaks sluice:script@0.2.1; a script built with an \
     older SDK must be rebuilt with the current one (sluice-guest 0.2 for Rust, sluice-script 0.2 \
     for AssemblyScript)";
 

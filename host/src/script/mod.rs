@@ -5,6 +5,7 @@
 
 mod bindings;
 mod cache;
+mod command;
 mod component;
 mod engine;
 mod error;
@@ -20,6 +21,7 @@ pub mod reload;
 mod state;
 
 pub use cache::{CacheOutcome, default_cache_dir};
+pub use command::{CommandCall, Downlink};
 pub use engine::{EngineError, EngineOptions, LoadInfo, ScriptEngine, ScriptSettings};
 pub use error::{ScriptError, ScriptId};
 pub use fields::{Fields, Key};

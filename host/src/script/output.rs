@@ -64,6 +64,19 @@ pub enum OutputKind {
         /// `true` for online.
         online: bool,
     },
+    /// The device's answer to a command sluice sent it.
+    Reply {
+        /// The command's id.
+        command_id: String,
+        /// `true` when the device did what the command asked.
+        ok: bool,
+        /// Why it failed (empty when `ok`).
+        #[serde(default)]
+        error: String,
+        /// The reply's values.
+        #[serde(default)]
+        fields: Fields,
+    },
 }
 
 impl OutputKind {
@@ -75,6 +88,7 @@ impl OutputKind {
             OutputKind::Event { .. } => "event",
             OutputKind::Alert { .. } => "alert",
             OutputKind::Status { .. } => "status",
+            OutputKind::Reply { .. } => "reply",
         }
     }
 }
@@ -143,6 +157,19 @@ impl Serialize for Output {
                 map.serialize_entry("description", description)?;
             }
             OutputKind::Status { online } => map.serialize_entry("online", online)?,
+            OutputKind::Reply {
+                command_id,
+                ok,
+                error,
+                fields,
+            } => {
+                map.serialize_entry("command_id", command_id)?;
+                map.serialize_entry("ok", ok)?;
+                if !error.is_empty() {
+                    map.serialize_entry("error", error)?;
+                }
+                map.serialize_entry("fields", fields)?;
+            }
         }
         map.end()
     }

@@ -1,6 +1,6 @@
-//! The packed encoding of the `sluice:script@0.2.0` world (specified in
-//! `wit/script.wit` and `docs/script-abi.md`): messages written for a
-//! script, and its answer read back into the host's types with full
+//! The packed encoding of the `sluice:script@0.2.1` world (specified in
+//! `wit/script.wit` and `docs/script-abi.md`): messages and commands
+//! written for a script, and its answers read back into the host's types with full
 //! validation, straight from the script's memory.
 
 use std::hash::BuildHasher;
@@ -9,6 +9,7 @@ use std::sync::Arc;
 use hashbrown::{DefaultHashBuilder, HashTable};
 use serde_json::{Number, Value};
 
+use super::command::{CommandCall, Downlink};
 use super::fields::Fields;
 use super::output::{Output, OutputCaps, OutputKind, OutputViolation, Severity};
 use crate::message::{RawMessage, SourceKind};
@@ -19,6 +20,7 @@ const ATTRIBUTES: u8 = 1;
 const EVENT: u8 = 2;
 const ALERT: u8 = 3;
 const STATUS: u8 = 4;
+const REPLY: u8 = 5;
 
 /// Output flags.
 const HAS_DEVICE: u8 = 1;
@@ -84,6 +86,142 @@ pub(crate) fn put_messages(out: &mut Vec<u8>, messages: &[RawMessage]) {
     put_len(out, messages.len());
     for message in messages {
         put_message(out, message);
+    }
+}
+
+/// Appends a packed command (what `encode` receives).
+pub(crate) fn put_command(out: &mut Vec<u8>, command: &CommandCall) {
+    put_bytes(out, command.id.as_bytes());
+    put_bytes(out, command.device_id.as_bytes());
+    put_bytes(out, command.product.as_bytes());
+    put_bytes(out, command.name.as_bytes());
+    put_bytes(out, command.params.as_bytes());
+    out.extend_from_slice(&command.issued_at.to_le_bytes());
+}
+
+/// Downlink flags of the encoding.
+const HAS_TOPIC: u8 = 1;
+const HAS_FPORT: u8 = 2;
+const CONFIRMED: u8 = 4;
+const HAS_QOS: u8 = 8;
+/// The most downlinks one command may become.
+pub(crate) const MAX_DOWNLINKS: usize = 16;
+/// The smallest encoded downlink: flags and an empty payload.
+const MIN_DOWNLINK: usize = 5;
+
+/// Decodes what `encode` returned, with full validation; `max_bytes` is
+/// the product's `output` limit. The error says what is wrong, for
+/// `bad_output` (or `output_too_large` when `Err(None)`).
+pub(crate) fn read_downlinks(
+    bytes: &[u8],
+    max_bytes: usize,
+) -> Result<Vec<Downlink>, Option<String>> {
+    if bytes.len() > max_bytes {
+        return Err(None);
+    }
+    let text = |m: Malformed| Some(m.to_string());
+    let mut reader = Reader::new(bytes);
+    let count = reader
+        .count("the downlink count", MIN_DOWNLINK)
+        .map_err(text)?;
+    if count == 0 {
+        return Err(Some("encode answered no downlink".into()));
+    }
+    if count > MAX_DOWNLINKS {
+        return Err(Some(format!(
+            "encode answered {count} downlinks; a command becomes at most {MAX_DOWNLINKS}"
+        )));
+    }
+    let mut downlinks = Vec::with_capacity(count);
+    for index in 0..count {
+        let flags = reader.u8("downlink flags").map_err(text)?;
+        if flags & !(HAS_TOPIC | HAS_FPORT | CONFIRMED | HAS_QOS) != 0 {
+            return Err(text(reader.malformed(format!(
+                "downlink #{index}: flags {flags:#04x} set unknown bits"
+            ))));
+        }
+        let topic = if flags & HAS_TOPIC != 0 {
+            let topic = reader.str("a downlink topic").map_err(text)?;
+            if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+                return Err(Some(format!(
+                    "downlink #{index}: topic {topic:?} is empty or holds a wildcard"
+                )));
+            }
+            Some(topic.to_owned())
+        } else {
+            None
+        };
+        let fport = if flags & HAS_FPORT != 0 {
+            match reader.u8("a downlink fPort").map_err(text)? {
+                port @ 1..=223 => Some(port),
+                port => {
+                    return Err(Some(format!(
+                        "downlink #{index}: fPort {port} is not within 1 to 223"
+                    )));
+                }
+            }
+        } else {
+            None
+        };
+        let qos = if flags & HAS_QOS != 0 {
+            match reader.u8("a downlink QoS").map_err(text)? {
+                qos @ 0..=2 => Some(qos),
+                qos => {
+                    return Err(Some(format!(
+                        "downlink #{index}: QoS {qos} is not 0, 1 or 2"
+                    )));
+                }
+            }
+        } else {
+            None
+        };
+        let payload = reader.bytes("a downlink payload").map_err(text)?.to_vec();
+        downlinks.push(Downlink {
+            payload,
+            topic,
+            fport,
+            confirmed: flags & CONFIRMED != 0,
+            qos,
+        });
+    }
+    if reader.remaining() > 0 {
+        return Err(text(reader.malformed(format!(
+            "{} bytes follow the last downlink",
+            reader.remaining()
+        ))));
+    }
+    Ok(downlinks)
+}
+
+/// Writes downlinks in the packed encoding, as an SDK would, for tests.
+#[cfg(test)]
+pub(crate) fn put_downlinks(out: &mut Vec<u8>, downlinks: &[Downlink]) {
+    put_len(out, downlinks.len());
+    for downlink in downlinks {
+        let mut flags = 0;
+        if downlink.topic.is_some() {
+            flags |= HAS_TOPIC;
+        }
+        if downlink.fport.is_some() {
+            flags |= HAS_FPORT;
+        }
+        if downlink.confirmed {
+            flags |= CONFIRMED;
+        }
+        if downlink.qos.is_some() {
+            flags |= HAS_QOS;
+        }
+        out.push(flags);
+        if let Some(topic) = &downlink.topic {
+            put_bytes(out, topic.as_bytes());
+        }
+        if let Some(port) = downlink.fport {
+            out.push(port);
+        }
+        if let Some(qos) = downlink.qos {
+            out.push(qos);
+        }
+        put_bytes(out, &downlink.payload);
     }
 }
 
@@ -544,10 +682,29 @@ impl OutputsReader<'_> {
                 1 => OutputKind::Status { online: true },
                 other => return Err(format!("status {other} is neither 0 nor 1")),
             },
+            REPLY => {
+                let command_id = reader.str("the command id").map_err(text)?;
+                if command_id.is_empty() {
+                    return Err("reply command id is empty".into());
+                }
+                let command_id = command_id.to_owned();
+                let ok = match reader.u8("the reply outcome").map_err(text)? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(format!("reply outcome {other} is neither 0 nor 1")),
+                };
+                let error = reader.str("the reply error").map_err(text)?.to_owned();
+                OutputKind::Reply {
+                    command_id,
+                    ok,
+                    error,
+                    fields: self.fields(reader)?,
+                }
+            }
             other => {
                 return Err(text(Malformed {
                     at: start,
-                    reason: format!("output kind {other} is not one of 0 to 4"),
+                    reason: format!("output kind {other} is not one of 0 to 5"),
                 }));
             }
         };
@@ -659,6 +816,7 @@ pub(crate) fn put_outputs(out: &mut Vec<u8>, outputs: &[Output]) {
             OutputKind::Event { .. } => EVENT,
             OutputKind::Alert { .. } => ALERT,
             OutputKind::Status { .. } => STATUS,
+            OutputKind::Reply { .. } => REPLY,
         };
         let flags = if output.device_id.is_some() {
             HAS_DEVICE
@@ -694,6 +852,17 @@ pub(crate) fn put_outputs(out: &mut Vec<u8>, outputs: &[Output]) {
                 put_str(out, description);
             }
             OutputKind::Status { online } => out.push(u8::from(*online)),
+            OutputKind::Reply {
+                command_id,
+                ok,
+                error,
+                fields,
+            } => {
+                put_str(out, command_id);
+                out.push(u8::from(*ok));
+                put_str(out, error);
+                put_fields(out, fields);
+            }
         }
     }
 }
@@ -1107,6 +1276,23 @@ mod properties {
         prop::collection::vec(("[a-z]{1,6}", value()), 0..8).prop_map(Fields::from_pairs)
     }
 
+    fn downlink() -> impl Strategy<Value = Downlink> {
+        (
+            prop::collection::vec(any::<u8>(), 0..32),
+            prop::option::of("[a-z/]{1,12}"),
+            prop::option::of(1u8..=223),
+            any::<bool>(),
+            prop::option::of(0u8..=2),
+        )
+            .prop_map(|(payload, topic, fport, confirmed, qos)| Downlink {
+                payload,
+                topic,
+                fport,
+                confirmed,
+                qos,
+            })
+    }
+
     fn output() -> impl Strategy<Value = Output> {
         let kind = prop_oneof![
             fields().prop_map(|fields| OutputKind::Telemetry { fields }),
@@ -1118,6 +1304,14 @@ mod properties {
                 description,
             }),
             any::<bool>().prop_map(|online| OutputKind::Status { online }),
+            ("[a-z0-9-]{1,12}", any::<bool>(), ".{0,8}", fields()).prop_map(
+                |(command_id, ok, error, fields)| OutputKind::Reply {
+                    command_id,
+                    ok,
+                    error,
+                    fields,
+                }
+            ),
         ];
         (
             prop::option::of("[a-z0-9-]{1,10}"),
@@ -1189,6 +1383,27 @@ mod properties {
             let caps = OutputCaps { bytes: 1 << 20, count: 100, fields: 100 };
             let (_, allocated) = allocated_by(|| decode(&bytes, caps));
             prop_assert!(allocated <= PER_BYTE * bytes.len() + BASE);
+        }
+
+        #[test]
+        fn downlinks_round_trip(downlinks in prop::collection::vec(downlink(), 1..MAX_DOWNLINKS)) {
+            let mut bytes = Vec::new();
+            put_downlinks(&mut bytes, &downlinks);
+            prop_assert_eq!(read_downlinks(&bytes, 1 << 20).unwrap(), downlinks);
+        }
+
+        #[test]
+        fn arbitrary_downlink_answers_never_panic_and_allocate_within_bounds(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+            cap in 0usize..600,
+        ) {
+            let (result, allocated) = allocated_by(|| read_downlinks(&bytes, cap));
+            prop_assert!(allocated <= PER_BYTE * bytes.len() + BASE);
+            if bytes.len() > cap {
+                prop_assert_eq!(result, Err(None));
+            } else if let Ok(downlinks) = result {
+                prop_assert!(!downlinks.is_empty() && downlinks.len() <= MAX_DOWNLINKS);
+            }
         }
 
         #[test]

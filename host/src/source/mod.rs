@@ -6,4 +6,4 @@ mod mqtt;
 pub mod simulator;
 
 pub use kafka::{KafkaSourceError, kafka_consumer, run_kafka};
-pub use mqtt::{SourceHealth, filters, run_mqtt};
+pub use mqtt::{MqttClient, SourceHealth, filters, run_mqtt};

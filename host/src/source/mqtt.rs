@@ -173,7 +173,18 @@ enum MqttEvent {
     Other,
 }
 
-/// The request side of a broker connection of either protocol version.
+/// The request side of a broker connection of either protocol version;
+/// clones share the connection (commands publish through it).
+#[derive(Clone)]
+pub struct MqttClient(Client);
+
+impl std::fmt::Debug for MqttClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttClient").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
 enum Client {
     V5(v5::AsyncClient),
     V311(rumqttc::AsyncClient),
@@ -292,6 +303,38 @@ impl Events {
     }
 }
 
+impl MqttClient {
+    /// Queues a publish on the connection, at the message's QoS.
+    pub async fn publish(&self, message: crate::commands::MqttPublish) -> Result<(), String> {
+        match &self.0 {
+            Client::V5(client) => {
+                use v5::mqttbytes::QoS;
+                let qos = match message.qos {
+                    0 => QoS::AtMostOnce,
+                    1 => QoS::AtLeastOnce,
+                    _ => QoS::ExactlyOnce,
+                };
+                client
+                    .publish(message.topic, qos, false, message.payload)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Client::V311(client) => {
+                use rumqttc::QoS;
+                let qos = match message.qos {
+                    0 => QoS::AtMostOnce,
+                    1 => QoS::AtLeastOnce,
+                    _ => QoS::ExactlyOnce,
+                };
+                client
+                    .publish(message.topic, qos, false, message.payload)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
 impl Client {
     /// Subscribes every filter in one SUBSCRIBE.
     async fn subscribe(&self, filters: &[String], qos: u8) -> Result<(), String> {
@@ -353,6 +396,7 @@ pub async fn run_mqtt(
     router: Arc<Router>,
     ingest: Ingest,
     health: Arc<SourceHealth>,
+    downlinks: Option<Arc<crate::commands::MqttDownlinks>>,
     drain: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -369,6 +413,9 @@ pub async fn run_mqtt(
         .unwrap_or_else(|| format!("sluice-{:08x}", rand::random::<u32>()));
     let filters = filters(&config, &router);
     let (client, mut events) = connect(&config, &host, port, &client_id);
+    if let Some(downlinks) = &downlinks {
+        downlinks.install(Some(MqttClient(client.clone())));
+    }
     let acks = Arc::new(AckQueue::default());
     let received = metrics::counter!("sluice_ingest_messages_total", "source" => "mqtt");
     let limit = config.max_packet_size.as_u64();
@@ -467,6 +514,9 @@ pub async fn run_mqtt(
         );
     }
     health.set_connected(false);
+    if let Some(downlinks) = &downlinks {
+        downlinks.install(None);
+    }
     client.disconnect();
     // Let the event loop send the last acknowledgements and the DISCONNECT.
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

@@ -82,6 +82,8 @@ struct SimDevice {
     battery: f64,
     total: f64,
     mode: u8,
+    /// A thermostat's setpoint, °C; `set_setpoint` commands change it.
+    setpoint: f64,
     sent: u64,
 }
 
@@ -148,6 +150,7 @@ impl Simulator {
                 battery: 60.0 + rng.unit() * 40.0,
                 total: 1000.0 + rng.unit() * 500.0,
                 mode: 1,
+                setpoint: 21.0,
                 sent: 0,
             });
         }
@@ -155,6 +158,24 @@ impl Simulator {
             devices,
             rng,
             started: now,
+        }
+    }
+
+    /// Applies a downlink for `device`.
+    fn obey(&mut self, device: &str, payload: &[u8]) {
+        let Some(device) = self.devices.iter_mut().find(|d| d.id == device) else {
+            tracing::debug!(device, "a downlink for no simulated device");
+            return;
+        };
+        match (&device.payload, payload) {
+            (Payload::Thermostat, [0x02, hi, lo]) => {
+                device.setpoint = f64::from(i16::from_be_bytes([*hi, *lo])) / 100.0;
+                // Answer soon, as a real thermostat reports after a change.
+                device.next_at = Instant::now() + Duration::from_millis(300);
+            }
+            _ => {
+                tracing::debug!(device = %device.id, "a downlink the simulated device does not know")
+            }
         }
     }
 
@@ -168,14 +189,26 @@ impl Simulator {
         self.devices.is_empty()
     }
 
-    /// Sends reports until `shutdown` turns true or the pipeline closes.
-    pub async fn run(mut self, ingest: Ingest, mut shutdown: watch::Receiver<bool>) {
+    /// Sends reports until `shutdown` turns true or the pipeline closes,
+    /// obeying the `downlinks` commands send to its devices: a
+    /// thermostat takes `02` + a setpoint (signed big-endian 0.01 °C) and
+    /// reports it from its next frame on.
+    pub async fn run(
+        mut self,
+        ingest: Ingest,
+        mut downlinks: tokio::sync::mpsc::Receiver<crate::commands::transport::SimulatedDownlink>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let sent = metrics::counter!("sluice_ingest_messages_total", "source" => "simulator");
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
+                Some((device, payload)) = downlinks.recv() => {
+                    self.obey(&device, &payload);
+                    continue;
+                }
                 _ = shutdown.changed() => return,
             }
             if *shutdown.borrow() {
@@ -256,7 +289,7 @@ fn report(device: &mut SimDevice, rng: &mut Rng) -> Vec<u8> {
                 device.mode | if heating { 0x10 } else { 0 } | if window { 0x20 } else { 0 };
             let mut frame = vec![1];
             frame.extend(centi(temperature));
-            frame.extend(centi(21.0));
+            frame.extend(centi(device.setpoint));
             frame.push(humidity.round() as u8);
             frame.push(flags);
             frame.push(device.battery.round() as u8);

@@ -19,6 +19,13 @@
 //! Every member of the object becomes a field (nested objects and arrays
 //! stay JSON); an optional integer `ts` (milliseconds since the Unix epoch)
 //! becomes the outputs' timestamp instead of a field.
+//!
+//! Commands: `configure {"interval_s": 30, "temp_max": 28.5}` (either
+//! member, or both) becomes the JSON downlink
+//! `{"id": "<command id>", "configure": {...}}`. The sensor answers with a
+//! report that carries `"reply_to": "<command id>"` (and `"error"` when it
+//! refused): a `reply` with the report's other members, instead of
+//! telemetry.
 
 use std::sync::OnceLock;
 
@@ -27,6 +34,19 @@ use sluice_guest::prelude::*;
 /// Parses one JSON reading.
 pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
     let mut fields: Fields = message.json()?;
+    if let Some(reply_to) = fields.take("reply_to") {
+        let Value::Text(command_id) = reply_to else {
+            return Err(ScriptError::new(
+                "bad-reply",
+                format!("`reply_to` must be a command id, got {reply_to:?}"),
+            ));
+        };
+        return Ok(vec![match fields.take("error") {
+            Some(Value::Text(error)) => Output::reply_error(command_id, error),
+            Some(other) => Output::reply_error(command_id, format!("{other:?}")),
+            None => Output::reply(command_id, fields),
+        }]);
+    }
     let timestamp = match fields.take("ts") {
         None => None,
         Some(Value::Integer(ms)) => Some(ms),
@@ -65,7 +85,41 @@ fn temp_max() -> Result<Option<f64>, ScriptError> {
     TEMP_MAX.get_or_init(|| param_as::<f64>("temp_max")).clone()
 }
 
-sluice_guest::script!(parse);
+/// `configure`: a JSON downlink naming the command, so the reply can.
+pub fn encode(command: &Command) -> Result<Vec<Downlink>, ScriptError> {
+    if command.name != "configure" {
+        return Err(command.unknown());
+    }
+    let settings: serde_json::Map<String, serde_json::Value> = command.params()?;
+    for (key, value) in &settings {
+        let fits = match key.as_str() {
+            "interval_s" => value.as_u64().is_some_and(|s| (1..=86_400).contains(&s)),
+            "temp_max" => value.as_f64().is_some(),
+            _ => {
+                return Err(ScriptError::new(
+                    "invalid-params",
+                    format!("`configure` takes interval_s and temp_max, not {key:?}"),
+                ));
+            }
+        };
+        if !fits {
+            return Err(ScriptError::new(
+                "invalid-params",
+                format!("`{key}` = {value} is not a valid value"),
+            ));
+        }
+    }
+    if settings.is_empty() {
+        return Err(ScriptError::new(
+            "invalid-params",
+            "`configure` needs interval_s or temp_max",
+        ));
+    }
+    let body = serde_json::json!({"id": command.id, "configure": settings});
+    Ok(vec![Downlink::new(body.to_string())])
+}
+
+sluice_guest::script!(parse, encode);
 
 #[cfg(test)]
 mod tests {

@@ -15,6 +15,9 @@
 //!  "Ext_sensor": "Temperature Sensor", "TempC_DS": 27.81}
 //! ```
 //!
+//! Commands (the vendor's downlinks, on fPort 2): `set_interval
+//! {"seconds": 60}` → `01 00 00 3C`; `reset` → `04 FF`.
+//!
 //! The 11-byte fPort 2 frame, big-endian, as the vendor documents it:
 //!
 //! | bytes | content |
@@ -219,4 +222,31 @@ fn decode_datalog(frame: &[u8]) -> Result<Vec<Output>, ScriptError> {
         .collect()
 }
 
-sluice_guest::script!(parse);
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetInterval {
+    seconds: u32,
+}
+
+/// The vendor's downlinks (fPort 2): `set_interval {"seconds": n}` →
+/// `01` + n as 3 bytes big-endian (60 s → `01 00 00 3C`); `reset` → `04 FF`.
+pub fn encode(command: &Command) -> Result<Vec<Downlink>, ScriptError> {
+    let payload = match command.name.as_str() {
+        "set_interval" => {
+            let SetInterval { seconds } = command.params()?;
+            if !(1..=0x00ff_ffff).contains(&seconds) {
+                return Err(ScriptError::new(
+                    "invalid-params",
+                    format!("an interval of {seconds} s is outside 1 to 16777215 s"),
+                ));
+            }
+            let [_, a, b, c] = seconds.to_be_bytes();
+            vec![0x01, a, b, c]
+        }
+        "reset" => vec![0x04, 0xff],
+        _ => return Err(command.unknown()),
+    };
+    Ok(vec![Downlink::new(payload).fport(2)])
+}
+
+sluice_guest::script!(parse, encode);

@@ -15,8 +15,18 @@
 // frame (kept in per-device state), an alert when a window is open while the
 // valve heats, and alerts below the `battery_low` (%) and `frost_below` (°C)
 // params.
+//
+// Commands: `set_setpoint {"celsius": 21.5}` (5 to 30 °C) becomes the
+// downlink `02` + the setpoint, signed big-endian 0.01 °C. The device's next
+// frame answers it: a reply when its setpoint is the one asked, a failed
+// reply when not. The device's state: byte 0 the last mode (`ff` before any
+// frame), then, while a command waits, the asked setpoint (2 bytes) and the
+// command id.
 
 import {
+  Command,
+  Downlink,
+  Encoded,
   Fields,
   LogLevel,
   Message,
@@ -26,9 +36,13 @@ import {
   formatNumber,
   log,
   paramFloat,
+  stateGet,
+  stateSet,
 } from "sluice-script";
 
 const MODES: string[] = ["off", "heat", "cool", "auto"];
+/** The state's mode byte before the device's first frame. */
+const NO_MODE: u8 = 0xff;
 
 export function parse(message: Message): Result {
   if (message.payload.length != 8) {
@@ -68,15 +82,30 @@ export function parse(message: Message): Result {
     ),
   ];
 
-  const previous = message.state();
-  if (previous != null && previous.length == 1 && previous[0] != modeCode) {
-    const from = previous[0] < <u8>MODES.length ? MODES[previous[0]] : "unknown";
+  const state = message.state();
+  const previous: i32 = state != null && state.length >= 1 && state[0] != NO_MODE ? <i32>state[0] : -1;
+  if (previous >= 0 && previous != <i32>modeCode) {
+    const from = previous < MODES.length ? MODES[previous] : "unknown";
     outputs.push(Output.event("mode_changed", new Fields().with("from", from).with("to", mode)));
   }
-  if (previous == null || previous.length != 1 || previous[0] != modeCode) {
-    const state = new Uint8Array(1);
-    state[0] = modeCode;
-    const refused = message.setState(state);
+  const pending = state != null && state.length > 3;
+  if (pending) {
+    const asked = <i16>((<u16>state![1] << 8) | <u16>state![2]);
+    const id = String.UTF8.decode(state!.buffer.slice(state!.byteOffset + 3, state!.byteOffset + state!.length));
+    const reported = <i16>((<u16>message.payload[3] << 8) | <u16>message.payload[4]);
+    outputs.push(
+      reported == asked
+        ? Output.reply(id, new Fields().with("setpoint", setpoint))
+        : Output.replyError(
+            id,
+            `the thermostat reports a setpoint of ${formatNumber(setpoint)} °C, not the ${formatNumber(<f64>asked / 100)} °C asked`,
+          ),
+    );
+  }
+  if (previous != <i32>modeCode || pending) {
+    const next = new Uint8Array(1);
+    next[0] = modeCode;
+    const refused = message.setState(next);
     if (refused != null) log(LogLevel.Warn, `mode not remembered: ${refused.message}`);
   }
 
@@ -106,4 +135,33 @@ export function parse(message: Message): Result {
     );
   }
   return Result.ok(outputs);
+}
+
+/** Turns `set_setpoint` into its downlink and remembers it, so the next frame can answer it. */
+export function encode(command: Command): Encoded {
+  if (command.name != "set_setpoint") return Encoded.unknown(command);
+  const params = command.params();
+  if (params.error != null) return Encoded.err("invalid-params", params.error!);
+  const celsius = params.getFloat("celsius");
+  if (isNaN(celsius) || params.fields.length != 1) {
+    return Encoded.err("invalid-params", "set_setpoint takes {\"celsius\": <number>}");
+  }
+  if (celsius < 5 || celsius > 30) {
+    return Encoded.err("invalid-params", `a setpoint of ${formatNumber(celsius)} °C is outside 5 to 30 °C`);
+  }
+  const setpoint = <i16>Math.round(celsius * 100);
+  const old = stateGet(command.deviceId);
+  const id = Uint8Array.wrap(String.UTF8.encode(command.id));
+  const state = new Uint8Array(3 + id.length);
+  state[0] = old != null && old.length >= 1 ? old[0] : NO_MODE;
+  state[1] = <u8>(<u16>setpoint >> 8);
+  state[2] = <u8>(<u16>setpoint & 0xff);
+  state.set(id, 3);
+  const refused = stateSet(command.deviceId, state);
+  if (refused != null) return Encoded.err(refused.code, refused.message);
+  const frame = new Uint8Array(3);
+  frame[0] = 0x02;
+  frame[1] = state[1];
+  frame[2] = state[2];
+  return Encoded.ok([new Downlink(frame)]);
 }

@@ -15,10 +15,51 @@
 //! previous frame (per-device state), a warning when the window is open while
 //! the valve heats, a warning below `battery_low` % and a critical alert
 //! below `frost_below` °C.
+//!
+//! Commands: `set_setpoint {"celsius": 21.5}` (5 to 30 °C) becomes the
+//! downlink `02` + the setpoint, signed big-endian 0.01 °C (`02 08 66`).
+//! The device's next frame answers it: a `reply` when its setpoint is the
+//! one asked, a failed reply when it is not. The pending command is kept in
+//! the device's state: byte 0 the last mode (`ff` before any frame), then,
+//! while a command waits, the asked setpoint (2 bytes) and the command id.
 
 use sluice_guest::prelude::*;
 
 const MODES: [&str; 4] = ["off", "heat", "cool", "auto"];
+/// The state's mode byte before the device's first frame.
+const NO_MODE: u8 = 0xff;
+/// The downlink that sets the setpoint.
+const SET_SETPOINT: u8 = 0x02;
+
+/// What the device's state holds.
+struct Remembered {
+    mode: Option<u8>,
+    /// The setpoint asked (0.01 °C) and the command's id.
+    pending: Option<(i16, String)>,
+}
+
+impl Remembered {
+    fn of(device_id: &str) -> Self {
+        let state = sluice_guest::host::state_get(device_id).unwrap_or_default();
+        let mode = state.first().copied().filter(|m| *m != NO_MODE);
+        let pending = match state.get(1..3) {
+            Some(&[hi, lo]) => std::str::from_utf8(&state[3..])
+                .ok()
+                .map(|id| (i16::from_be_bytes([hi, lo]), id.to_owned())),
+            _ => None,
+        };
+        Remembered { mode, pending }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        let mut bytes = vec![self.mode.unwrap_or(NO_MODE)];
+        if let Some((setpoint, id)) = &self.pending {
+            bytes.extend_from_slice(&setpoint.to_be_bytes());
+            bytes.extend_from_slice(id.as_bytes());
+        }
+        bytes
+    }
+}
 
 /// Decodes one frame.
 pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
@@ -66,7 +107,8 @@ pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
             .with("battery", i64::from(battery)),
     )];
 
-    let previous = message.state().filter(|s| s.len() == 1).map(|s| s[0]);
+    let remembered = Remembered::of(&message.device_id);
+    let previous = remembered.mode;
     if let Some(previous) = previous.filter(|p| *p != mode_code) {
         let from = MODES
             .get(usize::from(previous))
@@ -77,7 +119,21 @@ pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
             Fields::new().with("from", from).with("to", mode),
         ));
     }
-    if previous != Some(mode_code)
+    if let Some((asked, id)) = &remembered.pending {
+        let reported = i16::from_be_bytes([payload[3], payload[4]]);
+        outputs.push(if reported == *asked {
+            Output::reply(id.clone(), Fields::new().with("setpoint", setpoint))
+        } else {
+            Output::reply_error(
+                id.clone(),
+                format!(
+                    "the thermostat reports a setpoint of {setpoint} °C, not the {} °C asked",
+                    f64::from(*asked) / 100.0
+                ),
+            )
+        });
+    }
+    if (previous != Some(mode_code) || remembered.pending.is_some())
         && let Err(refused) = message.set_state(&[mode_code])
     {
         log(
@@ -112,4 +168,31 @@ pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
     Ok(outputs)
 }
 
-sluice_guest::script!(parse);
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetSetpoint {
+    celsius: f64,
+}
+
+/// Turns `set_setpoint` into its downlink and remembers it, so the next
+/// frame can answer it.
+pub fn encode(command: &Command) -> Result<Vec<Downlink>, ScriptError> {
+    if command.name != "set_setpoint" {
+        return Err(command.unknown());
+    }
+    let SetSetpoint { celsius } = command.params()?;
+    if !(5.0..=30.0).contains(&celsius) {
+        return Err(ScriptError::new(
+            "invalid-params",
+            format!("a setpoint of {celsius} °C is outside 5 to 30 °C"),
+        ));
+    }
+    let setpoint = (celsius * 100.0).round() as i16;
+    let mut remembered = Remembered::of(&command.device_id);
+    remembered.pending = Some((setpoint, command.id.clone()));
+    sluice_guest::host::state_set(&command.device_id, &remembered.bytes())?;
+    let [hi, lo] = setpoint.to_be_bytes();
+    Ok(vec![Downlink::new(vec![SET_SETPOINT, hi, lo])])
+}
+
+sluice_guest::script!(parse, encode);
