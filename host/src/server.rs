@@ -348,12 +348,10 @@ async fn start_commands(
         .iter()
         .filter_map(|(product, settings)| Some((product.clone(), settings.commands.clone()?)))
         .collect();
-    let commands = Arc::new(Commands::new(
-        store,
-        config.commands.clone(),
-        transports,
-        mqtt.clone(),
-    ));
+    let commands = Arc::new(
+        Commands::new(store, config.commands.clone(), transports, mqtt.clone())
+            .map_err(|e| RunError::Io(std::io::Error::other(e.to_string())))?,
+    );
     let (service, stop_rx) = (commands.clone(), stop.clone());
     tasks.spawn("commands", stop.clone(), move || {
         service.clone().run(stop_rx.clone())
@@ -620,6 +618,8 @@ impl Running {
         let _ = self.intake_stop.send(true);
         let _ = self.sessions_stop.send(true);
         drop(self.ingest);
+        // The commands service holds a way to the workers too.
+        self.state.commands.detach();
         for task in self.intake {
             let _ = tokio::time::timeout_at(deadline, task).await;
         }

@@ -75,6 +75,52 @@ async fn the_demo_dashboard_shows_devices_values_and_status_flips() {
     .await;
     eprintln!("status flip seen on the dashboard: {flipped:?}");
 
+    // At this width (the browser's window is 1400 px wide) no status cell's
+    // text runs out of its cell into the values beside it.
+    let overflowing = browser
+        .eval(
+            "return [...document.querySelectorAll('#devices td.state')]\
+             .filter(td => td.scrollWidth > td.clientWidth + 1).map(td => td.parentElement.dataset.device)",
+        )
+        .await;
+    assert_eq!(overflowing, serde_json::json!([]), "status cells overflow");
+
+    // A command from the device view: a simulated thermostat takes the new
+    // setpoint, its next frame reports it, and the command shows replied.
+    browser
+        .eval(
+            "document.querySelector('#devices tr[data-device=\"trv-01\"]').click(); \
+             document.getElementById('command-name').value = 'set_setpoint'; \
+             document.getElementById('command-params').value = '{\"celsius\": 23.5}'; \
+             document.getElementById('command-send').click(); return true",
+        )
+        .await;
+    let state = eventually(
+        Duration::from_secs(30),
+        "the command to be replied",
+        || async {
+            let state = browser
+                .eval("const li = document.querySelector('#commands li'); return li ? li.dataset.state : null")
+                .await;
+            state
+                .as_str()
+                .filter(|s| !["sending", "sent"].contains(s))
+                .map(str::to_owned)
+        },
+    )
+    .await;
+    assert_eq!(state, "replied");
+    let values = browser
+        .eval("return document.querySelector('#devices tr[data-device=\"trv-01\"] td.values').textContent")
+        .await;
+    assert!(
+        values
+            .as_str()
+            .unwrap_or_default()
+            .contains("setpoint 23.5"),
+        "{values}"
+    );
+
     let screenshot = scratch_dir().join("artifacts").join("dashboard.png");
     browser.screenshot(&screenshot).await;
     let png = std::fs::read(&screenshot).unwrap();

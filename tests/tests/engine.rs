@@ -302,15 +302,48 @@ fn a_script_built_for_0_2_0_still_parses_and_does_not_accept_commands() {
 
 #[test]
 fn a_rust_script_without_encode_does_not_accept_commands() {
-    let mut instance = guest_with("hostile", Limits::default());
+    let counter = example_script("counter");
+    let mut instance = engine()
+        .load_file("counter", &counter.wasm, ScriptSettings::default())
+        .expect("counter loads")
+        .instantiate()
+        .expect("counter instantiates");
     let error = instance.encode(&command("reset")).unwrap_err();
     assert!(matches!(error, ScriptError::NotSupported { .. }), "{error}");
     assert!(
         error.to_string().contains("does not accept commands"),
         "{error}"
     );
-    // The instance goes on parsing.
-    assert!(instance.parse(&message("ok")).is_ok());
+}
+
+#[test]
+fn a_hostile_encode_ends_in_its_typed_error_and_the_instance_goes_on() {
+    let mut instance = hostile_with(strict_limits());
+    let cases: [(&str, &str); 10] = [
+        ("loop", "timeout"),
+        ("alloc", "memory"),
+        ("panic", "trap"),
+        ("none", "bad_output"),
+        ("many", "bad_output"),
+        ("bad-fport", "bad_output"),
+        ("bad-qos", "bad_output"),
+        ("wildcard", "bad_output"),
+        ("huge", "output_too_large"),
+        ("nope", "rejected"),
+    ];
+    for (name, kind) in cases {
+        let error = instance.encode(&command(name)).unwrap_err();
+        assert_eq!(error.kind(), kind, "{name}: {error}");
+        // Every failure leaves a working script behind, for commands and
+        // for messages.
+        assert_eq!(
+            instance.encode(&command("ok")).expect("ok encodes")[0].payload,
+            b"ok"
+        );
+        assert!(instance.parse(&message("ok")).is_ok(), "{name}");
+    }
+    let error = instance.encode(&command("panic")).unwrap_err();
+    assert!(error.to_string().contains("panics in encode"), "{error}");
 }
 
 fn command(name: &str) -> CommandCall {

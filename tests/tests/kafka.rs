@@ -198,3 +198,72 @@ async fn records_are_processed_and_committed_after_processing() {
     assert_eq!(processed, 6, "committed records are not processed again");
     running.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_of_a_kafka_product_are_records_keyed_by_the_device() {
+    use rdkafka::Message;
+    let cluster = MockCluster::new(1).expect("a mock cluster");
+    cluster
+        .create_topic("commands.lht65", 1, 1)
+        .expect("the topic");
+    let bootstrap = cluster.bootstrap_servers();
+    let site = Site::with_scripts(&["lht65"]);
+    let running = site
+        .start(&format!(
+            r#"
+            [products.lht65]
+            limits = {{ deadline = "5s" }}
+            commands = {{ transport = "kafka", brokers = "{bootstrap}", topic = "commands.{{product}}" }}
+            "#
+        ))
+        .await;
+    // The device reports once, so it is known.
+    let url = format!(
+        "{}/api/v1/ingest/lht65/a84041000181c061",
+        sluice_tests::sluice::base_url(&running)
+    );
+    let http = reqwest::Client::new();
+    let uplink = json!({"fPort": 2, "data": "y/YLDQN2AQrdf/8=", "deviceInfo": {"devEui": "a84041000181c061"}});
+    assert_eq!(
+        http.post(&url)
+            .body(uplink.to_string())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        202
+    );
+    let commands = format!(
+        "{}/api/v1/devices/a84041000181c061/commands",
+        sluice_tests::sluice::base_url(&running)
+    );
+    let answer = eventually(WAIT, "the command to be sent", || async {
+        let response = http
+            .post(&commands)
+            .json(&json!({"name": "set_interval", "params": {"seconds": 60}, "oneway": true, "wait": true}))
+            .send()
+            .await
+            .ok()?;
+        (response.status() == 200).then_some(response.json::<serde_json::Value>().await.ok()?)
+    })
+    .await;
+    assert_eq!(answer["state"], "sent", "{answer}");
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", "command-reader")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .expect("a consumer");
+    consumer.subscribe(&["commands.lht65"]).expect("subscribed");
+    let (key, payload) = eventually(WAIT, "the command record", || async {
+        let message = consumer.poll(Duration::from_millis(200))?.ok()?;
+        Some((
+            message.key().map(<[u8]>::to_vec),
+            message.payload().map(<[u8]>::to_vec),
+        ))
+    })
+    .await;
+    assert_eq!(key.as_deref(), Some(&b"a84041000181c061"[..]));
+    assert_eq!(payload.as_deref(), Some(&[0x01, 0x00, 0x00, 0x3c][..]));
+}

@@ -19,4 +19,4 @@ pub use model::{CommandError, CommandRecord, CommandState, Failure};
 pub use redis::RedisCommands;
 pub use service::{CommandRequest, Commands};
 pub use store::{CommandStore, MemoryCommands};
-pub use transport::{MqttDownlinks, MqttPublish, TransportConfig};
+pub use transport::{MqttDownlinks, Outgoing, TransportConfig};

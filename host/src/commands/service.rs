@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -61,7 +61,10 @@ pub struct Commands {
     config: CommandsConfig,
     transports: BTreeMap<String, TransportConfig>,
     mqtt: Arc<MqttDownlinks>,
-    workers: OnceLock<Ingest>,
+    /// A producer per product whose commands leave through Kafka.
+    kafka: HashMap<String, rdkafka::producer::FutureProducer>,
+    /// The way to the workers, until shutdown lets them drain.
+    workers: Mutex<Option<Ingest>>,
     /// Callers waiting for a command to settle.
     waiters: Mutex<HashMap<String, Vec<oneshot::Sender<CommandRecord>>>>,
     /// Devices with queued commands (as far as this instance knows; a
@@ -91,24 +94,47 @@ fn millis(duration: Duration) -> u64 {
 }
 
 impl Commands {
-    /// The service over `store`, with each product's transport.
+    /// The service over `store`, with each product's transport; fails
+    /// when a Kafka producer cannot be made from its settings.
     pub fn new(
         store: Arc<dyn CommandStore>,
         config: CommandsConfig,
         transports: BTreeMap<String, TransportConfig>,
         mqtt: Arc<MqttDownlinks>,
-    ) -> Self {
-        Commands {
+    ) -> Result<Self, CommandError> {
+        let mut kafka = HashMap::new();
+        for (product, transport) in &transports {
+            if let TransportConfig::Kafka {
+                brokers, options, ..
+            } = transport
+            {
+                let mut client = rdkafka::ClientConfig::new();
+                client
+                    .set("bootstrap.servers", brokers)
+                    .set("message.timeout.ms", "10000");
+                for (key, value) in options {
+                    client.set(key, value);
+                }
+                let producer = client.create().map_err(|e| {
+                    CommandError::Unavailable(format!(
+                        "the Kafka producer of product {product:?}'s commands: {e}"
+                    ))
+                })?;
+                kafka.insert(product.clone(), producer);
+            }
+        }
+        Ok(Commands {
             store,
             config,
             transports,
             mqtt,
-            workers: OnceLock::new(),
+            kafka,
+            workers: Mutex::new(None),
             waiters: Mutex::new(HashMap::new()),
             queued: RwLock::new(HashSet::new()),
             any_queued: AtomicBool::new(false),
             updates: broadcast::channel(EVENTS).0,
-        }
+        })
     }
 
     /// A service in the process with the default settings and MQTT
@@ -117,6 +143,7 @@ impl Commands {
         let config = CommandsConfig::default();
         let store = Arc::new(super::store::MemoryCommands::new(config.keep));
         Self::new(store, config, BTreeMap::new(), Arc::default())
+            .expect("no Kafka producer to make")
     }
 
     /// The downlinks of the `simulator` transport, for the device simulator.
@@ -128,7 +155,13 @@ impl Commands {
 
     /// Connects the service to the workers that run `encode`.
     pub fn attach(&self, workers: Ingest) {
-        let _ = self.workers.set(workers);
+        *lock(&self.workers) = Some(workers);
+    }
+
+    /// Lets go of the workers, so their queues close at shutdown; commands
+    /// are refused from now on.
+    pub fn detach(&self) {
+        lock(&self.workers).take();
     }
 
     /// Every state change of every command from now on (of every tenant:
@@ -314,7 +347,8 @@ impl Commands {
         &self,
         call: CommandCall,
     ) -> Result<Vec<crate::script::Downlink>, CommandError> {
-        let workers = self.workers.get().ok_or(CommandError::Closed)?;
+        // Cloned out, so no lock is held across the await.
+        let workers = lock(&self.workers).clone().ok_or(CommandError::Closed)?;
         let (answer, answered) = oneshot::channel();
         let product = call.product.clone();
         workers
@@ -345,10 +379,7 @@ impl Commands {
         let mut failure = None;
         for downlink in &record.downlinks {
             let published = match transport.publish_of(&record, downlink) {
-                Ok(message) if transport == TransportConfig::Simulator => {
-                    self.mqtt.simulate(message.topic, message.payload)
-                }
-                Ok(message) => self.mqtt.publish(message).await,
+                Ok(message) => self.deliver(&transport, &record, message).await,
                 Err(why) => Err(why),
             };
             if let Err(why) = published {
@@ -382,6 +413,34 @@ impl Commands {
         }
         self.announce(&record).await;
         record
+    }
+
+    /// Hands one downlink to the product's transport.
+    async fn deliver(
+        &self,
+        transport: &TransportConfig,
+        record: &CommandRecord,
+        message: super::transport::Outgoing,
+    ) -> Result<(), String> {
+        match transport {
+            TransportConfig::Simulator => self.mqtt.simulate(message.topic, message.payload),
+            TransportConfig::Kafka { .. } => {
+                let producer = self
+                    .kafka
+                    .get(&record.product)
+                    .ok_or_else(|| "no Kafka producer for this product".to_owned())?;
+                let sent = producer
+                    .send(
+                        rdkafka::producer::FutureRecord::to(&message.topic)
+                            .key(&record.device_id)
+                            .payload(&message.payload),
+                        Duration::from_secs(5),
+                    )
+                    .await;
+                sent.map(drop).map_err(|(error, _)| error.to_string())
+            }
+            _ => self.mqtt.publish(message).await,
+        }
     }
 
     /// Completes a command with a device's reply. A reply for a command

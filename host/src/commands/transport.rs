@@ -53,6 +53,17 @@ pub enum TransportConfig {
         #[serde(default = "default_qos")]
         qos: u8,
     },
+    /// Each downlink's payload as a Kafka record keyed by the device id.
+    Kafka {
+        /// Bootstrap servers, `host:port[,host:port]`.
+        brokers: String,
+        /// Topic template: `{product}`, `{device}` and `{tenant}` are
+        /// replaced; a downlink's own topic wins.
+        topic: String,
+        /// More librdkafka producer settings.
+        #[serde(default)]
+        options: std::collections::BTreeMap<String, String>,
+    },
     /// Each downlink's payload, handed to sluice's own device simulator
     /// (`sluice demo`), whose simulated devices obey them.
     Simulator,
@@ -102,6 +113,15 @@ impl TransportConfig {
                 }
                 (*qos, *fport)
             }
+            TransportConfig::Kafka { brokers, topic, .. } => {
+                if brokers.is_empty() {
+                    return Err("brokers is empty".into());
+                }
+                if topic.is_empty() || topic.contains(['+', '#', '/']) {
+                    return Err(format!("topic {topic:?} is empty or holds `/`, `+` or `#`"));
+                }
+                (0, None)
+            }
             TransportConfig::Simulator => (0, None),
         };
         if qos > 2 {
@@ -121,29 +141,37 @@ impl TransportConfig {
         &self,
         command: &CommandRecord,
         downlink: &Downlink,
-    ) -> Result<MqttPublish, String> {
+    ) -> Result<Outgoing, String> {
         let b64 = || base64::engine::general_purpose::STANDARD.encode(&downlink.payload);
+        let own_topic = |template: &str| {
+            downlink.topic.clone().unwrap_or_else(|| {
+                template
+                    .replace("{product}", &command.product)
+                    .replace("{device}", &command.device_id)
+                    .replace("{tenant}", &command.tenant_id)
+            })
+        };
         let port = |fport: &Option<u8>| {
             downlink.fport.or(*fport).ok_or_else(|| {
                 "the downlink has no fPort and the product's commands set no `fport`".to_owned()
             })
         };
         Ok(match self {
-            TransportConfig::Mqtt { topic, qos } => MqttPublish {
-                topic: downlink.topic.clone().unwrap_or_else(|| {
-                    topic
-                        .replace("{product}", &command.product)
-                        .replace("{device}", &command.device_id)
-                        .replace("{tenant}", &command.tenant_id)
-                }),
+            TransportConfig::Mqtt { topic, qos } => Outgoing {
+                topic: own_topic(topic),
                 qos: downlink.qos.unwrap_or(*qos),
+                payload: downlink.payload.clone(),
+            },
+            TransportConfig::Kafka { topic, .. } => Outgoing {
+                topic: own_topic(topic),
+                qos: 0,
                 payload: downlink.payload.clone(),
             },
             TransportConfig::Chirpstack {
                 application,
                 fport,
                 qos,
-            } => MqttPublish {
+            } => Outgoing {
                 topic: format!(
                     "application/{application}/device/{}/command/down",
                     command.device_id
@@ -161,7 +189,7 @@ impl TransportConfig {
                 application,
                 fport,
                 qos,
-            } => MqttPublish {
+            } => Outgoing {
                 topic: format!("v3/{application}/devices/{}/down/push", command.device_id),
                 qos: *qos,
                 payload: serde_json::to_vec(&serde_json::json!({
@@ -174,7 +202,7 @@ impl TransportConfig {
                 }))
                 .expect("JSON of strings, numbers and booleans"),
             },
-            TransportConfig::Simulator => MqttPublish {
+            TransportConfig::Simulator => Outgoing {
                 topic: command.device_id.clone(),
                 qos: 0,
                 payload: downlink.payload.clone(),
@@ -183,12 +211,13 @@ impl TransportConfig {
     }
 }
 
-/// One MQTT message to publish.
+/// One message to publish: an MQTT publish, a Kafka record (keyed by the
+/// device id), or the simulator's downlink (the topic is the device id).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MqttPublish {
-    /// Where.
+pub struct Outgoing {
+    /// Where: the MQTT or Kafka topic.
     pub topic: String,
-    /// At which QoS.
+    /// At which QoS (MQTT).
     pub qos: u8,
     /// What.
     pub payload: Vec<u8>,
@@ -255,7 +284,7 @@ impl MqttDownlinks {
     }
 
     /// Queues `message` on the broker connection.
-    pub async fn publish(&self, message: MqttPublish) -> Result<(), String> {
+    pub async fn publish(&self, message: Outgoing) -> Result<(), String> {
         // Cloned out, so no lock is held across the await.
         let client = self.lock().clone();
         match client {

@@ -266,7 +266,25 @@ pub(super) fn check_ranges(config: &Config, file: &Path) -> Result<(), ConfigErr
             c.positive(format!("{key}.status"), deadline)?;
         }
         c.limits(&format!("{key}.limits"), &product.limits)?;
+        if let Some(commands) = &product.commands {
+            commands
+                .check()
+                .map_err(|reason| c.bad(format!("{key}.commands"), reason))?;
+        }
     }
+
+    let commands = &config.commands;
+    c.positive("commands.timeout", commands.timeout)?;
+    c.duration(
+        "commands.max_timeout",
+        commands.max_timeout,
+        commands.timeout,
+    )?;
+    c.positive("commands.expiry", commands.expiry)?;
+    c.duration("commands.max_expiry", commands.max_expiry, commands.expiry)?;
+    c.count("commands.queue", commands.queue as u64, 1)?;
+    c.count("commands.keep", commands.keep as u64, 1)?;
+    c.positive("commands.retain", commands.retain)?;
 
     for (i, mqtt) in config.sources.mqtt.iter().enumerate() {
         let key = format!("sources.mqtt[{i}]");

@@ -305,7 +305,7 @@ impl Events {
 
 impl MqttClient {
     /// Queues a publish on the connection, at the message's QoS.
-    pub async fn publish(&self, message: crate::commands::MqttPublish) -> Result<(), String> {
+    pub async fn publish(&self, message: crate::commands::Outgoing) -> Result<(), String> {
         match &self.0 {
             Client::V5(client) => {
                 use v5::mqttbytes::QoS;

@@ -9,15 +9,8 @@ use sluice_guest::{Field, OutputKind};
 pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
     match message.text()? {
         "ok" => Ok(vec![Output::telemetry(Fields::new().with("ok", true))]),
-        "loop" => loop {
-            black_box(());
-        },
-        "alloc" => {
-            let mut hoard = Vec::new();
-            loop {
-                hoard.push(black_box(vec![7u8; 1 << 20]));
-            }
-        }
+        "loop" => spin(),
+        "alloc" => hoard(),
         "panic" => panic!("hostile script panics on purpose"),
         "stack" => Ok(vec![Output::telemetry(
             Fields::new().with("depth", recurse(black_box(1))),
@@ -99,4 +92,36 @@ fn recurse(depth: i64) -> i64 {
     }
 }
 
-sluice_guest::script!(parse);
+/// Runs until the deadline stops it.
+fn spin() -> ! {
+    loop {
+        black_box(());
+    }
+}
+
+/// Allocates until the memory cap stops it.
+fn hoard() -> ! {
+    let mut hoard = Vec::new();
+    loop {
+        hoard.push(black_box(vec![7u8; 1 << 20]));
+    }
+}
+
+/// Commands misbehave the way their name says.
+pub fn encode(command: &Command) -> Result<Vec<Downlink>, ScriptError> {
+    match command.name.as_str() {
+        "ok" => Ok(vec![Downlink::new(b"ok".to_vec())]),
+        "loop" => spin(),
+        "alloc" => hoard(),
+        "panic" => panic!("hostile script panics in encode on purpose"),
+        "none" => Ok(Vec::new()),
+        "many" => Ok((0..17).map(|_| Downlink::new(vec![1])).collect()),
+        "bad-fport" => Ok(vec![Downlink::new(vec![1]).fport(0)]),
+        "bad-qos" => Ok(vec![Downlink::new(vec![1]).qos(3)]),
+        "wildcard" => Ok(vec![Downlink::new(vec![1]).topic("devices/+/cmd")]),
+        "huge" => Ok(vec![Downlink::new(vec![0u8; 2 << 20])]),
+        _ => Err(command.unknown()),
+    }
+}
+
+sluice_guest::script!(parse, encode);

@@ -12,7 +12,10 @@
 //! - `qos1`: messages per second through one MQTT QoS 1 session, each
 //!   acknowledged only after its effects reached the bus;
 //! - `lateness`: how late after its deadline a silent device's offline
-//!   comes, with two instances sharing deadlines in Redis.
+//!   comes, with two instances sharing deadlines in Redis;
+//! - `commands`: the round trip of a command (HTTP on one instance →
+//!   MQTT to a simulated device → its answer ingested by another instance
+//!   → Redis → the caller), `--messages` of them one after another.
 //!
 //! ```sh
 //! # 10k msg/s, 100 clients each watching one of 100 devices
@@ -29,8 +32,11 @@
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode qos1 --inflight 1000
 //! # offline lateness, 2 s heartbeat, 200 devices
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode lateness --devices 200
+//! # 2,000 command round trips through mosquitto and Redis
+//! cargo run --release -p sluice-tests --bin sluice-load -- --mode commands --messages 2000
 //! ```
 
+mod commands;
 mod delivery;
 mod lag;
 mod lateness;
@@ -52,6 +58,8 @@ enum Mode {
     Qos1,
     /// Lateness of offline transitions across two instances.
     Lateness,
+    /// Round trips of device commands across two instances.
+    Commands,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,7 +94,7 @@ struct Args {
     /// mosquitto's `max_inflight_messages` (`qos1`).
     #[arg(long, default_value_t = 20)]
     inflight: u32,
-    /// Messages sent (`qos1`).
+    /// Messages sent (`qos1`), or commands (`commands`).
     #[arg(long, default_value_t = 50_000)]
     messages: u64,
     /// Use the in-process bus instead of Redis (`qos1`).
@@ -103,5 +111,6 @@ async fn main() {
         Mode::Lag => lag::run(&args).await,
         Mode::Qos1 => qos1::run(&args).await,
         Mode::Lateness => lateness::run(&args).await,
+        Mode::Commands => commands::run(&args).await,
     }
 }
