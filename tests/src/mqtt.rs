@@ -95,6 +95,10 @@ impl Subscriber {
         let mut options = MqttOptions::new(format!("test-{:08x}", rand_id()), "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(5));
         let (client, mut events) = AsyncClient::new(options, 1000);
+        // A device answers at once; Nagle's algorithm must not hold it back.
+        let mut network = events.network_options();
+        network.set_tcp_nodelay(true);
+        events.set_network_options(network);
         let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
         let (received_tx, received) = tokio::sync::mpsc::unbounded_channel();
         let subscriber = client.clone();

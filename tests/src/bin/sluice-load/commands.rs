@@ -31,9 +31,15 @@ pub(crate) async fn run(args: &Args) {
     let redis = RedisServer::start();
     let mqtt = Mosquitto::start();
     let site = Site::with_scripts(&["json-sensor"]);
+    site.write(
+        "devices.toml",
+        "[[devices]]\nid = \"bench-1\"\nproduct = \"json-sensor\"\n",
+    );
     let config = |route: &str| {
         format!(
             r#"
+            [registry]
+            file = "devices.toml"
             [bus.redis]
             url = "{}"
             [[sources.mqtt]]
@@ -56,6 +62,29 @@ pub(crate) async fn run(args: &Args) {
         .spawn("cmd-b", &config("elsewhere/{product}/{device}/telemetry"))
         .await;
     let mut device = Subscriber::connect(mqtt.port(), "devices/json-sensor/bench-1/command").await;
+    // Both MQTT sources must be subscribed before the first command: the
+    // device's first report must reach A.
+    let http = reqwest::Client::new();
+    let known = format!("{}/api/v1/devices/bench-1", b.base_url());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        device
+            .publish(
+                "devices/json-sensor/bench-1/telemetry",
+                json!({"temperature": 20}).to_string(),
+            )
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if http
+            .get(&known)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the device never became known");
+    }
     let answering = tokio::spawn(async move {
         while let Some((_, payload)) = device.next(Duration::from_secs(3600)).await {
             let Ok(command) = serde_json::from_slice::<Value>(&payload) else {
@@ -68,12 +97,11 @@ pub(crate) async fn run(args: &Args) {
                 .await;
         }
     });
-    // Both MQTT sources must be subscribed before the first command.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let http = reqwest::Client::new();
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let url = format!("{}/api/v1/devices/bench-1/commands", b.base_url());
     let mut times = Vec::with_capacity(args.messages as usize);
     let mut failed = 0;
+    let mut first_failure: Option<String> = None;
     let started = Instant::now();
     for i in 0..args.messages {
         let body =
@@ -88,9 +116,19 @@ pub(crate) async fn run(args: &Args) {
                     times.push(took);
                 } else {
                     failed += 1;
+                    first_failure.get_or_insert_with(|| answer.to_string());
                 }
             }
-            _ => failed += 1,
+            Ok(r) => {
+                failed += 1;
+                let status = r.status();
+                let body = r.text().await.unwrap_or_default();
+                first_failure.get_or_insert_with(|| format!("{status}: {body}"));
+            }
+            Err(error) => {
+                failed += 1;
+                first_failure.get_or_insert_with(|| error.to_string());
+            }
         }
     }
     let elapsed = started.elapsed();
@@ -101,6 +139,9 @@ pub(crate) async fn run(args: &Args) {
         elapsed.as_secs_f64(),
         times.len() as f64 / elapsed.as_secs_f64()
     );
+    if let Some(failure) = first_failure {
+        println!("first one not replied: {failure}");
+    }
     if !times.is_empty() {
         println!("round trip  {}", quantiles(times));
     }
