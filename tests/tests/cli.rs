@@ -163,7 +163,7 @@ fn script_check_runs_a_runtime_directory_and_shows_a_diff_per_failure() {
         "{}",
         run.stdout
     );
-    assert!(run.stdout.contains("19 passed, 1 failed"), "{}", run.stdout);
+    assert!(run.stdout.contains("23 passed, 1 failed"), "{}", run.stdout);
 }
 
 #[test]
@@ -235,7 +235,7 @@ fn script_new_scaffolds_a_crate_that_builds_and_passes_check() {
     );
     assert!(stdout.contains("door-sensor@"), "{stdout}");
     assert!(
-        stdout.contains("3 example(s): 3 passed, 0 failed"),
+        stdout.contains("6 example(s): 6 passed, 0 failed"),
         "{stdout}"
     );
 
@@ -270,7 +270,7 @@ fn script_new_scaffolds_an_assemblyscript_project_that_passes_check() {
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     assert!(run.stdout.contains("valve@"), "{}", run.stdout);
     assert!(
-        run.stdout.contains("3 example(s): 3 passed, 0 failed"),
+        run.stdout.contains("5 example(s): 5 passed, 0 failed"),
         "{}",
         run.stdout
     );

@@ -51,6 +51,11 @@ tenant = "acme"
 id = "a84041000181c062"
 product = "lht65-ttn"
 tenant = "acme"
+
+[[devices]]
+id = "a84041000181c063"
+product = "lht65-learn"
+tenant = "acme"
 "#;
 
 fn config(mqtt: &Mosquitto, route: &str, bus: &str) -> String {
@@ -73,6 +78,10 @@ fn config(mqtt: &Mosquitto, route: &str, bus: &str) -> String {
         [[routes]]
         topic = "{route}"
 
+        [[routes]]
+        topic = "application/+/device/{{device}}/event/up"
+        product = "lht65-learn"
+
         [status]
         tick = "50ms"
 
@@ -90,6 +99,10 @@ fn config(mqtt: &Mosquitto, route: &str, bus: &str) -> String {
         [products.lht65-ttn]
         limits = {{ deadline = "5s" }}
         commands = {{ transport = "ttn", application = "cold-chain@ttn", qos = 0 }}
+
+        [products.lht65-learn]
+        limits = {{ deadline = "5s" }}
+        commands = {{ transport = "chirpstack" }}
         "#,
         mqtt.url()
     )
@@ -101,6 +114,7 @@ fn site() -> Site {
         ("counter", "counter"),
         ("lht65", "lht65"),
         ("lht65-ttn", "lht65"),
+        ("lht65-learn", "lht65"),
     ]);
     site.write("devices.toml", REGISTRY);
     site
@@ -502,6 +516,51 @@ async fn lorawan_downlinks_have_the_shapes_chirpstack_and_the_things_stack_accep
         serde_json::from_slice::<Value>(&payload).unwrap(),
         json!({"downlinks": [{"f_port": 2, "frm_payload": "BP8=", "confirmed": false, "priority": "NORMAL"}]})
     );
+
+    // Without a configured application, the device's uplinks name it:
+    // before one, the downlink cannot be addressed; after, it goes there.
+    let (status, body) = post(
+        &running,
+        "a84041000181c063",
+        ACME,
+        json!({"name": "reset", "oneway": true, "wait": true}),
+    )
+    .await;
+    assert_eq!((status, &body["failure"]), (502, &json!("send")), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("application"),
+        "{body}"
+    );
+    let mut learned =
+        Subscriber::connect(mqtt.port(), "application/app-7/device/+/command/down").await;
+    learned
+        .publish(
+            "application/app-7/device/a84041000181c063/event/up",
+            json!({"fPort": 2, "data": "y/YLDQN2AQrdf/8=", "deviceInfo": {"devEui": "a84041000181c063"}})
+                .to_string(),
+        )
+        .await;
+    eventually(WAIT, "the uplink to be processed", || async {
+        let (_, device) = get(&running, "/api/v1/devices/a84041000181c063", ACME).await;
+        device["latest"].is_object().then_some(())
+    })
+    .await;
+    let (status, body) = post(
+        &running,
+        "a84041000181c063",
+        ACME,
+        json!({"name": "reset", "oneway": true}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let (topic, _) = learned
+        .next(WAIT)
+        .await
+        .expect("a downlink to the learned application");
+    assert_eq!(
+        topic,
+        "application/app-7/device/a84041000181c063/command/down"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -550,5 +609,25 @@ async fn a_command_accepted_on_one_instance_completes_with_a_reply_ingested_on_a
         "args": {"device_id": "th-silent", "name": "configure", "params": {"interval_s": 30}, "timeout_ms": 300}}))
         .await;
     assert_eq!(response(&mut ws, "t").await["code"], 408);
+    drop(ws);
+
+    // The instance that took a command stops while it waits: the command
+    // lives in Redis, and the other instance times it out.
+    let (status, body) = post(
+        &b,
+        "th-silent",
+        ACME,
+        json!({"name": "configure", "params": {"interval_s": 30}, "timeout_ms": 1500}),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    b.stop().await;
+    let failed = eventually(WAIT, "the other instance to time it out", || async {
+        let (_, body) = get(&a, &format!("/api/v1/commands/{id}"), ACME).await;
+        (body["state"] == "failed").then_some(body)
+    })
+    .await;
+    assert_eq!(failed["failure"], "timed_out", "{failed}");
     sensor.abort();
 }

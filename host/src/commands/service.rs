@@ -31,6 +31,9 @@ const SWEEP: Duration = Duration::from_millis(100);
 /// How often the set of devices with queued commands is read again (it
 /// heals changes this instance missed).
 const RESYNC: Duration = Duration::from_secs(30);
+/// Devices whose network-server application this instance remembers from
+/// their uplinks, at most.
+const LEARNED_APPLICATIONS: usize = 100_000;
 
 /// A command as a caller asks for it (HTTP body, `/ws` call args).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -73,6 +76,11 @@ pub struct Commands {
     any_queued: AtomicBool,
     /// Every state change, for the `/ws` `commands` channel.
     updates: broadcast::Sender<Arc<CommandRecord>>,
+    /// Per product whose network server's application is not configured:
+    /// how its uplink topics name it.
+    learners: HashMap<String, fn(&str) -> Option<&str>>,
+    /// Device → the application its last uplink named.
+    applications: RwLock<HashMap<String, String>>,
 }
 
 impl std::fmt::Debug for Commands {
@@ -123,7 +131,13 @@ impl Commands {
                 kafka.insert(product.clone(), producer);
             }
         }
+        let learners = transports
+            .iter()
+            .filter_map(|(product, t)| Some((product.clone(), t.learns_application()?)))
+            .collect();
         Ok(Commands {
+            learners,
+            applications: RwLock::new(HashMap::new()),
             store,
             config,
             transports,
@@ -168,6 +182,35 @@ impl Commands {
     /// receivers filter).
     pub fn updates(&self) -> broadcast::Receiver<Arc<CommandRecord>> {
         self.updates.subscribe()
+    }
+
+    /// Remembers the network-server application an uplink's topic names,
+    /// for products configured without one. Cheap: called for every message.
+    pub fn learn(&self, product: &str, device: &str, topic: &str) {
+        if self.learners.is_empty() {
+            return;
+        }
+        let Some(application) = self.learners.get(product).and_then(|learn| learn(topic)) else {
+            return;
+        };
+        let known = self
+            .applications
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(device)
+            .is_some_and(|a| a == application);
+        if known {
+            return;
+        }
+        let mut applications = self
+            .applications
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if applications.len() >= LEARNED_APPLICATIONS && !applications.contains_key(device) {
+            metrics::counter!("sluice_command_applications_dropped_total").increment(1);
+            return;
+        }
+        applications.insert(device.to_owned(), application.to_owned());
     }
 
     /// Whether `device` may have queued commands. Cheap: called for every
@@ -376,9 +419,15 @@ impl Commands {
             .get(&record.product)
             .cloned()
             .unwrap_or_default();
+        let learned = self
+            .applications
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&record.device_id)
+            .cloned();
         let mut failure = None;
         for downlink in &record.downlinks {
-            let published = match transport.publish_of(&record, downlink) {
+            let published = match transport.publish_of(&record, downlink, learned.as_deref()) {
                 Ok(message) => self.deliver(&transport, &record, message).await,
                 Err(why) => Err(why),
             };

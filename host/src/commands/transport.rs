@@ -30,8 +30,11 @@ pub enum TransportConfig {
     /// A ChirpStack v4 downlink: JSON `{devEui, confirmed, fPort, data}`
     /// on `application/{application}/device/{device}/command/down`.
     Chirpstack {
-        /// The ChirpStack application id the devices belong to.
-        application: String,
+        /// The ChirpStack application id the devices belong to; absent:
+        /// each device's, from the topic of its uplinks
+        /// (`application/{application}/device/{dev_eui}/event/up`).
+        #[serde(default)]
+        application: Option<String>,
         /// The fPort of downlinks that name none.
         #[serde(default)]
         fport: Option<u8>,
@@ -44,8 +47,10 @@ pub enum TransportConfig {
     /// `v3/{application}/devices/{device}/down/push`.
     Ttn {
         /// The application id, with `@{tenant}` on multi-tenant
-        /// deployments (`my-app@ttn`).
-        application: String,
+        /// deployments (`my-app@ttn`); absent: each device's, from the
+        /// topic of its uplinks (`v3/{application}/devices/{device}/up`).
+        #[serde(default)]
+        application: Option<String>,
         /// The fPort of downlinks that name none.
         #[serde(default)]
         fport: Option<u8>,
@@ -106,7 +111,9 @@ impl TransportConfig {
                 fport,
                 qos,
             } => {
-                if application.is_empty() || application.contains(['/', '+', '#']) {
+                if let Some(application) = application
+                    && (application.is_empty() || application.contains(['/', '+', '#']))
+                {
                     return Err(format!(
                         "application {application:?} is empty or holds `/`, `+` or `#`"
                     ));
@@ -135,13 +142,39 @@ impl TransportConfig {
         Ok(())
     }
 
-    /// The MQTT publish that carries `downlink` of `command` (for the
-    /// simulator: its topic is the device id).
+    /// Whether the application of each device comes from its uplinks'
+    /// topics, and which part of them names it.
+    pub fn learns_application(&self) -> Option<fn(&str) -> Option<&str>> {
+        match self {
+            TransportConfig::Chirpstack {
+                application: None, ..
+            } => Some(chirpstack_application),
+            TransportConfig::Ttn {
+                application: None, ..
+            } => Some(ttn_application),
+            _ => None,
+        }
+    }
+
+    /// The message that carries `downlink` of `command` (for the simulator:
+    /// its topic is the device id); `learned` is the device's application
+    /// as its uplinks named it, for network servers configured without one.
     pub fn publish_of(
         &self,
         command: &CommandRecord,
         downlink: &Downlink,
+        learned: Option<&str>,
     ) -> Result<Outgoing, String> {
+        let application_of =
+            |configured: &Option<String>| {
+                configured.as_deref().or(learned).map(str::to_owned).ok_or_else(|| {
+                format!(
+                    "the application of device {:?} is not known: set the product's commands \
+                     `application`, or let the device send an uplink first",
+                    command.device_id
+                )
+            })
+            };
         let b64 = || base64::engine::general_purpose::STANDARD.encode(&downlink.payload);
         let own_topic = |template: &str| {
             downlink.topic.clone().unwrap_or_else(|| {
@@ -173,7 +206,8 @@ impl TransportConfig {
                 qos,
             } => Outgoing {
                 topic: format!(
-                    "application/{application}/device/{}/command/down",
+                    "application/{}/device/{}/command/down",
+                    application_of(application)?,
                     command.device_id
                 ),
                 qos: *qos,
@@ -190,7 +224,11 @@ impl TransportConfig {
                 fport,
                 qos,
             } => Outgoing {
-                topic: format!("v3/{application}/devices/{}/down/push", command.device_id),
+                topic: format!(
+                    "v3/{}/devices/{}/down/push",
+                    application_of(application)?,
+                    command.device_id
+                ),
                 qos: *qos,
                 payload: serde_json::to_vec(&serde_json::json!({
                     "downlinks": [{
@@ -209,6 +247,26 @@ impl TransportConfig {
             },
         })
     }
+}
+
+/// The application of a ChirpStack v4 uplink topic
+/// (`application/{application}/device/{dev_eui}/event/up`).
+fn chirpstack_application(topic: &str) -> Option<&str> {
+    let mut parts = topic.split('/');
+    (parts.next() == Some("application"))
+        .then(|| parts.next())
+        .flatten()
+        .filter(|app| !app.is_empty() && parts.next() == Some("device"))
+}
+
+/// The application (`{app}@{tenant}`) of a The Things Stack v3 uplink
+/// topic (`v3/{application}/devices/{device}/up`).
+fn ttn_application(topic: &str) -> Option<&str> {
+    let mut parts = topic.split('/');
+    (parts.next() == Some("v3"))
+        .then(|| parts.next())
+        .flatten()
+        .filter(|app| !app.is_empty() && parts.next() == Some("devices"))
 }
 
 /// One message to publish: an MQTT publish, a Kafka record (keyed by the
@@ -332,7 +390,7 @@ mod tests {
     #[test]
     fn mqtt_fills_the_template_and_a_downlink_topic_wins() {
         let transport = TransportConfig::default();
-        let publish = transport.publish_of(&command(), &downlink()).unwrap();
+        let publish = transport.publish_of(&command(), &downlink(), None).unwrap();
         assert_eq!(publish.topic, "devices/lht65/a84041000181c061/command");
         assert_eq!((publish.qos, publish.payload), (1, vec![1, 0, 0, 0x3c]));
         let own = Downlink {
@@ -340,18 +398,18 @@ mod tests {
             qos: Some(0),
             ..downlink()
         };
-        let publish = transport.publish_of(&command(), &own).unwrap();
+        let publish = transport.publish_of(&command(), &own, None).unwrap();
         assert_eq!((publish.topic.as_str(), publish.qos), ("x/y", 0));
     }
 
     #[test]
     fn chirpstack_v4_downlinks_have_its_topic_and_fields() {
         let transport = TransportConfig::Chirpstack {
-            application: "b1e1c3a0-0000-4000-8000-000000000001".into(),
+            application: Some("b1e1c3a0-0000-4000-8000-000000000001".into()),
             fport: None,
             qos: 1,
         };
-        let publish = transport.publish_of(&command(), &downlink()).unwrap();
+        let publish = transport.publish_of(&command(), &downlink(), None).unwrap();
         assert_eq!(
             publish.topic,
             "application/b1e1c3a0-0000-4000-8000-000000000001/device/a84041000181c061/command/down"
@@ -366,7 +424,7 @@ mod tests {
     #[test]
     fn the_things_stack_v3_downlinks_have_its_topic_and_fields() {
         let transport = TransportConfig::Ttn {
-            application: "cold-chain@ttn".into(),
+            application: Some("cold-chain@ttn".into()),
             fport: Some(3),
             qos: 0,
         };
@@ -375,7 +433,7 @@ mod tests {
             fport: None,
             ..downlink()
         };
-        let publish = transport.publish_of(&command(), &confirmed).unwrap();
+        let publish = transport.publish_of(&command(), &confirmed, None).unwrap();
         assert_eq!(
             publish.topic,
             "v3/cold-chain@ttn/devices/a84041000181c061/down/push"
@@ -386,11 +444,46 @@ mod tests {
             serde_json::json!({"downlinks": [{"f_port": 3, "frm_payload": "AQAAPA==", "confirmed": true, "priority": "NORMAL"}]})
         );
         let no_port = TransportConfig::Ttn {
-            application: "a".into(),
+            application: Some("a".into()),
             fport: None,
             qos: 0,
         };
-        assert!(no_port.publish_of(&command(), &confirmed).is_err());
+        assert!(no_port.publish_of(&command(), &confirmed, None).is_err());
+    }
+
+    #[test]
+    fn without_a_configured_application_the_uplinks_name_it() {
+        let transport = TransportConfig::Chirpstack {
+            application: None,
+            fport: None,
+            qos: 1,
+        };
+        let learn = transport.learns_application().expect("it learns");
+        assert_eq!(
+            learn("application/app-9/device/a84041000181c061/event/up"),
+            Some("app-9")
+        );
+        assert_eq!(learn("devices/lht65/x/telemetry"), None);
+        assert!(transport.publish_of(&command(), &downlink(), None).is_err());
+        let publish = transport
+            .publish_of(&command(), &downlink(), Some("app-9"))
+            .unwrap();
+        assert_eq!(
+            publish.topic,
+            "application/app-9/device/a84041000181c061/command/down"
+        );
+        let ttn = TransportConfig::Ttn {
+            application: None,
+            fport: None,
+            qos: 0,
+        };
+        let learn = ttn.learns_application().expect("it learns");
+        assert_eq!(
+            learn("v3/cold-chain@ttn/devices/lht-1/up"),
+            Some("cold-chain@ttn")
+        );
+        assert_eq!(learn("v3//devices/lht-1/up"), None);
+        assert!(TransportConfig::default().learns_application().is_none());
     }
 
     #[test]
@@ -401,7 +494,7 @@ mod tests {
         };
         assert!(wildcard.check().unwrap_err().contains("wildcard"));
         let port = TransportConfig::Chirpstack {
-            application: "app".into(),
+            application: Some("app".into()),
             fport: Some(0),
             qos: 1,
         };

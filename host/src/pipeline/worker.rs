@@ -438,6 +438,8 @@ impl Worker {
             );
         }
         self.observe(message, own, &others);
+        let commands = &self.state.commands;
+        commands.learn(&message.product, &message.device_id, &message.topic);
         self.deliver_queued(&message.device_id);
     }
 

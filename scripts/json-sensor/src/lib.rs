@@ -43,7 +43,7 @@ pub fn parse(message: &Message) -> Result<Vec<Output>, ScriptError> {
         };
         return Ok(vec![match fields.take("error") {
             Some(Value::Text(error)) => Output::reply_error(command_id, error),
-            Some(other) => Output::reply_error(command_id, format!("{other:?}")),
+            Some(_) => Output::reply_error(command_id, "the sensor answered an error"),
             None => Output::reply(command_id, fields),
         }]);
     }
