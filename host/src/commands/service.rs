@@ -244,13 +244,14 @@ impl Commands {
         &self,
         pipeline: &PipelineState,
         device: &str,
-        request: CommandRequest,
+        mut request: CommandRequest,
     ) -> Result<CommandRecord, CommandError> {
         let params = request
             .params
-            .clone()
+            .take()
             .unwrap_or_else(|| serde_json::json!({}));
-        self.check(&request, &params)?;
+        let params_text = params.to_string();
+        self.check(&request, &params, params_text.len())?;
         let product = pipeline
             .product_of(device)
             .ok_or_else(|| CommandError::UnknownDevice(device.to_owned()))?;
@@ -262,10 +263,9 @@ impl Commands {
             device_id: device.to_owned(),
             product: product.clone(),
             name: request.name.clone(),
-            params: params.to_string(),
+            params: params_text,
             issued_at: now,
         };
-        let command_json = serde_json::json!({"name": call.name, "params": params}).to_string();
         let downlinks = match self.encode(call).await {
             Ok(downlinks) => downlinks,
             Err(error) => {
@@ -275,30 +275,11 @@ impl Commands {
                 };
                 metrics::counter!("sluice_commands_total", "product" => product.clone(), "result" => result).increment(1);
                 if let CommandError::Encode { .. } = &error {
-                    let letter = DeadLetter {
-                        at: now,
-                        reason: Reason::EncodeError,
-                        error: error.to_string(),
-                        source: "command".into(),
-                        topic: String::new(),
-                        product: product.clone(),
-                        device_id: device.to_owned(),
-                        tenant_id: tenant_id.clone(),
-                        script_version: pipeline
-                            .scripts
-                            .get(&product)
-                            .and_then(|entry| entry.script.as_ref().map(|s| s.id().version.clone()))
-                            .unwrap_or_default(),
-                        payload_base64: base64::engine::general_purpose::STANDARD
-                            .encode(command_json.as_bytes()),
-                        payload_size: command_json.len(),
-                        received_at: now,
-                    };
-                    metrics::counter!("sluice_deadletters_total", "reason" => "encode_error")
-                        .increment(1);
-                    if let Err(e) = pipeline.bus.add_dead_letters(&[letter]).await {
-                        tracing::warn!(error = %e, "a command's encode failure was not dead-lettered");
-                    }
+                    let command = serde_json::json!({"name": request.name, "params": params});
+                    dead_letter_encode(
+                        pipeline, &error, device, &product, &tenant_id, &command, now,
+                    )
+                    .await;
                 }
                 return Err(error);
             }
@@ -352,6 +333,7 @@ impl Commands {
         &self,
         request: &CommandRequest,
         params: &serde_json::Value,
+        params_len: usize,
     ) -> Result<(), CommandError> {
         let invalid = |why: String| Err(CommandError::Invalid(why));
         if request.name.is_empty() || request.name.len() > MAX_NAME {
@@ -363,7 +345,7 @@ impl Commands {
         if !params.is_object() {
             return invalid("`params` must be a JSON object".into());
         }
-        if params.to_string().len() > MAX_PARAMS {
+        if params_len > MAX_PARAMS {
             return invalid(format!("`params` is larger than {MAX_PARAMS} bytes"));
         }
         if let Some(timeout) = request.timeout_ms
@@ -698,5 +680,41 @@ impl Commands {
             }
         }
         Ok(())
+    }
+}
+
+/// Keeps a command the script refused (or failed on) as a dead letter with
+/// reason `encode_error`; its payload is the command as JSON.
+async fn dead_letter_encode(
+    pipeline: &PipelineState,
+    error: &CommandError,
+    device: &str,
+    product: &str,
+    tenant_id: &str,
+    command: &serde_json::Value,
+    at: i64,
+) {
+    let text = command.to_string();
+    let letter = DeadLetter {
+        at,
+        reason: Reason::EncodeError,
+        error: error.to_string(),
+        source: "command".into(),
+        topic: String::new(),
+        product: product.to_owned(),
+        device_id: device.to_owned(),
+        tenant_id: tenant_id.to_owned(),
+        script_version: pipeline
+            .scripts
+            .get(product)
+            .and_then(|entry| entry.script.as_ref().map(|s| s.id().version.clone()))
+            .unwrap_or_default(),
+        payload_base64: base64::engine::general_purpose::STANDARD.encode(text.as_bytes()),
+        payload_size: text.len(),
+        received_at: at,
+    };
+    metrics::counter!("sluice_deadletters_total", "reason" => "encode_error").increment(1);
+    if let Err(e) = pipeline.bus.add_dead_letters(&[letter]).await {
+        tracing::warn!(error = %e, "a command's encode failure was not dead-lettered");
     }
 }
