@@ -16,6 +16,7 @@
 // The answer's bytes live in the reused answer buffer (see memory.ts) and
 // stay put until the next call, after the host has copied them.
 
+import "./assembly/runtime";
 import { Message } from "./assembly/message";
 import { Field, Fields, ValueKind } from "./assembly/value";
 import { Output, OutputKind, Result, ScriptError } from "./assembly/output";

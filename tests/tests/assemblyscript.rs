@@ -64,6 +64,48 @@ fn assemblyscript_state_and_errors_cross_the_boundary() {
 }
 
 #[test]
+fn objects_a_script_keeps_survive_the_runtimes_arena() {
+    // The SDK's runtime bumps a call's objects off an arena and starts the
+    // arena over when nothing in it is reachable. `keep` keeps a string and
+    // a pushed-to array of every call in globals, so arenas keep holding
+    // survivors; `many` (5,000 outputs, which the host refuses) needs more
+    // than an arena holds.
+    // Every kept object must still hold its bytes, call after call.
+    let mut instance = hostile();
+    let telemetry = |instance: &mut ScriptInstance, what: &str| {
+        let outputs = instance
+            .parse(&message("a", what.as_bytes()))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        match &outputs[0].kind {
+            OutputKind::Telemetry { fields } => fields.clone(),
+            other => panic!("expected telemetry, got {other:?}"),
+        }
+    };
+    let mut keeps = 0;
+    for i in 0..800 {
+        if i % 97 == 1 {
+            // The host refuses the 5,000 outputs; the guest built them all.
+            let refused = instance.parse(&message("a", b"many")).unwrap_err();
+            assert!(
+                matches!(refused, ScriptError::OutputTooLarge { count: 5000, .. }),
+                "{refused}"
+            );
+        } else {
+            keeps += 1;
+            assert_eq!(telemetry(&mut instance, "keep")["kept"], json!(keeps));
+        }
+        if i % 50 == 0 {
+            let kept = telemetry(&mut instance, "kept");
+            assert_eq!(kept["kept"], json!(keeps), "after call {i}");
+            assert_eq!(kept["intact"], json!(true), "after call {i}");
+        }
+    }
+    let kept = telemetry(&mut instance, "kept");
+    assert_eq!(kept["intact"], json!(true));
+    assert_eq!(kept["kept"], json!(keeps));
+}
+
+#[test]
 fn many_calls_do_not_leak_guest_memory() {
     // Every call allocates the message and the result in guest memory;
     // both are freed, so 20,000 calls fit in a 2 MiB cap.

@@ -2,11 +2,26 @@
 // guest `hostile`: `loop` spins forever, `alloc` grows memory without end,
 // `panic` traps (an AssemblyScript abort is a trap), `many` returns 5,000
 // outputs, `state` counts calls in per-device state; `ok` is one good
-// telemetry output.
+// telemetry output. `keep` keeps one string and one growing array of every
+// call in globals, and `kept` checks that all of them still hold what they
+// were given, across the runtime's arenas.
 
 import { Fields, Message, Output, Result } from "sluice-script";
 
 let kept = new Array<Uint8Array>();
+const keptTexts = new Array<string>();
+const keptNumbers = new Array<Array<i32>>();
+
+/** Whether every kept string and array still holds what `keep` put in it. */
+function keptIntact(): bool {
+  for (let i = 0; i < keptTexts.length; i++) {
+    if (keptTexts[i] != `kept-${i}-${"x".repeat(i % 40)}`) return false;
+    const numbers = keptNumbers[i];
+    if (numbers.length != i % 50) return false;
+    for (let j = 0; j < numbers.length; j++) if (numbers[j] != i * 1000 + j) return false;
+  }
+  return true;
+}
 
 export function parse(message: Message): Result {
   const what = message.text();
@@ -37,6 +52,26 @@ export function parse(message: Message): Result {
     const refused = message.setState(next);
     if (refused != null) return Result.fail(refused);
     return Result.ok([Output.telemetry(new Fields().with("count", next[0]))]);
+  }
+  if (what == "keep") {
+    const i = keptTexts.length;
+    keptTexts.push(`kept-${i}-${"x".repeat(i % 40)}`);
+    // Grown by push, so it is renewed while the call's garbage piles on.
+    const numbers = new Array<i32>();
+    let garbage = 0;
+    for (let j = 0; j < i % 50; j++) {
+      numbers.push(i * 1000 + j);
+      garbage += `garbage-${j}`.length;
+    }
+    keptNumbers.push(numbers);
+    return Result.ok([
+      Output.telemetry(new Fields().with("kept", keptTexts.length).with("garbage", garbage)),
+    ]);
+  }
+  if (what == "kept") {
+    return Result.ok([
+      Output.telemetry(new Fields().with("kept", keptTexts.length).with("intact", keptIntact())),
+    ]);
   }
   return Result.err("unknown-behaviour", `no behaviour named ${what}`);
 }
