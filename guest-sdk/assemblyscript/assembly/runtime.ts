@@ -39,9 +39,9 @@ import {
 /** The first arena's size, and the smallest. */
 // @ts-ignore: decorator
 @inline const ARENA_MIN: usize = 64 << 10;
-/** The largest arena: calls that need more take the rest from TLSF. */
+/** The largest arena (arenas count against the product's memory limit): calls that need more take the rest from TLSF. */
 // @ts-ignore: decorator
-@inline const ARENA_MAX: usize = 1 << 20;
+@inline const ARENA_MAX: usize = 256 << 10;
 /** How many arenas may wait for their survivors to die. */
 // @ts-ignore: decorator
 @inline const RETIRED = 2;
