@@ -136,6 +136,56 @@ fn many_calls_do_not_leak_guest_memory() {
     assert_eq!(script.stats().snapshot().traps, 0);
 }
 
+#[test]
+fn an_assemblyscript_batch_gives_what_single_calls_give() {
+    // 300 frames in one call need more than the runtime's first arena, so
+    // the batch also runs across the arena's overflow and regrowth; state
+    // written by one message is read by the next of the same device.
+    let load = || {
+        engine()
+            .load_file(
+                "thermostat-as",
+                &example_script("thermostat-as").wasm,
+                ScriptSettings::default(),
+            )
+            .unwrap()
+            .instantiate()
+            .unwrap()
+    };
+    let (mut batched, mut single) = (load(), load());
+    let messages: Vec<RawMessage> = (0..300u32)
+        .map(|i| {
+            let mode = (i % 4) as u8 | if i % 3 == 0 { 0x10 } else { 0 };
+            let frame = [
+                0x01,
+                0x08,
+                0x98,
+                0x08,
+                0x34,
+                0x2d,
+                mode,
+                10 + (i % 90) as u8,
+            ];
+            RawMessage {
+                product: "thermostat-as".into(),
+                ..message(&format!("trv-{}", i % 7), &frame)
+            }
+        })
+        .collect();
+    for round in 0..3 {
+        let results = batched.parse_batch(&messages);
+        assert_eq!(results.len(), messages.len());
+        for (i, (got, message)) in results.iter().zip(&messages).enumerate() {
+            let expected = single.parse(message).unwrap();
+            assert_eq!(
+                got.as_ref().unwrap(),
+                &expected,
+                "round {round}, message {i}"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_assemblyscript_example_runs_in_the_pipeline() {
     let site = Site::with_scripts(&["thermostat-as"]);
