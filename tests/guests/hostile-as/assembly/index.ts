@@ -12,10 +12,15 @@ let kept = new Array<Uint8Array>();
 const keptTexts = new Array<string>();
 const keptNumbers = new Array<Array<i32>>();
 
+/** The string `keep` keeps on its `i`th call. */
+function keptText(i: i32): string {
+  return `kept-${i}-${"x".repeat(i % 40)}`;
+}
+
 /** Whether every kept string and array still holds what `keep` put in it. */
 function keptIntact(): bool {
   for (let i = 0; i < keptTexts.length; i++) {
-    if (keptTexts[i] != `kept-${i}-${"x".repeat(i % 40)}`) return false;
+    if (keptTexts[i] != keptText(i)) return false;
     const numbers = keptNumbers[i];
     if (numbers.length != i % 50) return false;
     for (let j = 0; j < numbers.length; j++) if (numbers[j] != i * 1000 + j) return false;
@@ -55,7 +60,7 @@ export function parse(message: Message): Result {
   }
   if (what == "keep") {
     const i = keptTexts.length;
-    keptTexts.push(`kept-${i}-${"x".repeat(i % 40)}`);
+    keptTexts.push(keptText(i));
     // Grown by push, so it is renewed while the call's garbage piles on.
     const numbers = new Array<i32>();
     let garbage = 0;
