@@ -221,6 +221,7 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
             hub: buses.hub.clone(),
             auth: Authenticator::new(config.auth.as_ref()),
             config: config.websocket.clone(),
+            history: config.history.clone(),
             connections: connections.clone(),
             registry_changes,
             shutdown: sessions_rx,
@@ -285,7 +286,10 @@ async fn connect_bus(
     stop: &watch::Receiver<bool>,
 ) -> Result<Buses, RunError> {
     let Some(redis) = &config.bus.redis else {
-        let bus = Arc::new(MemoryBus::new(config.deadletter.capacity));
+        let bus = Arc::new(MemoryBus::new(
+            config.deadletter.capacity,
+            config.history.limits(),
+        ));
         let hub = Hub::in_process(interest.clone(), bus.clone(), tasks, stop.clone());
         return Ok(Buses {
             bus: bus.clone(),
@@ -299,7 +303,13 @@ async fn connect_bus(
         .redis_stream
         .as_ref()
         .map(|s| (s.key.clone(), s.maxlen));
-    let bus = RedisBus::connect(redis, config.deadletter.capacity, stream).await?;
+    let bus = RedisBus::connect(
+        redis,
+        config.deadletter.capacity,
+        stream,
+        config.history.limits(),
+    )
+    .await?;
     bus.ping().await?;
     let client = bus.client().clone();
     {

@@ -99,6 +99,15 @@ impl WsClient {
         }
     }
 
+    /// Sends a `subscribe` frame and returns its answer, which must be
+    /// `subscribed`.
+    pub async fn subscribe(&mut self, frame: &Value) -> Value {
+        self.send(frame).await;
+        let answer = self.next_json().await;
+        assert_eq!(answer["type"], "subscribed", "{answer}");
+        answer
+    }
+
     /// The next JSON frame whose `type` is `kind`, skipping others.
     pub async fn next_of(&mut self, kind: &str) -> Value {
         loop {

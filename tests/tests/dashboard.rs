@@ -215,3 +215,110 @@ async fn the_dashboard_pages_through_ten_thousand_devices_without_being_closed()
     browser.screenshot(&screenshot).await;
     feeder.abort();
 }
+
+/// The alerts panel's descriptions, top to bottom.
+async fn shown(browser: &Browser) -> Vec<String> {
+    let texts = browser
+        .eval(
+            "return [...document.querySelectorAll('#alerts li')]\
+             .map(li => li.querySelector('div:not(.meta)').textContent)",
+        )
+        .await;
+    serde_json::from_value::<Vec<String>>(texts).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_resumes_its_alerts_after_a_dropped_connection() {
+    let site = Site::with_scripts(&["json-sensor"]);
+    let devices = vec!["cold-1".to_owned(), "cold-2".to_owned()];
+    site.write("devices.toml", &registry_of(&devices, "json-sensor"));
+    let server = site
+        .spawn(
+            "alerts",
+            "[registry]\nfile = \"devices.toml\"\n[products.json-sensor]\nparams = { temp_max = \"30\" }\nlimits = { deadline = \"5s\" }\n",
+        )
+        .await;
+    let base = server.base_url();
+    let report = |device: &'static str, temperature: u32| {
+        let url = format!("{base}/api/v1/ingest/json-sensor/{device}");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .body(serde_json::json!({"temperature": temperature}).to_string())
+                .send()
+                .await
+                .expect("ingest answers");
+            assert_eq!(response.status(), 202);
+        }
+    };
+    // Raised before the page opens: the panel starts from the history API.
+    for temperature in [31, 32, 33] {
+        report("cold-1", temperature).await;
+    }
+    let browser = Browser::start().await;
+    browser.open(&format!("{base}/")).await;
+    eventually(Duration::from_secs(30), "the night's alerts", || async {
+        (shown(&browser).await.len() == 3).then_some(())
+    })
+    .await;
+    report("cold-2", 34).await;
+    eventually(Duration::from_secs(30), "a live alert", || async {
+        (shown(&browser).await.len() == 4).then_some(())
+    })
+    .await;
+    // The connection drops; it comes back in four seconds, and what was
+    // raised meanwhile is replayed.
+    browser
+        .eval("retry = 4000; socket.close(); return null")
+        .await;
+    eventually(Duration::from_secs(10), "the socket to close", || async {
+        let closes = browser
+            .eval("return document.getElementById('conn').dataset.closes || '0'")
+            .await;
+        (closes == Value::String("1".into())).then_some(())
+    })
+    .await;
+    for temperature in [41, 42, 43] {
+        report("cold-1", temperature).await;
+    }
+    report("cold-2", 44).await;
+    eventually(Duration::from_secs(30), "the missed alerts", || async {
+        (shown(&browser).await.len() >= 8).then_some(())
+    })
+    .await;
+    report("cold-1", 45).await;
+    eventually(Duration::from_secs(30), "the next live alert", || async {
+        (shown(&browser).await.len() >= 9).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let texts = shown(&browser).await;
+    let mut temperatures: Vec<String> = texts
+        .iter()
+        .map(|t| t.split(' ').nth(1).unwrap_or_default().to_owned())
+        .collect();
+    // Newest first on the panel: 45 on top, the first alert at the bottom.
+    assert_eq!(
+        temperatures.first().map(String::as_str),
+        Some("45"),
+        "{texts:?}"
+    );
+    assert_eq!(
+        temperatures.last().map(String::as_str),
+        Some("31"),
+        "{texts:?}"
+    );
+    temperatures.sort();
+    assert_eq!(
+        temperatures,
+        ["31", "32", "33", "34", "41", "42", "43", "44", "45"],
+        "every alert once: {texts:?}"
+    );
+    // Resumed, not reloaded: the history API was read once, at the start.
+    let loads = browser
+        .eval("return document.getElementById('alerts').dataset.loads")
+        .await;
+    assert_eq!(loads, Value::String("1".into()));
+    let screenshot = scratch_dir().join("artifacts").join("dashboard-alerts.png");
+    browser.screenshot(&screenshot).await;
+}

@@ -212,10 +212,7 @@ fn native_config() -> &'static str {
 }
 
 async fn subscribe(client: &mut WsClient, frame: Value) -> Value {
-    client.send(&frame).await;
-    let subscribed = client.next_json().await;
-    assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
-    subscribed
+    client.subscribe(&frame).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
+use super::history::{HistoryLimits, HistoryRing, Position, RangeQuery, Recorded, Recovery};
 use super::{Bus, BusError, Deadline, Publication, StatusChange};
 use crate::deadletter::{DeadLetter, DeadLetterRing};
 use crate::latest::{Delta, Snapshot};
+use crate::message::now_ms;
 use crate::status::DeviceStatus;
 
 /// How many publications an in-process subscriber may lag behind before it
@@ -20,14 +22,32 @@ const SUBSCRIBER_BACKLOG: usize = 4096;
 pub struct MemoryBus {
     publications: broadcast::Sender<Arc<Publication>>,
     dead_letters: DeadLetterRing,
+    history: HistoryRing,
 }
 
 impl MemoryBus {
-    /// A bus keeping up to `dead_letters` dead letters.
-    pub fn new(dead_letters: usize) -> Self {
+    /// A bus keeping up to `dead_letters` dead letters, and history
+    /// within `history`.
+    pub fn new(dead_letters: usize, history: HistoryLimits) -> Self {
         MemoryBus {
             publications: broadcast::channel(SUBSCRIBER_BACKLOG).0,
             dead_letters: DeadLetterRing::new(dead_letters),
+            history: HistoryRing::new(history),
+        }
+    }
+
+    /// Appends each publication to its tenant's history; publishes those
+    /// `watched`, carrying their positions.
+    fn record_and_publish<'a>(&self, batch: impl Iterator<Item = (&'a Publication, bool)>) {
+        let now = now_ms();
+        for (publication, watched) in batch {
+            let position = self.history.append(publication.tenant(), publication, now);
+            if watched {
+                // No subscriber is not an error: nobody is watching here.
+                let _ = self
+                    .publications
+                    .send(Arc::new(publication.clone().at(position)));
+            }
         }
     }
 
@@ -65,13 +85,11 @@ impl Bus for MemoryBus {
         watched: &[bool],
     ) -> Result<Vec<bool>, BusError> {
         // One process: the local trackers already emit each transition once.
-        let published: Vec<Publication> = batch
+        let changes: Vec<Publication> = batch
             .iter()
-            .zip(watched)
-            .filter(|(_, w)| **w)
-            .map(|(change, _)| Publication::Status(change.clone()))
+            .map(|change| Publication::Status(change.clone()))
             .collect();
-        self.publish(&published).await?;
+        self.record_and_publish(changes.iter().zip(watched.iter().copied()));
         Ok(vec![true; batch.len()])
     }
 
@@ -129,6 +147,23 @@ impl Bus for MemoryBus {
         tenant: Option<&str>,
     ) -> Result<Vec<DeadLetter>, BusError> {
         Ok(self.dead_letters.newest(limit, tenant))
+    }
+
+    async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {
+        self.record_and_publish(batch.iter().zip(watched.iter().copied()));
+        Ok(())
+    }
+
+    async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
+        Ok(self.history.top(tenant))
+    }
+
+    async fn history_after(&self, since: &Position, limit: usize) -> Result<Recovery, BusError> {
+        Ok(self.history.after(since, limit, now_ms()))
+    }
+
+    async fn history_range(&self, query: &RangeQuery) -> Result<Vec<Recorded>, BusError> {
+        Ok(self.history.range(query, now_ms()))
     }
 
     async fn add_records(&self, _batch: &[String]) -> Result<(), BusError> {

@@ -2,6 +2,7 @@
 //! shared state behind it. Two implementations of one trait: [`MemoryBus`]
 //! (the embedded default, one process) and [`RedisBus`] (several instances).
 
+pub mod history;
 mod interest;
 mod memory;
 mod publication;
@@ -20,6 +21,7 @@ pub use redis::{Followed, INTEREST_CHANNEL, RedisBus, TransitionFeed, mirror_int
 use crate::deadletter::DeadLetter;
 use crate::latest::{Delta, Snapshot};
 use crate::status::{DeviceStatus, StatusSource};
+use history::{Position, RangeQuery, Recorded, Recovery};
 
 /// The bus could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -65,7 +67,8 @@ pub trait Bus: Send + Sync + 'static {
     /// Records status changes in the shared status table; a change takes
     /// effect only if the table does not already hold that status, so
     /// across instances each transition happens once. Changes that take
-    /// effect and are `watched` are published. Returns which took effect.
+    /// effect go to their tenant's history, and those `watched` are
+    /// published, carrying their position. Returns which took effect.
     async fn record_transitions(
         &self,
         batch: &[StatusChange],
@@ -120,6 +123,20 @@ pub trait Bus: Send + Sync + 'static {
         limit: usize,
         tenant: Option<&str>,
     ) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Records alerts and events in their tenants' history, and publishes
+    /// each whose device is `watched`, carrying its position.
+    async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError>;
+
+    /// The newest position of `tenant`'s history.
+    async fn history_top(&self, tenant: &str) -> Result<Position, BusError>;
+
+    /// What came after `since` in its tenant's history; more than `limit`
+    /// entries is not recovered.
+    async fn history_after(&self, since: &Position, limit: usize) -> Result<Recovery, BusError>;
+
+    /// The entries `query` asks for, oldest first.
+    async fn history_range(&self, query: &RangeQuery) -> Result<Vec<Recorded>, BusError>;
 
     /// Appends processed records (JSON) to the records stream, if the bus keeps one.
     async fn add_records(&self, batch: &[String]) -> Result<(), BusError>;

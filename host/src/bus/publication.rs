@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::history::Position;
 use crate::script::{Fields, Severity};
 use crate::status::StatusSource;
 
@@ -50,6 +51,13 @@ pub struct StatusChange {
     /// Why: `status_message`, `message`, `heartbeat_expired`, `timeout_expired`.
     #[serde(serialize_with = "source_name", deserialize_with = "from_source_name")]
     pub source: StatusSource,
+    /// Its tenant (sluice's addition to the seed's JSON; left out when
+    /// empty).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant_id: String,
+    /// Where it stands in its tenant's history, once recorded there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
 }
 
 /// `sluice:alert:{device}`: `{"device_id","tenant_id","timestamp","severity","title","description"}`.
@@ -67,6 +75,9 @@ pub struct AlertRaised {
     pub title: String,
     /// What happened.
     pub description: String,
+    /// Where it stands in its tenant's history, once recorded there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
 }
 
 /// `sluice:event:{device}`: `{"device_id","tenant_id","timestamp","name","data":{…}}`.
@@ -82,6 +93,9 @@ pub struct EventReported {
     pub name: String,
     /// Its details.
     pub data: Fields,
+    /// Where it stands in its tenant's history, once recorded there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<Position>,
 }
 
 /// `value` as JSON text; `None` (logged and counted) if it cannot be,
@@ -150,6 +164,37 @@ impl Publication {
             Publication::Alert(a) => &a.device_id,
             Publication::Event(e) => &e.device_id,
         }
+    }
+
+    /// Its tenant (empty when unregistered).
+    pub fn tenant(&self) -> &str {
+        match self {
+            Publication::Telemetry(t) => &t.tenant_id,
+            Publication::Status(s) => &s.tenant_id,
+            Publication::Alert(a) => &a.tenant_id,
+            Publication::Event(e) => &e.tenant_id,
+        }
+    }
+
+    /// Where it stands in its tenant's history, once recorded there.
+    pub fn position(&self) -> Option<&Position> {
+        match self {
+            Publication::Telemetry(_) => None,
+            Publication::Status(s) => s.position.as_ref(),
+            Publication::Alert(a) => a.position.as_ref(),
+            Publication::Event(e) => e.position.as_ref(),
+        }
+    }
+
+    /// The same, recorded at `position` (telemetry has none).
+    pub fn at(mut self, position: Position) -> Publication {
+        match &mut self {
+            Publication::Telemetry(_) => {}
+            Publication::Status(s) => s.position = Some(position),
+            Publication::Alert(a) => a.position = Some(position),
+            Publication::Event(e) => e.position = Some(position),
+        }
+        self
     }
 
     /// The channel it goes to.
@@ -242,6 +287,8 @@ mod tests {
             is_online: true,
             timestamp: 5,
             source: StatusSource::HeartbeatExpired,
+            tenant_id: String::new(),
+            position: None,
         });
         assert_eq!(status.channel(), "device:th-1:status");
         let value: serde_json::Value = serde_json::from_str(&status.payload().unwrap()).unwrap();

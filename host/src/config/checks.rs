@@ -247,6 +247,13 @@ pub(super) fn check_ranges(config: &Config, file: &Path) -> Result<(), ConfigErr
     }
 
     c.count("deadletter.capacity", config.deadletter.capacity as u64, 1)?;
+    c.count("history.max_entries", config.history.max_entries as u64, 1)?;
+    c.count("history.max_replay", config.history.max_replay as u64, 1)?;
+    c.duration(
+        "history.max_age",
+        config.history.max_age,
+        Duration::from_secs(1),
+    )?;
     if let Some(stream) = &config.records.redis_stream {
         c.count("records.redis_stream.maxlen", stream.maxlen as u64, 1)?;
     }
@@ -606,6 +613,7 @@ mod properties {
             Just(("[routes]", vec!["topic", "product"])),
             Just(("registry", vec!["max_unregistered", "file"])),
             Just(("deadletter", vec!["capacity"])),
+            Just(("history", vec!["max_entries", "max_age", "max_replay"])),
         ]
     }
 

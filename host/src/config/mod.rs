@@ -9,8 +9,8 @@ mod sources;
 pub use load::{ConfigError, load_file, parse_text};
 pub use model::{
     ApiKey, ApiKeys, AuthConfig, BusConfig, Children, CommandsConfig, Config, DeadLetterConfig,
-    KafkaRecordsConfig, LoadedConfig, ProductConfig, RecordsConfig, RedisConfig, RedisStreamConfig,
-    RegistryConfig, RouteConfig, ScopedKey, ScriptsConfig, ServerConfig, StatusConfig,
-    WebSocketConfig, WorkersConfig, check_name,
+    HistoryConfig, KafkaRecordsConfig, LoadedConfig, ProductConfig, RecordsConfig, RedisConfig,
+    RedisStreamConfig, RegistryConfig, RouteConfig, ScopedKey, ScriptsConfig, ServerConfig,
+    StatusConfig, WebSocketConfig, WorkersConfig, check_name,
 };
 pub use sources::{HttpIngestConfig, KafkaConfig, MqttConfig, MqttProtocol, SourcesConfig};

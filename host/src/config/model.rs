@@ -64,6 +64,44 @@ pub struct Config {
     /// Device commands: timeouts, expiries and bounds.
     #[serde(default)]
     pub commands: CommandsConfig,
+    /// How much of each tenant's alerts, events and status transitions is
+    /// kept, for clients that resume and for the history API.
+    #[serde(default)]
+    pub history: HistoryConfig,
+}
+
+/// The bounds of each tenant's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Entries kept per tenant, at most (the oldest make room).
+    pub max_entries: usize,
+    /// How long an entry is kept.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Entries one resuming subscription may replay, at most; a longer gap
+    /// is answered `recovered: false`.
+    pub max_replay: usize,
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        HistoryConfig {
+            max_entries: 10_000,
+            max_age: Duration::from_secs(24 * 3600),
+            max_replay: 10_000,
+        }
+    }
+}
+
+impl HistoryConfig {
+    /// Its bounds, as the bus takes them.
+    pub fn limits(&self) -> crate::bus::history::HistoryLimits {
+        crate::bus::history::HistoryLimits {
+            max_entries: self.max_entries,
+            max_age: self.max_age,
+        }
+    }
 }
 
 /// Bounds and defaults of device commands.

@@ -1,5 +1,5 @@
 //! `GET /`: the dashboard, one HTML page embedded in the binary. It uses
-//! only the public API (`/ws` and `GET /api/v1/scripts`), so it is also a
+//! only the public API (`/ws`, `GET /api/v1/alerts` and `GET /api/v1/scripts`), so it is also a
 //! working example of a dashboard built on sluice.
 
 use axum::http::header;

@@ -6,6 +6,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use super::auth::Credentials;
+use crate::bus::history::Position;
 use crate::bus::{AlertRaised, EventReported, Publication, StatusChange, json_text};
 use crate::script::{Fields, Severity};
 use crate::status::DeviceStatus;
@@ -119,6 +120,45 @@ pub struct Subscribe {
     /// Only these telemetry keys (`telemetry` channel).
     #[serde(default)]
     pub keys: Vec<String>,
+    /// Resume after these positions (`alerts`, `events` and `status`
+    /// channels): what was missed is sent first.
+    #[serde(default)]
+    pub since: Option<Since>,
+}
+
+/// A position a subscription resumes after, as the client sends it: the
+/// tenant may be left out when the connection's tenant (or the one tenant
+/// of the subscription's devices) is meant.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SincePosition {
+    /// Whose history.
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// The offset of the last entry seen.
+    pub offset: u64,
+    /// The epoch it belongs to.
+    pub epoch: String,
+}
+
+/// `since`: one position, or one per tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Since {
+    /// One position.
+    One(SincePosition),
+    /// Several, each naming its tenant.
+    Many(Vec<SincePosition>),
+}
+
+impl Since {
+    /// The positions given.
+    pub fn positions(&self) -> &[SincePosition] {
+        match self {
+            Since::One(one) => std::slice::from_ref(one),
+            Since::Many(many) => many,
+        }
+    }
 }
 
 impl Subscribe {
@@ -293,9 +333,15 @@ pub fn compat_telemetry(fields: &Fields, at_ms: i64) -> Option<String> {
     json_text(&Value::Object(object), "compat_telemetry")
 }
 
-/// The compatibility status frame (the status channel's JSON).
+/// The compatibility status frame: the seed's status JSON exactly, without
+/// what sluice adds on its own channel (tenant, position).
 pub fn compat_status(change: &StatusChange) -> Option<String> {
-    json_text(change, "compat_status")
+    let seed = StatusChange {
+        tenant_id: String::new(),
+        position: None,
+        ..change.clone()
+    };
+    json_text(&seed, "compat_status")
 }
 
 /// A `device_data` frame of subscription `id`.
@@ -383,31 +429,60 @@ pub fn status(id: &str, device: &str, name: &str, status: Option<DeviceStatus>) 
     .to_string()
 }
 
-/// An `alert` frame of subscription `id`.
-pub fn alert(id: &str, alert: &AlertRaised) -> String {
-    json!({
-        "type": "alert",
-        "id": id,
-        "device": alert.device_id,
-        "timestamp": alert.timestamp,
-        "severity": alert.severity,
-        "title": alert.title,
-        "description": alert.description,
-    })
-    .to_string()
+/// `frame` with `position`, when there is one.
+fn positioned(mut frame: Value, position: Option<&Position>) -> String {
+    if let Some(position) = position {
+        frame["position"] = json!(position);
+    }
+    frame.to_string()
 }
 
-/// An `event` frame of subscription `id`.
+/// A `status` frame of subscription `id` for a recorded change, with its
+/// position.
+pub fn status_change(id: &str, change: &StatusChange) -> String {
+    positioned(
+        json!({
+            "type": "status",
+            "id": id,
+            "device": change.device_id,
+            "device_name": change.device_name,
+            "is_online": change.is_online,
+            "timestamp": change.timestamp,
+            "source": change.source.as_str(),
+        }),
+        change.position.as_ref(),
+    )
+}
+
+/// An `alert` frame of subscription `id`, with its position.
+pub fn alert(id: &str, alert: &AlertRaised) -> String {
+    positioned(
+        json!({
+            "type": "alert",
+            "id": id,
+            "device": alert.device_id,
+            "timestamp": alert.timestamp,
+            "severity": alert.severity,
+            "title": alert.title,
+            "description": alert.description,
+        }),
+        alert.position.as_ref(),
+    )
+}
+
+/// An `event` frame of subscription `id`, with its position.
 pub fn event(id: &str, event: &EventReported) -> String {
-    json!({
-        "type": "event",
-        "id": id,
-        "device": event.device_id,
-        "timestamp": event.timestamp,
-        "name": event.name,
-        "data": event.data,
-    })
-    .to_string()
+    positioned(
+        json!({
+            "type": "event",
+            "id": id,
+            "device": event.device_id,
+            "timestamp": event.timestamp,
+            "name": event.name,
+            "data": event.data,
+        }),
+        event.position.as_ref(),
+    )
 }
 
 #[cfg(test)]

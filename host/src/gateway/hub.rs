@@ -722,7 +722,10 @@ mod tests {
     #[tokio::test]
     async fn in_process_watchers_get_their_devices_and_set_interest() {
         let interest = Arc::new(Interest::new());
-        let bus = Arc::new(MemoryBus::new(10));
+        let bus = Arc::new(MemoryBus::new(
+            10,
+            crate::bus::history::HistoryLimits::default(),
+        ));
         let (_stop, stop_rx) = watch::channel(false);
         let hub = Hub::in_process(interest.clone(), bus.clone(), &Supervisor::new(), stop_rx);
         let watcher = Arc::new(Collect::default());

@@ -11,6 +11,7 @@ mod compat;
 mod dashboard;
 mod error;
 pub mod frames;
+mod history;
 pub mod hub;
 mod ingest;
 mod native;
@@ -66,6 +67,8 @@ pub struct WsContext {
     pub auth: auth::Authenticator,
     /// Limits.
     pub config: WebSocketConfig,
+    /// History bounds (how much a resuming subscription may replay).
+    pub history: crate::config::HistoryConfig,
     /// Open connections.
     pub connections: Arc<socket::Connections>,
     /// Bumped whenever the device registry is reloaded.
@@ -177,6 +180,12 @@ pub fn app(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .route("/api/v1/deadletter", get(api::dead_letters))
         .route("/api/v1/devices/{device}", get(api::device))
+        .route(
+            "/api/v1/devices/{device}/transitions",
+            get(history::transitions),
+        )
+        .route("/api/v1/alerts", get(history::alerts))
+        .route("/api/v1/events", get(history::events))
         .route("/api/v1/devices/{device}/commands", post(commands::send))
         .route("/api/v1/commands/{id}", get(commands::get))
         .merge(admin)

@@ -23,9 +23,12 @@ use super::services::{self, ServiceContext};
 use super::socket::{Incoming, Session, Slot, close};
 use super::{AppState, upgrade};
 use crate::bus::Publication;
+use crate::bus::history::Position;
 
 /// Devices whose snapshots are looked up in one go.
 const SNAPSHOT_CHUNK: usize = 1000;
+/// Positions one `since` may name (one per tenant).
+const MAX_SINCE: usize = 64;
 /// `device.command` calls one connection may wait for at once.
 const MAX_WAITING_CALLS: usize = 64;
 
@@ -44,6 +47,30 @@ pub(super) async fn native(
 pub(super) struct Subscription {
     pub(super) request: Subscribe,
     pub(super) devices: BTreeSet<String>,
+    /// While a resuming subscription replays what was missed, the live
+    /// frames that arrive meanwhile (with their positions), sent after it.
+    pending: Option<Vec<(Option<Position>, String)>>,
+}
+
+impl Subscription {
+    /// The frame of `publication` for this subscription (`id`), unless it
+    /// does not want it; telemetry is framed by the caller.
+    fn frame(&self, id: &str, publication: &Publication) -> Option<String> {
+        let request = &self.request;
+        match (request.channel, publication) {
+            (Channel::Status, Publication::Status(change)) => {
+                Some(frames::status_change(id, change))
+            }
+            (Channel::Alerts, Publication::Alert(alert))
+                if request.alert_levels.is_empty()
+                    || request.alert_levels.contains(&alert.severity) =>
+            {
+                Some(frames::alert(id, alert))
+            }
+            (Channel::Events, Publication::Event(event)) => Some(frames::event(id, event)),
+            _ => None,
+        }
+    }
 }
 
 struct NativeWatcher {
@@ -62,54 +89,54 @@ impl Watcher for NativeWatcher {
     fn deliver(&self, rendered: &Rendered<'_>) {
         let publication = rendered.publication;
         let device = publication.device();
-        for (id, subscription) in self.subscriptions().iter() {
+        for (id, subscription) in self.subscriptions().iter_mut() {
             if !subscription.devices.contains(device) {
                 continue;
             }
             let request = &subscription.request;
-            match (request.channel, publication) {
-                (Channel::Telemetry, Publication::Telemetry(report)) => {
-                    let frame = if request.keys.is_empty() {
-                        rendered
-                            .device_data_tail()
-                            .map(|tail| frames::device_data_with(id, tail))
-                    } else {
-                        let data = select_keys(&report.data, &request.keys);
-                        if data.is_empty() {
-                            continue;
-                        }
-                        frames::device_data(id, device, report.timestamp, &data)
-                    };
-                    if let Some(frame) = frame {
-                        self.outbox
-                            .push_latest(&format!("{id}\u{0}{device}"), frame);
+            if let (Channel::Telemetry, Publication::Telemetry(report)) =
+                (request.channel, publication)
+            {
+                let frame = if request.keys.is_empty() {
+                    rendered
+                        .device_data_tail()
+                        .map(|tail| frames::device_data_with(id, tail))
+                } else {
+                    let data = select_keys(&report.data, &request.keys);
+                    if data.is_empty() {
+                        continue;
                     }
+                    frames::device_data(id, device, report.timestamp, &data)
+                };
+                if let Some(frame) = frame {
+                    self.outbox
+                        .push_latest(&format!("{id}\u{0}{device}"), frame);
                 }
-                (Channel::Status, Publication::Status(change)) => {
-                    self.outbox.push(frames::status(
-                        id,
-                        device,
-                        &change.device_name,
-                        Some(crate::status::DeviceStatus {
-                            online: change.is_online,
-                            since_ms: change.timestamp,
-                            source: change.source,
-                        }),
-                    ));
-                }
-                (Channel::Alerts, Publication::Alert(alert))
-                    if request.alert_levels.is_empty()
-                        || request.alert_levels.contains(&alert.severity) =>
-                {
-                    self.outbox.push(frames::alert(id, alert));
-                }
-                (Channel::Events, Publication::Event(event)) => {
-                    self.outbox.push(frames::event(id, event));
-                }
-                _ => {}
+                continue;
+            }
+            let Some(frame) = subscription.frame(id, publication) else {
+                continue;
+            };
+            match &mut subscription.pending {
+                Some(pending) => pending.push((publication.position().cloned(), frame)),
+                None => self.outbox.push(frame),
             }
         }
     }
+}
+
+/// What a resuming subscription replays.
+#[derive(Debug, Default)]
+struct Replay {
+    /// Every position resumed after was recovered.
+    recovered: bool,
+    /// What was missed, oldest first.
+    entries: Vec<crate::bus::history::Recorded>,
+    /// The newest position of each recovered tenant when its history was
+    /// read: live frames up to it were replayed.
+    replayed: Vec<Position>,
+    /// The newest position of each tenant the subscription covers.
+    tops: Vec<Position>,
 }
 
 /// One authenticated connection.
@@ -431,8 +458,33 @@ impl Client {
                 ),
             ));
         }
-        self.hold(&devices, request.channel).await?;
-        if request.channel == Channel::Commands {
+        let resumes = self.resumes(&request, &devices)?;
+        let positioned = matches!(
+            request.channel,
+            Channel::Alerts | Channel::Events | Channel::Status
+        );
+        let id = request.id.clone();
+        let channel = request.channel;
+        let keys = request.keys.clone();
+        let resuming = request.since.is_some();
+        let list: Vec<String> = devices.iter().cloned().collect();
+        if positioned {
+            // Held before its devices are watched, live frames waiting:
+            // they follow `subscribed` and what is replayed.
+            self.watcher.subscriptions().insert(
+                id.clone(),
+                Subscription {
+                    request: request.clone(),
+                    devices: devices.clone(),
+                    pending: Some(Vec::new()),
+                },
+            );
+        }
+        if let Err(error) = self.hold(&devices, channel).await {
+            self.watcher.subscriptions().remove(&id);
+            return Err(error);
+        }
+        if channel == Channel::Commands {
             self.follow_commands();
         }
         tracing::debug!(
@@ -441,24 +493,192 @@ impl Client {
             hold_ms = (started.elapsed() - resolved).as_secs_f64() * 1000.0,
             "subscription held"
         );
-        let id = request.id.clone();
-        let channel = request.channel;
-        let keys = request.keys.clone();
-        let subscribed = json!({"type": "subscribed", "id": id, "channel": channel_name(channel), "devices": devices})
-            .to_string();
-        let list: Vec<String> = devices.iter().cloned().collect();
-        // `subscribed` first, then live frames and snapshots: each snapshot
-        // is read after the subscription delivers, so it is never older
-        // than a live frame before it.
+        let mut subscribed = json!({"type": "subscribed", "id": id, "channel": channel_name(channel), "devices": devices});
         let outbox = self.watcher.outbox.clone();
-        let answered = outbox.push_paced(subscribed).await;
-        self.watcher
-            .subscriptions()
-            .insert(id.clone(), Subscription { request, devices });
-        if !answered {
+        if !positioned {
+            // `subscribed` first, then live frames and snapshots: each
+            // snapshot is read after the subscription delivers, so it is
+            // never older than a live frame before it.
+            let answered = outbox.push_paced(subscribed.to_string()).await;
+            self.watcher.subscriptions().insert(
+                id.clone(),
+                Subscription {
+                    request,
+                    devices,
+                    pending: None,
+                },
+            );
+            if answered {
+                self.snapshots(&id, channel, &keys, &list).await;
+            }
             return Ok(Vec::new());
         }
+        let recovery = self.recover(&resumes, &devices).await;
+        subscribed["positions"] = json!(recovery.tops);
+        if resuming {
+            subscribed["recovered"] = json!(recovery.recovered);
+        }
+        if !outbox.push_paced(subscribed.to_string()).await {
+            return Ok(Vec::new());
+        }
+        let subscription = Subscription {
+            request,
+            devices,
+            pending: None,
+        };
+        for entry in &recovery.entries {
+            if !subscription.devices.contains(entry.publication.device()) {
+                continue;
+            }
+            let Some(frame) = subscription.frame(&id, &entry.publication) else {
+                continue;
+            };
+            if !outbox.push_paced(frame).await {
+                return Ok(Vec::new());
+            }
+        }
+        // Live frames that came meanwhile, but not what was replayed; held
+        // under the lock, so no newer frame overtakes them.
+        {
+            let mut subscriptions = self.watcher.subscriptions();
+            if let Some(held) = subscriptions.get_mut(&id)
+                && let Some(pending) = held.pending.take()
+            {
+                for (position, frame) in pending {
+                    let replayed = position.is_some_and(|p| {
+                        recovery.replayed.iter().any(|top| {
+                            top.tenant == p.tenant && top.epoch == p.epoch && p.offset <= top.offset
+                        })
+                    });
+                    if !replayed {
+                        outbox.push(frame);
+                    }
+                }
+            }
+        }
+        // A status subscription that recovered has what it missed instead
+        // of snapshots.
+        if !(resuming && recovery.recovered) {
+            self.snapshots(&id, channel, &keys, &list).await;
+        }
+        Ok(Vec::new())
+    }
+
+    /// The positions `request` resumes after, each with its tenant: the
+    /// one it names, else the connection's, else the one tenant of the
+    /// subscription's devices.
+    fn resumes(
+        &self,
+        request: &Subscribe,
+        devices: &BTreeSet<String>,
+    ) -> Result<Vec<Position>, FrameError> {
+        let Some(since) = &request.since else {
+            return Ok(Vec::new());
+        };
+        if !matches!(
+            request.channel,
+            Channel::Alerts | Channel::Events | Channel::Status
+        ) {
+            return Err(FrameError::new(
+                "bad_filter",
+                "since resumes the alerts, events and status channels only",
+            ));
+        }
+        if since.positions().len() > MAX_SINCE {
+            return Err(FrameError::new(
+                "bad_field",
+                format!("since: at most {MAX_SINCE} positions, one per tenant"),
+            ));
+        }
         let state = &self.app.pipeline;
+        let tenants: BTreeSet<String> = devices.iter().map(|d| state.tenant_of(d)).collect();
+        let own = self.identity.as_ref().and_then(|i| i.tenant.clone());
+        let resumes: Vec<Position> = since
+            .positions()
+            .iter()
+            .map(|given| {
+                let tenant = match (&given.tenant, &own) {
+                    (Some(tenant), _) => tenant.clone(),
+                    (None, Some(own)) => own.clone(),
+                    (None, None) if tenants.len() == 1 => tenants.first().cloned().unwrap_or_default(),
+                    (None, None) => {
+                        return Err(FrameError::new(
+                            "bad_field",
+                            "since: name the tenant of each position; this subscription covers devices of several",
+                        ));
+                    }
+                };
+                if self.identity.as_ref().is_some_and(|i| !i.sees(&tenant)) {
+                    return Err(FrameError::new(
+                        "bad_field",
+                        format!("since: no history of tenant {tenant:?} is known to this connection"),
+                    ));
+                }
+                Ok(Position {
+                    tenant,
+                    offset: given.offset,
+                    epoch: given.epoch.clone(),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let named: BTreeSet<&str> = resumes.iter().map(|p| p.tenant.as_str()).collect();
+        if named.len() < resumes.len() {
+            return Err(FrameError::new(
+                "bad_field",
+                "since: one position per tenant",
+            ));
+        }
+        Ok(resumes)
+    }
+
+    /// What a subscription of `devices` missed after `resumes`, and the
+    /// newest position of each tenant it covers. A history the bus cannot
+    /// read now is not recovered.
+    async fn recover(&self, resumes: &[Position], devices: &BTreeSet<String>) -> Replay {
+        let state = &self.app.pipeline;
+        let limit = self.app.ws.history.max_replay;
+        let mut replay = Replay {
+            recovered: true,
+            ..Replay::default()
+        };
+        for since in resumes {
+            match state.bus.history_after(since, limit).await {
+                Ok(recovery) => {
+                    if recovery.recovered {
+                        replay.entries.extend(recovery.entries);
+                        replay.replayed.push(recovery.top.clone());
+                    } else {
+                        replay.recovered = false;
+                    }
+                    replay.tops.push(recovery.top);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, tenant = %since.tenant, "cannot read history; the subscription is not recovered");
+                    replay.recovered = false;
+                }
+            }
+        }
+        let tenants: BTreeSet<String> = devices.iter().map(|d| state.tenant_of(d)).collect();
+        for tenant in tenants {
+            if replay.tops.iter().any(|top| top.tenant == tenant) {
+                continue;
+            }
+            match state.bus.history_top(&tenant).await {
+                Ok(top) => replay.tops.push(top),
+                Err(error) => {
+                    tracing::warn!(%error, %tenant, "cannot read the newest history position")
+                }
+            }
+        }
+        // Tenants' histories interleaved by when they were recorded.
+        replay.entries.sort_by_key(|entry| entry.recorded_ms);
+        replay
+    }
+
+    /// The snapshot of each of `list` on `channel`, paced by the writer.
+    async fn snapshots(&self, id: &str, channel: Channel, keys: &[String], list: &[String]) {
+        let state = &self.app.pipeline;
+        let outbox = &self.watcher.outbox;
         for chunk in list.chunks(SNAPSHOT_CHUNK) {
             let snapshots: Vec<String> = match channel {
                 Channel::Telemetry => latest_of_many(state, chunk)
@@ -467,9 +687,9 @@ impl Client {
                     .zip(chunk)
                     .filter_map(|(snapshot, device)| {
                         let snapshot = snapshot?;
-                        let data = select_keys(&snapshot.telemetry, &keys);
+                        let data = select_keys(&snapshot.telemetry, keys);
                         (keys.is_empty() || !data.is_empty())
-                            .then(|| frames::device_data(&id, device, snapshot.updated_ms, &data))
+                            .then(|| frames::device_data(id, device, snapshot.updated_ms, &data))
                             .flatten()
                     })
                     .collect(),
@@ -478,18 +698,17 @@ impl Client {
                     .into_iter()
                     .zip(chunk)
                     .map(|(status, device)| {
-                        frames::status(&id, device, &state.name_of(device), status)
+                        frames::status(id, device, &state.name_of(device), status)
                     })
                     .collect(),
                 Channel::Alerts | Channel::Events | Channel::Commands => Vec::new(),
             };
             for frame in snapshots {
                 if !outbox.push_paced(frame).await {
-                    return Ok(Vec::new());
+                    return;
                 }
             }
         }
-        Ok(Vec::new())
     }
 
     async fn unsubscribe(&mut self, id: &str) -> Result<Vec<String>, FrameError> {

@@ -6,8 +6,9 @@
 //! only once the effects it caused were accepted by the bus: workers send
 //! each batch's effects, then its [`Effect::Acknowledge`], and this task
 //! completes those acknowledgements only after everything before them was
-//! applied. When the bus is down, publications are dropped (they are live
-//! data), and status changes, dead letters and records wait, up to a
+//! applied. When the bus is down, telemetry publications are dropped (they
+//! are live data), and status changes, alerts and events (kept in
+//! history), dead letters and records wait, up to a
 //! bounded backlog; when that is full, this task stops taking effects, so
 //! the workers and then the sources wait (backpressure) and nothing
 //! accepted is dropped.
@@ -27,8 +28,17 @@ use crate::records::RecordsOutput;
 /// One thing for the bus to do.
 #[derive(Debug)]
 pub enum Effect {
-    /// Publish to the device's channel (already filtered by interest).
+    /// Publish telemetry to the device's channel (already filtered by
+    /// interest).
     Publish(Publication),
+    /// Record an alert or event in its tenant's history; publish it if
+    /// watched.
+    Discrete {
+        /// The alert or event.
+        publication: Publication,
+        /// Whether anyone watches the device.
+        watched: bool,
+    },
     /// Record a status change; publish it if watched.
     Transition {
         /// The change.
@@ -155,6 +165,7 @@ pub async fn apply_effects(
 #[derive(Default)]
 struct Pending {
     publications: Vec<Publication>,
+    discrete: Vec<(Publication, bool)>,
     transitions: Vec<(StatusChange, bool)>,
     dead_letters: Vec<DeadLetter>,
     records: Vec<String>,
@@ -168,6 +179,10 @@ impl Pending {
         for effect in effects {
             match effect {
                 Effect::Publish(p) => self.publications.push(p),
+                Effect::Discrete {
+                    publication,
+                    watched,
+                } => self.discrete.push((publication, watched)),
                 Effect::Transition { change, watched } => self.transitions.push((change, watched)),
                 Effect::DeadLetter(letter) => {
                     metrics::counter!("sluice_deadletters_total", "reason" => letter.reason.as_str()).increment(1);
@@ -188,6 +203,7 @@ impl Pending {
     /// What must not be lost while the bus is down.
     fn held(&self) -> usize {
         self.transitions.len()
+            + self.discrete.len()
             + self.dead_letters.len()
             + self.records.len()
             + self.replies.len()
@@ -223,6 +239,20 @@ impl Pending {
                     .increment(1);
             }
             self.publications.clear();
+        }
+        if !self.discrete.is_empty() {
+            let (batch, watched): (Vec<Publication>, Vec<bool>) =
+                self.discrete.iter().cloned().unzip();
+            bus.record(&batch, &watched).await?;
+            for (publication, watched) in &self.discrete {
+                metrics::counter!("sluice_history_entries_total", "kind" => publication.kind())
+                    .increment(1);
+                if *watched {
+                    metrics::counter!("sluice_publishes_total", "kind" => publication.kind())
+                        .increment(1);
+                }
+            }
+            self.discrete.clear();
         }
         if !self.transitions.is_empty() {
             let (changes, watched): (Vec<StatusChange>, Vec<bool>) =
@@ -278,6 +308,7 @@ mod tests {
     use async_trait::async_trait;
 
     use super::*;
+    use crate::bus::history::{HistoryLimits, Position, RangeQuery, Recorded, Recovery};
     use crate::bus::{Deadline, MemoryBus};
     use crate::latest::{Delta, Snapshot};
     use crate::message::SourceKind;
@@ -370,6 +401,23 @@ mod tests {
         ) -> Result<Vec<DeadLetter>, BusError> {
             self.inner.dead_letters(limit, tenant).await
         }
+        async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {
+            self.check()?;
+            self.inner.record(batch, watched).await
+        }
+        async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
+            self.inner.history_top(tenant).await
+        }
+        async fn history_after(
+            &self,
+            since: &Position,
+            limit: usize,
+        ) -> Result<Recovery, BusError> {
+            self.inner.history_after(since, limit).await
+        }
+        async fn history_range(&self, query: &RangeQuery) -> Result<Vec<Recorded>, BusError> {
+            self.inner.history_range(query).await
+        }
         async fn add_records(&self, _: &[String]) -> Result<(), BusError> {
             self.check()
         }
@@ -387,7 +435,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acknowledgements_wait_until_the_bus_took_the_effects_before_them() {
         let bus = Arc::new(Switchable {
-            inner: MemoryBus::new(10),
+            inner: MemoryBus::new(10, HistoryLimits::default()),
             down: AtomicBool::new(true),
             letters: AtomicUsize::new(0),
         });
@@ -425,7 +473,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_backlog_stops_taking_effects_instead_of_dropping_them() {
         let bus = Arc::new(Switchable {
-            inner: MemoryBus::new(10),
+            inner: MemoryBus::new(10, HistoryLimits::default()),
             down: AtomicBool::new(true),
             letters: AtomicUsize::new(0),
         });

@@ -372,34 +372,39 @@ impl Worker {
                         .merge_attributes(device, &fields, limits.snapshot_keys)
                 }
                 OutputKind::Status { .. } => {}
-                OutputKind::Event { name, fields } if watched => {
+                OutputKind::Event { name, fields } => {
                     let (tenant_id, device_id) = published(&self.state);
-                    self.outbox
-                        .push(Effect::Publish(Publication::Event(EventReported {
+                    self.outbox.push(Effect::Discrete {
+                        publication: Publication::Event(EventReported {
                             tenant_id,
                             device_id,
                             timestamp,
                             name,
                             data: fields,
-                        })));
+                            position: None,
+                        }),
+                        watched,
+                    });
                 }
                 OutputKind::Alert {
                     severity,
                     title,
                     description,
-                } if watched => {
+                } => {
                     let (tenant_id, device_id) = published(&self.state);
-                    self.outbox
-                        .push(Effect::Publish(Publication::Alert(AlertRaised {
+                    self.outbox.push(Effect::Discrete {
+                        publication: Publication::Alert(AlertRaised {
                             tenant_id,
                             device_id,
                             timestamp,
                             severity,
                             title,
                             description,
-                        })));
+                            position: None,
+                        }),
+                        watched,
+                    });
                 }
-                OutputKind::Event { .. } | OutputKind::Alert { .. } => {}
                 OutputKind::Reply {
                     command_id,
                     ok,
@@ -494,6 +499,7 @@ impl Worker {
 /// The effect of a status transition.
 pub fn transition_effect(state: &PipelineState, transition: Transition) -> Effect {
     let watched = state.interest.is_watched(&transition.device);
+    let tenant_id = state.tenant_of(&transition.device);
     Effect::Transition {
         change: StatusChange {
             device_name: state.name_of(&transition.device),
@@ -501,6 +507,8 @@ pub fn transition_effect(state: &PipelineState, transition: Transition) -> Effec
             is_online: transition.online,
             timestamp: transition.at_ms,
             source: transition.source,
+            tenant_id,
+            position: None,
         },
         watched,
     }

@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, Script};
+use redis::{AsyncCommands, Client};
 
-use super::scripts;
+use super::scripts::Scripts;
+use crate::bus::history::{HistoryKind, HistoryLimits, Position, RangeQuery, Recorded, Recovery};
 use crate::bus::{Bus, BusError, Deadline, Publication, StatusChange};
 use crate::config::RedisConfig;
 use crate::deadletter::DeadLetter;
@@ -21,6 +22,8 @@ const DEADLINES_KEY: &str = "sluice:deadlines";
 const DEADLETTER_KEY: &str = "sluice:deadletter";
 /// Devices per round trip when many are loaded at once.
 const LOAD_CHUNK: usize = 1000;
+/// Alerts and events per script call when recorded.
+const RECORD_CHUNK: usize = 200;
 
 fn latest_key(device: &str) -> String {
     format!("sluice:latest:{device}")
@@ -30,8 +33,8 @@ fn latest_key(device: &str) -> String {
 pub struct RedisBus {
     client: Client,
     connection: ConnectionManager,
-    transitions: Script,
-    sweep: Script,
+    scripts: Scripts,
+    history: HistoryLimits,
     dead_letter_cap: usize,
     records: Option<(String, usize)>,
 }
@@ -52,6 +55,7 @@ impl RedisBus {
         config: &RedisConfig,
         dead_letter_cap: usize,
         records: Option<(String, usize)>,
+        history: HistoryLimits,
     ) -> Result<Self, BusError> {
         let client = Client::open(config.url.as_str()).map_err(unavailable)?;
         let manager_config = ConnectionManagerConfig::new()
@@ -65,8 +69,8 @@ impl RedisBus {
         Ok(RedisBus {
             client,
             connection,
-            transitions: Script::new(scripts::TRANSITIONS),
-            sweep: Script::new(scripts::SWEEP),
+            scripts: Scripts::new(),
+            history,
             dead_letter_cap,
             records,
         })
@@ -75,6 +79,10 @@ impl RedisBus {
     fn connection(&self) -> ConnectionManager {
         // Clones share one multiplexed connection.
         self.connection.clone()
+    }
+
+    fn history_age_ms(&self) -> u64 {
+        u64::try_from(self.history.max_age.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The client, for subscriber connections.
@@ -138,19 +146,22 @@ impl Bus for RedisBus {
                 Some((i, publication, payload))
             })
             .collect();
-        let mut invocation = self.transitions.prepare_invoke();
+        let mut invocation = self.scripts.transitions.prepare_invoke();
         invocation
             .key(STATUS_KEY)
             .key(TRANSITIONS_KEY)
             .arg(TRANSITIONS_MAXLEN)
-            .arg(entries.len());
+            .arg(entries.len())
+            .arg(self.history.max_entries)
+            .arg(self.history_age_ms());
         for (i, publication, payload) in &entries {
             invocation
                 .arg(publication.device())
                 .arg(u8::from(batch[*i].is_online))
                 .arg(payload)
                 .arg(u8::from(watched.get(*i).copied().unwrap_or(false)))
-                .arg(publication.channel());
+                .arg(publication.channel())
+                .arg(publication.tenant());
         }
         let applied: Vec<i64> = invocation
             .invoke_async(&mut self.connection())
@@ -307,6 +318,7 @@ impl Bus for RedisBus {
         limit: usize,
     ) -> Result<Vec<StatusChange>, BusError> {
         let taken: Vec<String> = self
+            .scripts
             .sweep
             .key(DEADLINES_KEY)
             .key(STATUS_KEY)
@@ -315,6 +327,8 @@ impl Bus for RedisBus {
             .arg(limit)
             .arg(now_ms)
             .arg(TRANSITIONS_MAXLEN)
+            .arg(self.history.max_entries)
+            .arg(self.history_age_ms())
             .invoke_async(&mut self.connection())
             .await
             .map_err(unavailable)?;
@@ -398,6 +412,154 @@ impl Bus for RedisBus {
         }
     }
 
+    async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {
+        // Publications whose JSON cannot be written are left out (and counted).
+        let entries: Vec<(&Publication, HistoryKind, String, bool)> = batch
+            .iter()
+            .zip(watched)
+            .filter_map(|(publication, watched)| {
+                let kind = HistoryKind::of(publication)?;
+                Some((publication, kind, publication.payload()?, *watched))
+            })
+            .collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.scripts.record).ignore();
+        for chunk in entries.chunks(RECORD_CHUNK) {
+            let mut invocation = self.scripts.record.prepare_invoke();
+            invocation
+                .arg(self.history.max_entries)
+                .arg(self.history_age_ms())
+                .arg(chunk.len());
+            for (publication, kind, payload, watched) in chunk {
+                invocation
+                    .arg(publication.tenant())
+                    .arg(kind.tag())
+                    .arg(publication.device())
+                    .arg(payload)
+                    .arg(u8::from(*watched))
+                    .arg(publication.channel());
+            }
+            pipe.invoke_script(&invocation).ignore();
+        }
+        pipe.query_async::<()>(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
+        let (epoch, offset): (String, String) = self
+            .scripts
+            .top
+            .arg(tenant)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        Ok(Position {
+            tenant: tenant.to_owned(),
+            offset: parse_offset(&offset)?,
+            epoch,
+        })
+    }
+
+    async fn history_after(&self, since: &Position, limit: usize) -> Result<Recovery, BusError> {
+        let reply: Vec<String> = self
+            .scripts
+            .after
+            .arg(&since.tenant)
+            .arg(since.offset)
+            .arg(&since.epoch)
+            .arg(limit)
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        let [epoch, top, recovered, rest @ ..] = reply.as_slice() else {
+            return Err(BusError::Corrupt(format!(
+                "history read answered {} values",
+                reply.len()
+            )));
+        };
+        let mut entries = Vec::with_capacity(rest.len() / 4);
+        for entry in rest.chunks_exact(4) {
+            entries.push(parse_entry(
+                &since.tenant,
+                epoch,
+                &entry[0],
+                &entry[1],
+                &entry[3],
+            )?);
+        }
+        Ok(Recovery {
+            recovered: recovered == "1",
+            entries,
+            top: Position {
+                tenant: since.tenant.clone(),
+                offset: parse_offset(top)?,
+                epoch: epoch.clone(),
+            },
+        })
+    }
+
+    async fn history_range(&self, query: &RangeQuery) -> Result<Vec<Recorded>, BusError> {
+        let stream = history_key(&query.tenant);
+        let mut connection = self.connection();
+        let epoch: Option<String> = connection
+            .hget(format!("{stream}:meta"), "epoch")
+            .await
+            .map_err(unavailable)?;
+        let Some(epoch) = epoch else {
+            return Ok(Vec::new());
+        };
+        let mut start = match query.after {
+            Some((ms, offset)) if ms >= query.since_ms => format!("({ms}-{offset}"),
+            _ => format!("{}-0", query.since_ms.max(0)),
+        };
+        let end = query.until_ms.max(0).to_string();
+        let mut out = Vec::new();
+        while out.len() < query.limit {
+            type Entries = Vec<(String, Vec<(String, String)>)>;
+            let page: Entries = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(&start)
+                .arg(&end)
+                .arg("COUNT")
+                .arg(LOAD_CHUNK)
+                .query_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            start = format!("({last}");
+            let full = page.len() == LOAD_CHUNK;
+            for (id, fields) in &page {
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .map_or("", |(_, v)| v.as_str())
+                };
+                let wanted = HistoryKind::from_tag(field("k")) == Some(query.kind)
+                    && query.device.as_deref().is_none_or(|d| d == field("d"));
+                if wanted && out.len() < query.limit {
+                    out.push(parse_entry(
+                        &query.tenant,
+                        &epoch,
+                        id,
+                        field("k"),
+                        field("j"),
+                    )?);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
     async fn add_records(&self, batch: &[String]) -> Result<(), BusError> {
         let Some((key, maxlen)) = &self.records else {
             return Ok(());
@@ -421,6 +583,48 @@ impl Bus for RedisBus {
             .await
             .map_err(unavailable)
     }
+}
+
+/// The history stream of `tenant`.
+fn history_key(tenant: &str) -> String {
+    format!("sluice:history:{{{tenant}}}")
+}
+
+fn parse_offset(text: &str) -> Result<u64, BusError> {
+    text.parse()
+        .map_err(|e| BusError::Corrupt(format!("history offset {text:?}: {e}")))
+}
+
+/// A history entry (`<ms>-<offset>`, its kind tag and JSON) as what it records.
+fn parse_entry(
+    tenant: &str,
+    epoch: &str,
+    id: &str,
+    kind: &str,
+    json: &str,
+) -> Result<Recorded, BusError> {
+    let corrupt = |what: String| BusError::Corrupt(format!("history entry {id}: {what}"));
+    let (ms, offset) = id
+        .split_once('-')
+        .ok_or_else(|| corrupt("not <ms>-<offset>".into()))?;
+    let recorded_ms: i64 = ms.parse().map_err(|e| corrupt(format!("{e}")))?;
+    let position = Position {
+        tenant: tenant.to_owned(),
+        offset: parse_offset(offset)?,
+        epoch: epoch.to_owned(),
+    };
+    let bad = |e: serde_json::Error| corrupt(e.to_string());
+    let publication = match HistoryKind::from_tag(kind) {
+        Some(HistoryKind::Alert) => Publication::Alert(serde_json::from_str(json).map_err(bad)?),
+        Some(HistoryKind::Event) => Publication::Event(serde_json::from_str(json).map_err(bad)?),
+        Some(HistoryKind::Status) => Publication::Status(serde_json::from_str(json).map_err(bad)?),
+        None => return Err(corrupt(format!("unknown kind {kind:?}"))),
+    };
+    Ok(Recorded {
+        publication: publication.at(position.clone()),
+        position,
+        recorded_ms,
+    })
 }
 
 /// A latest-values hash as a snapshot; `None` when there is none.

@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `ws:sub:{device}` | watcher count, kept by gateways (INCR/DECR, EXPIRE 300 s) |
 //! | `ws:device:{device}` | telemetry channel |
-//! | `device:{device}:status` | status channel |
+//! | `device:{device}:status` | status channel (the seed's JSON, plus `tenant_id` and `position` once recorded) |
 //! | `sluice:alert:{device}`, `sluice:event:{device}` | alert and event channels |
 //! | `sluice:interest` | channel: `{"devices": [...], "watched": true/false}` (or one `"device"`) when devices get their first watcher or lose their last |
 //! | `sluice:status` | hash: device → its last status change (the status channel's JSON) |
@@ -14,6 +14,8 @@
 //! | `sluice:latest:{device}` | hash: `t:<key>` and `a:<key>` → JSON value, `systime` → ms |
 //! | `sluice:deadlines` | sorted set: `h:{device}` / `t:{device}` scored by deadline (ms) |
 //! | `sluice:deadletter` | capped stream of dead letters |
+//! | `sluice:history:{tenant}` | stream of the tenant's alerts, events and transitions; ids `<ms>-<offset>`, fields `k` (`a`/`e`/`s`), `d` (device), `j` (JSON) |
+//! | `sluice:history:{tenant}:meta` | hash: `epoch`, `offset` (the newest), `ms` (its time) |
 //!
 //! - [`bus`]: the [`RedisBus`] itself;
 //! - [`scripts`]: the Lua that makes transitions and expiries atomic;

@@ -1,22 +1,79 @@
-//! The Lua scripts that make status changes atomic in Redis: each
-//! transition happens once across all instances, and a due deadline is
+//! The Lua scripts that make status changes and history atomic in Redis:
+//! each transition happens once across all instances, a due deadline is
 //! taken and its offline transition recorded in one step, so a crash
-//! between the two loses nothing.
+//! between the two loses nothing, and whatever is published about an
+//! alert, event or transition carries the position it was recorded at in
+//! its tenant's history.
+
+/// The history of each tenant: a stream `sluice:history:{tenant}` whose
+/// entry ids are `<ms>-<offset>` (the time recorded, which never goes back,
+/// and the tenant's entry count), with fields `k` (`a`lert, `e`vent,
+/// `s`tatus), `d` (device) and `j` (the JSON, without its position), and a
+/// hash `sluice:history:{tenant}:meta` holding `epoch`, `offset` and `ms`.
+/// A tenant whose meta hash is gone (new, or Redis lost it) starts a new
+/// epoch with an empty stream.
+///
+/// `history_record(tenant, kind, device, json, maxlen, age_ms)` appends and
+/// returns the position's JSON; `history_with(json, position)` is the JSON
+/// carrying it.
+const HISTORY: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local function history_keys(tenant)
+  local stream = 'sluice:history:{' .. tenant .. '}'
+  return stream, stream .. ':meta'
+end
+local function history_meta(tenant)
+  local stream, meta = history_keys(tenant)
+  local m = redis.call('HMGET', meta, 'epoch', 'offset', 'ms')
+  local epoch, offset, last = m[1], tonumber(m[2] or '0'), tonumber(m[3] or '0')
+  if not epoch then
+    local now = redis.call('TIME')
+    epoch = now[1] .. string.format('%06d', tonumber(now[2]))
+    redis.call('DEL', stream)
+    redis.call('HSET', meta, 'epoch', epoch, 'offset', 0, 'ms', 0)
+    offset, last = 0, 0
+  end
+  return stream, meta, epoch, offset, last
+end
+local function history_position(tenant, offset, epoch)
+  return '{"tenant":' .. cjson.encode(tenant) .. ',"offset":' .. string.format('%d', offset)
+    .. ',"epoch":' .. cjson.encode(epoch) .. '}'
+end
+local function history_record(tenant, kind, device, json, maxlen, age_ms)
+  local stream, meta, epoch, offset, last = history_meta(tenant)
+  local now = redis.call('TIME')
+  local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  if ms < last then ms = last end
+  offset = offset + 1
+  redis.call('HSET', meta, 'offset', offset, 'ms', ms)
+  -- Trimmed exactly (not `~`): what is kept is what the operator set,
+  -- and each append removes at most a few entries.
+  redis.call('XADD', stream, 'MAXLEN', maxlen, string.format('%d-%d', ms, offset),
+    'k', kind, 'd', device, 'j', json)
+  redis.call('XTRIM', stream, 'MINID', string.format('%d', ms - tonumber(age_ms)))
+  return history_position(tenant, offset, epoch)
+end
+local function history_with(json, position)
+  return string.sub(json, 1, -2) .. ',"position":' .. position .. '}'
+end
+"#;
 
 /// Applies a batch of status changes: each takes effect only if the table
 /// does not already hold that `is_online`; effective changes go to the
-/// table and the transitions stream, and are published on the device's
-/// status channel when it is watched (by the caller's interest mirror, or
-/// by a `ws:sub:{device}` count).
+/// table, the transitions stream and the tenant's history, and are
+/// published (with their position) on the device's status channel when it
+/// is watched (by the caller's interest mirror, or by a `ws:sub:{device}`
+/// count).
 ///
-/// KEYS: status hash, transitions stream. ARGV: maxlen, count, then per
-/// change: device, is_online, json, watched, channel.
-pub(super) const TRANSITIONS: &str = r"
+/// KEYS: status hash, transitions stream. ARGV: maxlen, count, history
+/// maxlen, history age (ms), then per change: device, is_online, json,
+/// watched, channel, tenant.
+const TRANSITIONS: &str = r"
 local out = {}
-local p = 3
+local p = 5
 for k = 1, tonumber(ARGV[2]) do
-  local device, online, json, watched, channel = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4]
-  p = p + 5
+  local device, online, json, watched, channel, tenant = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5]
+  p = p + 6
   local changed = 1
   local current = redis.call('HGET', KEYS[1], device)
   if current then
@@ -26,8 +83,9 @@ for k = 1, tonumber(ARGV[2]) do
   if changed == 1 then
     redis.call('HSET', KEYS[1], device, json)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'device', device, 'change', json)
+    local position = history_record(tenant, 's', device, json, ARGV[3], ARGV[4])
     if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
-      redis.call('PUBLISH', channel, json)
+      redis.call('PUBLISH', channel, history_with(json, position))
     end
   end
   out[k] = changed
@@ -37,13 +95,14 @@ return out
 
 /// Takes deadlines due by the cutoff and, in the same step, takes each
 /// device that is online offline: the status table, the transitions
-/// stream (with the deadline that passed), and the status channel when
+/// stream (with the deadline that passed), the tenant's history (the
+/// tenant the table holds for the device), and the status channel when
 /// watched. A device that is already offline only loses its deadline.
 /// Returns, per transition: device, source, the change's JSON.
 ///
 /// KEYS: deadlines, status hash, transitions stream. ARGV: cutoff (ms),
-/// limit, now (ms), stream maxlen.
-pub(super) const SWEEP: &str = r#"
+/// limit, now (ms), stream maxlen, history maxlen, history age (ms).
+const SWEEP: &str = r#"
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[2]))
 local out = {}
 for i = 1, #due, 2 do
@@ -53,6 +112,7 @@ for i = 1, #due, 2 do
   local source = 'heartbeat_expired'
   if kind == 't' then source = 'timeout_expired' end
   local name = device
+  local tenant = ''
   local online = true
   local current = redis.call('HGET', KEYS[2], device)
   if current then
@@ -60,15 +120,19 @@ for i = 1, #due, 2 do
     if ok then
       if tostring(decoded['is_online']) == '0' then online = false end
       if type(decoded['device_name']) == 'string' then name = decoded['device_name'] end
+      if type(decoded['tenant_id']) == 'string' then tenant = decoded['tenant_id'] end
     end
   end
   if online then
     local json = '{"device_id":' .. cjson.encode(device) .. ',"device_name":' .. cjson.encode(name)
-      .. ',"is_online":0,"timestamp":' .. ARGV[3] .. ',"source":"' .. source .. '"}'
+      .. ',"is_online":0,"timestamp":' .. ARGV[3] .. ',"source":"' .. source .. '"'
+    if tenant ~= '' then json = json .. ',"tenant_id":' .. cjson.encode(tenant) end
+    json = json .. '}'
     redis.call('HSET', KEYS[2], device, json)
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'device', device, 'change', json, 'deadline', deadline)
+    local position = history_record(tenant, 's', device, json, ARGV[5], ARGV[6])
     if redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
-      redis.call('PUBLISH', 'device:' .. device .. ':status', json)
+      redis.call('PUBLISH', 'device:' .. device .. ':status', history_with(json, position))
     end
     table.insert(out, device)
     table.insert(out, source)
@@ -77,3 +141,87 @@ for i = 1, #due, 2 do
 end
 return out
 "#;
+
+/// Records alerts and events in their tenants' history and publishes each
+/// (with its position) when its device is watched.
+///
+/// ARGV: history maxlen, history age (ms), count, then per publication:
+/// tenant, kind (`a` or `e`), device, json, watched, channel.
+const RECORD: &str = r"
+local p = 4
+for k = 1, tonumber(ARGV[3]) do
+  local tenant, kind, device, json, watched, channel = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5]
+  p = p + 6
+  local position = history_record(tenant, kind, device, json, ARGV[1], ARGV[2])
+  if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
+    redis.call('PUBLISH', channel, history_with(json, position))
+  end
+end
+return tonumber(ARGV[3])
+";
+
+/// The newest position of a tenant's history (starting its epoch if it
+/// has none yet, so a client that saw nothing can still resume).
+///
+/// ARGV: tenant. Returns: epoch, offset.
+const TOP: &str = r"
+local stream, meta, epoch, offset = history_meta(ARGV[1])
+return {epoch, string.format('%d', offset)}
+";
+
+/// What came after a position: the epoch and newest offset, whether every
+/// entry after the position is still kept (and at most the limit), and
+/// then those entries, oldest first, flat: id, kind, device, json.
+///
+/// ARGV: tenant, the position's offset, its epoch, limit.
+const AFTER: &str = r"
+local stream, meta = history_keys(ARGV[1])
+local m = redis.call('HMGET', meta, 'epoch', 'offset')
+local epoch, top = m[1] or '', tonumber(m[2] or '0')
+local since = tonumber(ARGV[2])
+local missed = top - since
+local out = {epoch, string.format('%d', top), '0'}
+if epoch ~= ARGV[3] or missed < 0 or missed > tonumber(ARGV[4]) then return out end
+if missed == 0 then out[3] = '1' return out end
+local entries = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', missed)
+if #entries ~= missed then return out end
+local oldest = entries[#entries][1]
+if tonumber(string.sub(oldest, string.find(oldest, '-') + 1)) ~= since + 1 then return out end
+out[3] = '1'
+for i = #entries, 1, -1 do
+  local id, f = entries[i][1], entries[i][2]
+  local fields = {}
+  for j = 1, #f, 2 do fields[f[j]] = f[j + 1] end
+  table.insert(out, id)
+  table.insert(out, fields['k'] or '')
+  table.insert(out, fields['d'] or '')
+  table.insert(out, fields['j'] or '')
+end
+return out
+";
+
+/// A script with the history functions before `body`.
+fn with_history(body: &str) -> redis::Script {
+    redis::Script::new(&format!("{HISTORY}{body}"))
+}
+
+/// The scripts of the Redis bus.
+pub(super) struct Scripts {
+    pub(super) transitions: redis::Script,
+    pub(super) sweep: redis::Script,
+    pub(super) record: redis::Script,
+    pub(super) top: redis::Script,
+    pub(super) after: redis::Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Scripts {
+            transitions: with_history(TRANSITIONS),
+            sweep: with_history(SWEEP),
+            record: with_history(RECORD),
+            top: with_history(TOP),
+            after: with_history(AFTER),
+        }
+    }
+}

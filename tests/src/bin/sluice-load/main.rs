@@ -15,7 +15,9 @@
 //!   comes, with two instances sharing deadlines in Redis;
 //! - `commands`: the round trip of a command (HTTP on one instance →
 //!   MQTT to a simulated device → its answer ingested by another instance
-//!   → Redis → the caller), `--messages` of them one after another.
+//!   → Redis → the caller), `--messages` of them one after another;
+//! - `recovery`: a client that missed `--messages` alerts resumes with
+//!   `since`; time to replay them, and one page of the history API.
 //!
 //! ```sh
 //! # 10k msg/s, 100 clients each watching one of 100 devices
@@ -34,6 +36,8 @@
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode lateness --devices 200
 //! # 2,000 command round trips through mosquitto and Redis
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode commands --messages 2000
+//! # a client resuming after 1,000 missed alerts (add --memory-bus for the in-process bus)
+//! cargo run --release -p sluice-tests --bin sluice-load -- --mode recovery --messages 1000
 //! ```
 
 mod commands;
@@ -41,6 +45,7 @@ mod delivery;
 mod lag;
 mod lateness;
 mod qos1;
+mod recovery;
 mod subscribe;
 
 use clap::{Parser, ValueEnum};
@@ -60,6 +65,8 @@ enum Mode {
     Lateness,
     /// Round trips of device commands across two instances.
     Commands,
+    /// A client resuming after missed alerts.
+    Recovery,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,7 +104,7 @@ struct Args {
     /// Messages sent (`qos1`), or commands (`commands`).
     #[arg(long, default_value_t = 50_000)]
     messages: u64,
-    /// Use the in-process bus instead of Redis (`qos1`).
+    /// Use the in-process bus instead of Redis (`qos1`, `recovery`).
     #[arg(long)]
     memory_bus: bool,
 }
@@ -112,5 +119,6 @@ async fn main() {
         Mode::Qos1 => qos1::run(&args).await,
         Mode::Lateness => lateness::run(&args).await,
         Mode::Commands => commands::run(&args).await,
+        Mode::Recovery => recovery::run(&args).await,
     }
 }
