@@ -434,6 +434,28 @@ async fn a_client_resumes_on_another_instance_with_what_it_missed_once_in_order(
             "{path}: {body}"
         );
     }
+
+    // Redis restarts empty: the history starts over in a new epoch, and a
+    // position of the old one is answered `recovered: false` with the new
+    // epoch to go on from.
+    let mut redis = redis;
+    redis.restart();
+    let epoch = first_alert["position"]["epoch"].clone();
+    let fresh = eventually(WAIT, "a subscription after Redis came back", || async {
+        let mut client = WsClient::connect(&b_ws).await;
+        client
+            .send(&json!({"type": "subscribe", "id": "al", "channel": "alerts", "since": first_alert["position"]}))
+            .await;
+        let answer = client.next_json().await;
+        (answer["type"] == "subscribed").then_some(answer)
+    })
+    .await;
+    assert_eq!(fresh["recovered"], false, "{fresh}");
+    let new_epoch = &fresh["positions"][0]["epoch"];
+    assert!(
+        new_epoch.as_str().is_some_and(|e| !e.is_empty()) && *new_epoch != epoch,
+        "{fresh}"
+    );
     b.terminate().await;
     a.stop().await;
 }

@@ -169,15 +169,15 @@ local stream, meta, epoch, offset = history_meta(ARGV[1])
 return {epoch, string.format('%d', offset)}
 ";
 
-/// What came after a position: the epoch and newest offset, whether every
-/// entry after the position is still kept (and at most the limit), and
-/// then those entries, oldest first, flat: id, kind, device, json.
+/// What came after a position: the epoch and newest offset (starting the
+/// epoch if the tenant has none, so the client gets one to go on from),
+/// whether every entry after the position is still kept (and at most the
+/// limit), and then those entries, oldest first, flat: id, kind, device,
+/// json.
 ///
 /// ARGV: tenant, the position's offset, its epoch, limit.
 const AFTER: &str = r"
-local stream, meta = history_keys(ARGV[1])
-local m = redis.call('HMGET', meta, 'epoch', 'offset')
-local epoch, top = m[1] or '', tonumber(m[2] or '0')
+local stream, meta, epoch, top = history_meta(ARGV[1])
 local since = tonumber(ARGV[2])
 local missed = top - since
 local out = {epoch, string.format('%d', top), '0'}
