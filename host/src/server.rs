@@ -360,7 +360,8 @@ async fn start_commands(
         .collect();
     let commands = Arc::new(
         Commands::new(store, config.commands.clone(), transports, mqtt.clone())
-            .map_err(|e| RunError::Io(std::io::Error::other(e.to_string())))?,
+            .map_err(|e| RunError::Io(std::io::Error::other(e.to_string())))?
+            .with_history(buses.bus.clone()),
     );
     let (service, stop_rx) = (commands.clone(), stop.clone());
     tasks.spawn("commands", stop.clone(), move || {

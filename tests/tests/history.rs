@@ -55,7 +55,7 @@ fn config(bus: &str, max_entries: usize) -> String {
 
         [auth]
         [auth.api_keys]
-        "{ACME}" = {{ tenant = "acme", scopes = ["read", "ingest"] }}
+        "{ACME}" = {{ tenant = "acme", scopes = ["read", "ingest", "command"] }}
         "{GLOBEX}" = {{ tenant = "globex", scopes = ["read", "ingest"] }}
 
         [history]
@@ -496,6 +496,42 @@ async fn the_in_process_bus_resumes_too_and_a_restart_starts_a_new_epoch() {
     let offsets: Vec<u64> = replayed.iter().map(offset).collect();
     assert!(offsets[0] >= 1 && offsets[0] < offsets[1], "{replayed:?}");
     assert!(replayed[1]["description"].as_str().unwrap().contains("32"));
+    assert_eq!(back.quiet(Duration::from_millis(300)).await, None);
+    drop(back);
+
+    // Command state changes are recorded too: a command sent while the
+    // client is away is replayed on its `commands` subscription.
+    let mut commands = WsClient::connect(&url).await;
+    let subscribed = commands
+        .subscribe(&json!({"type": "subscribe", "id": "cmd", "channel": "commands", "device_ids": ["th-1"]}))
+        .await;
+    let since = subscribed["positions"][0].clone();
+    drop(commands);
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/v1/devices/th-1/commands"))
+        .header("X-API-Key", ACME)
+        .json(&json!({"name": "configure", "params": {"temp_max": 28.5}}))
+        .send()
+        .await
+        .expect("the API answers");
+    assert_eq!(response.status(), 202);
+    let id = response.json::<Value>().await.expect("JSON")["id"].clone();
+    eventually(WAIT, "the command to settle", || async {
+        let (_, body) = get(&base, ACME, &format!("/api/v1/commands/{}", id.as_str()?)).await;
+        (body["state"] == "failed").then_some(())
+    })
+    .await;
+    let mut back = WsClient::connect(&url).await;
+    let resumed = back
+        .subscribe(&json!({"type": "subscribe", "id": "cmd", "channel": "commands", "device_ids": ["th-1"], "since": since}))
+        .await;
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    // Nothing carries it to the device here: it failed at once.
+    let failed = back.next_of("command").await;
+    assert_eq!(failed["command"]["id"], id);
+    assert_eq!(failed["command"]["state"], "failed", "{failed}");
+    assert!(offset(&failed) > since["offset"].as_u64().unwrap());
+    assert_eq!(failed["position"], failed["command"]["position"]);
     assert_eq!(back.quiet(Duration::from_millis(300)).await, None);
     drop(back);
     running.stop().await;

@@ -70,6 +70,8 @@ pub enum HistoryKind {
     Event,
     /// Status transitions.
     Status,
+    /// Command state changes.
+    Command,
 }
 
 impl HistoryKind {
@@ -79,6 +81,7 @@ impl HistoryKind {
             Publication::Alert(_) => Some(HistoryKind::Alert),
             Publication::Event(_) => Some(HistoryKind::Event),
             Publication::Status(_) => Some(HistoryKind::Status),
+            Publication::Command(_) => Some(HistoryKind::Command),
             Publication::Telemetry(_) => None,
         }
     }
@@ -89,6 +92,7 @@ impl HistoryKind {
             HistoryKind::Alert => "a",
             HistoryKind::Event => "e",
             HistoryKind::Status => "s",
+            HistoryKind::Command => "c",
         }
     }
 
@@ -98,6 +102,7 @@ impl HistoryKind {
             "a" => Some(HistoryKind::Alert),
             "e" => Some(HistoryKind::Event),
             "s" => Some(HistoryKind::Status),
+            "c" => Some(HistoryKind::Command),
             _ => None,
         }
     }

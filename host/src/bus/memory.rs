@@ -154,6 +154,12 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
+        Ok(self
+            .history
+            .append(publication.tenant(), publication, now_ms()))
+    }
+
     async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
         Ok(self.history.top(tenant))
     }

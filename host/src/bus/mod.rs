@@ -128,6 +128,10 @@ pub trait Bus: Send + Sync + 'static {
     /// each whose device is `watched`, carrying its position.
     async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError>;
 
+    /// Appends `publication` (a command's state change) to its tenant's
+    /// history, publishing nothing; returns its position.
+    async fn record_history(&self, publication: &Publication) -> Result<Position, BusError>;
+
     /// The newest position of `tenant`'s history.
     async fn history_top(&self, tenant: &str) -> Result<Position, BusError>;
 

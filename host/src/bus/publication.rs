@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::history::Position;
+use crate::commands::CommandRecord;
 use crate::script::{Fields, Severity};
 use crate::status::StatusSource;
 
@@ -19,6 +20,9 @@ pub enum Publication {
     Alert(AlertRaised),
     /// An event reported by a script.
     Event(EventReported),
+    /// A command's state change (kept in history; announced by the
+    /// commands service, not published on a device channel).
+    Command(Box<CommandRecord>),
 }
 
 /// `ws:device:{device}`: `{"device_id","tenant_id","timestamp","data":{…}}`.
@@ -163,6 +167,7 @@ impl Publication {
             Publication::Status(s) => &s.device_id,
             Publication::Alert(a) => &a.device_id,
             Publication::Event(e) => &e.device_id,
+            Publication::Command(c) => &c.device_id,
         }
     }
 
@@ -173,6 +178,7 @@ impl Publication {
             Publication::Status(s) => &s.tenant_id,
             Publication::Alert(a) => &a.tenant_id,
             Publication::Event(e) => &e.tenant_id,
+            Publication::Command(c) => &c.tenant_id,
         }
     }
 
@@ -183,6 +189,7 @@ impl Publication {
             Publication::Status(s) => s.position.as_ref(),
             Publication::Alert(a) => a.position.as_ref(),
             Publication::Event(e) => e.position.as_ref(),
+            Publication::Command(c) => c.position.as_ref(),
         }
     }
 
@@ -193,6 +200,7 @@ impl Publication {
             Publication::Status(s) => s.position = Some(position),
             Publication::Alert(a) => a.position = Some(position),
             Publication::Event(e) => e.position = Some(position),
+            Publication::Command(c) => c.position = Some(position),
         }
         self
     }
@@ -205,6 +213,7 @@ impl Publication {
             Publication::Status(_) => status_channel(device),
             Publication::Alert(_) => alert_channel(device),
             Publication::Event(_) => event_channel(device),
+            Publication::Command(_) => crate::commands::redis::CHANNEL.to_owned(),
         }
     }
 
@@ -215,6 +224,7 @@ impl Publication {
             Publication::Status(s) => json_text(s, "publication"),
             Publication::Alert(a) => json_text(a, "publication"),
             Publication::Event(e) => json_text(e, "publication"),
+            Publication::Command(c) => json_text(c, "publication"),
         }
     }
 
@@ -259,6 +269,7 @@ impl Publication {
             Publication::Status(_) => "status",
             Publication::Alert(_) => "alert",
             Publication::Event(_) => "event",
+            Publication::Command(_) => "command",
         }
     }
 }

@@ -112,6 +112,10 @@ pub struct CommandRecord {
     /// What the script encoded, sent as they are.
     #[serde(default)]
     pub downlinks: Vec<Downlink>,
+    /// Where this state change stands in its tenant's history, once
+    /// recorded there (announced changes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<crate::bus::history::Position>,
 }
 
 impl CommandRecord {
@@ -141,6 +145,9 @@ impl CommandRecord {
         }
         if let Some(failure) = self.failure {
             view["failure"] = serde_json::to_value(failure).unwrap_or_default();
+        }
+        if let Some(position) = &self.position {
+            view["position"] = serde_json::json!(position);
         }
         view
     }

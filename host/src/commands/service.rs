@@ -76,6 +76,8 @@ pub struct Commands {
     any_queued: AtomicBool,
     /// Every state change, for the `/ws` `commands` channel.
     updates: broadcast::Sender<Arc<CommandRecord>>,
+    /// Where announced state changes are recorded first, if anywhere.
+    history: Option<Arc<dyn crate::bus::Bus>>,
     /// Per product whose network server's application is not configured:
     /// how its uplink topics name it.
     learners: HashMap<String, fn(&str) -> Option<&str>>,
@@ -148,7 +150,16 @@ impl Commands {
             queued: RwLock::new(HashSet::new()),
             any_queued: AtomicBool::new(false),
             updates: broadcast::channel(EVENTS).0,
+            history: None,
         })
+    }
+
+    /// The same, recording every announced state change in its tenant's
+    /// history on `bus` first, so it carries a position and a resuming
+    /// client can have it again.
+    pub fn with_history(mut self, bus: Arc<dyn crate::bus::Bus>) -> Self {
+        self.history = Some(bus);
+        self
     }
 
     /// A service in the process with the default settings and MQTT
@@ -318,6 +329,7 @@ impl Commands {
             error: None,
             failure: None,
             downlinks,
+            position: None,
         };
         // Kept before it is sent: a quick device's reply finds it.
         self.store.insert(&record, self.config.queue).await?;
@@ -574,7 +586,17 @@ impl Commands {
     }
 
     async fn announce(&self, record: &CommandRecord) {
-        if let Err(error) = self.store.announce(record).await {
+        let mut announced = record.clone();
+        if let Some(bus) = &self.history {
+            let change = crate::bus::Publication::Command(Box::new(record.clone()));
+            match bus.record_history(&change).await {
+                Ok(position) => announced.position = Some(position),
+                Err(error) => {
+                    tracing::warn!(command = %record.id, %error, "a command's state change was not recorded in history; announced without a position");
+                }
+            }
+        }
+        if let Err(error) = self.store.announce(&announced).await {
             // The record is right; listeners elsewhere learn at their next look.
             tracing::warn!(command = %record.id, %error, "a command's state change was not announced");
         }

@@ -294,6 +294,7 @@ mod tests {
             error: None,
             failure: None,
             downlinks: Vec::new(),
+            position: None,
         }
     }
 

@@ -376,6 +376,7 @@ mod tests {
             error: None,
             failure: None,
             downlinks: Vec::new(),
+            position: None,
         }
     }
 

@@ -213,6 +213,7 @@ fn item(entry: &Recorded) -> Option<Value> {
         Publication::Alert(alert) => serde_json::to_value(alert).ok()?,
         Publication::Event(event) => serde_json::to_value(event).ok()?,
         Publication::Status(change) => serde_json::to_value(change).ok()?,
+        Publication::Command(command) => command.view(),
         Publication::Telemetry(_) => return None,
     };
     value["recorded_at"] = json!(entry.recorded_ms);

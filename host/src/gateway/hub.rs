@@ -126,6 +126,8 @@ impl Kinds {
             Publication::Status(_) => Kinds::STATUS,
             Publication::Alert(_) => Kinds::ALERTS,
             Publication::Event(_) => Kinds::EVENTS,
+            // Announced by the commands service, never through the hub.
+            Publication::Command(_) => Kinds::NONE,
         }
     }
 

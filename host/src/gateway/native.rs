@@ -68,7 +68,30 @@ impl Subscription {
                 Some(frames::alert(id, alert))
             }
             (Channel::Events, Publication::Event(event)) => Some(frames::event(id, event)),
+            (Channel::Commands, Publication::Command(record)) => {
+                let mut frame = json!({"type": "command", "id": id, "device_id": record.device_id, "command": record.view()});
+                if let Some(position) = &record.position {
+                    frame["position"] = json!(position);
+                }
+                Some(frame.to_string())
+            }
             _ => None,
+        }
+    }
+
+    /// Sends (or, while replaying, holds) the frame of `publication`, a
+    /// device's alert, event, status change or command state change, if
+    /// this subscription (`id`) wants it.
+    fn route(&mut self, id: &str, publication: &Publication, outbox: &Outbox) {
+        if !self.devices.contains(publication.device()) {
+            return;
+        }
+        let Some(frame) = self.frame(id, publication) else {
+            return;
+        };
+        match &mut self.pending {
+            Some(pending) => pending.push((publication.position().cloned(), frame)),
+            None => outbox.push(frame),
         }
     }
 }
@@ -114,13 +137,7 @@ impl Watcher for NativeWatcher {
                 }
                 continue;
             }
-            let Some(frame) = subscription.frame(id, publication) else {
-                continue;
-            };
-            match &mut subscription.pending {
-                Some(pending) => pending.push((publication.position().cloned(), frame)),
-                None => self.outbox.push(frame),
-            }
+            subscription.route(id, publication, &self.outbox);
         }
     }
 }
@@ -461,7 +478,7 @@ impl Client {
         let resumes = self.resumes(&request, &devices)?;
         let positioned = matches!(
             request.channel,
-            Channel::Alerts | Channel::Events | Channel::Status
+            Channel::Alerts | Channel::Events | Channel::Status | Channel::Commands
         );
         let id = request.id.clone();
         let channel = request.channel;
@@ -577,11 +594,11 @@ impl Client {
         };
         if !matches!(
             request.channel,
-            Channel::Alerts | Channel::Events | Channel::Status
+            Channel::Alerts | Channel::Events | Channel::Status | Channel::Commands
         ) {
             return Err(FrameError::new(
                 "bad_filter",
-                "since resumes the alerts, events and status channels only",
+                "since resumes the alerts, events, status and commands channels only",
             ));
         }
         if since.positions().len() > MAX_SINCE {
@@ -868,20 +885,9 @@ impl Client {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };
-                let ids: Vec<String> = watcher
-                    .subscriptions()
-                    .iter()
-                    .filter(|(_, s)| {
-                        s.request.channel == Channel::Commands
-                            && s.devices.contains(&record.device_id)
-                    })
-                    .map(|(id, _)| id.clone())
-                    .collect();
-                for id in ids {
-                    watcher.outbox.push(
-                        json!({"type": "command", "id": id, "device_id": record.device_id, "command": record.view()})
-                            .to_string(),
-                    );
+                let change = Publication::Command(Box::new((*record).clone()));
+                for (id, subscription) in watcher.subscriptions().iter_mut() {
+                    subscription.route(id, &change, &watcher.outbox);
                 }
             }
         }));

@@ -405,6 +405,9 @@ mod tests {
             self.check()?;
             self.inner.record(batch, watched).await
         }
+        async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
+            self.inner.record_history(publication).await
+        }
         async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
             self.inner.history_top(tenant).await
         }

@@ -449,6 +449,28 @@ impl Bus for RedisBus {
             .map_err(unavailable)
     }
 
+    async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
+        let kind = HistoryKind::of(publication)
+            .ok_or_else(|| BusError::Corrupt("telemetry has no history".into()))?;
+        let payload = publication
+            .payload()
+            .ok_or_else(|| BusError::Corrupt("a history entry that cannot be written".into()))?;
+        let position: String = self
+            .scripts
+            .append
+            .arg(publication.tenant())
+            .arg(kind.tag())
+            .arg(publication.device())
+            .arg(payload)
+            .arg(self.history.max_entries)
+            .arg(self.history_age_ms())
+            .invoke_async(&mut self.connection())
+            .await
+            .map_err(unavailable)?;
+        serde_json::from_str(&position)
+            .map_err(|e| BusError::Corrupt(format!("history position {position:?}: {e}")))
+    }
+
     async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
         let (epoch, offset): (String, String) = self
             .scripts
@@ -618,6 +640,9 @@ fn parse_entry(
         Some(HistoryKind::Alert) => Publication::Alert(serde_json::from_str(json).map_err(bad)?),
         Some(HistoryKind::Event) => Publication::Event(serde_json::from_str(json).map_err(bad)?),
         Some(HistoryKind::Status) => Publication::Status(serde_json::from_str(json).map_err(bad)?),
+        Some(HistoryKind::Command) => {
+            Publication::Command(Box::new(serde_json::from_str(json).map_err(bad)?))
+        }
         None => return Err(corrupt(format!("unknown kind {kind:?}"))),
     };
     Ok(Recorded {

@@ -160,6 +160,13 @@ end
 return tonumber(ARGV[3])
 ";
 
+/// Appends one entry to a tenant's history and returns its position.
+///
+/// ARGV: tenant, kind, device, json, history maxlen, history age (ms).
+const APPEND: &str = r"
+return history_record(ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+";
+
 /// The newest position of a tenant's history (starting its epoch if it
 /// has none yet, so a client that saw nothing can still resume).
 ///
@@ -210,6 +217,7 @@ pub(super) struct Scripts {
     pub(super) transitions: redis::Script,
     pub(super) sweep: redis::Script,
     pub(super) record: redis::Script,
+    pub(super) append: redis::Script,
     pub(super) top: redis::Script,
     pub(super) after: redis::Script,
 }
@@ -220,6 +228,7 @@ impl Scripts {
             transitions: with_history(TRANSITIONS),
             sweep: with_history(SWEEP),
             record: with_history(RECORD),
+            append: with_history(APPEND),
             top: with_history(TOP),
             after: with_history(AFTER),
         }
