@@ -110,16 +110,22 @@ async fn the_demo_dashboard_shows_devices_values_and_status_flips() {
     )
     .await;
     assert_eq!(state, "replied");
-    let values = browser
-        .eval("return document.querySelector('#devices tr[data-device=\"trv-01\"] td.values').textContent")
-        .await;
-    assert!(
-        values
-            .as_str()
-            .unwrap_or_default()
-            .contains("setpoint 23.5"),
-        "{values}"
-    );
+    // The report that carries the new setpoint is its own frame: it may
+    // follow the reply by a moment.
+    eventually(
+        Duration::from_secs(10),
+        "trv-01's row to show the new setpoint",
+        || async {
+            let values = browser
+                .eval("return document.querySelector('#devices tr[data-device=\"trv-01\"] td.values').textContent")
+                .await;
+            values
+                .as_str()
+                .is_some_and(|v| v.contains("setpoint 23.5"))
+                .then_some(())
+        },
+    )
+    .await;
 
     let screenshot = scratch_dir().join("artifacts").join("dashboard.png");
     browser.screenshot(&screenshot).await;

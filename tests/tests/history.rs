@@ -400,6 +400,9 @@ async fn a_client_resumes_on_another_instance_with_what_it_missed_once_in_order(
         paged, whole,
         "pages of 7 give the same, without gaps or repeats"
     );
+    let mut backwards = all_pages(&b.base_url(), ACME, "/api/v1/alerts?order=newest", 7).await;
+    backwards.reverse();
+    assert_eq!(backwards, whole, "newest first, the same in reverse");
     assert!(whole.len() >= 50, "{}", whole.len());
     assert!(whole.iter().all(|a| a["tenant_id"] == "acme"));
     let globex = all_pages(&b.base_url(), GLOBEX, "/api/v1/alerts", 10).await;
@@ -424,6 +427,7 @@ async fn a_client_resumes_on_another_instance_with_what_it_missed_once_in_order(
         ("/api/v1/alerts?since=yesterday", 400, "bad_query"),
         ("/api/v1/alerts?after=nonsense", 400, "bad_query"),
         ("/api/v1/alerts?colour=red", 400, "bad_query"),
+        ("/api/v1/alerts?order=sideways", 400, "bad_query"),
         ("/api/v1/alerts?tenant=globex", 404, "unknown_tenant"),
         ("/api/v1/devices/gx-1/transitions", 404, "unknown_device"),
     ] {

@@ -162,7 +162,11 @@ async fn group_subscriptions_follow_registry_changes() {
     client
         .send(&json!({"type": "subscribe", "id": "g", "channel": "telemetry", "groups": ["freezers"]}))
         .await;
-    assert_eq!(client.next_of("subscribed").await["devices"], json!([]));
+    // Carried by the group: its name and member count, not its members.
+    assert_eq!(
+        client.next_of("subscribed").await["groups"],
+        json!([{"group": "freezers", "members": 0}])
+    );
 
     // A device joins the group in the registry file.
     site.write(

@@ -121,9 +121,11 @@ pub struct RangeQuery {
     pub since_ms: i64,
     /// Recorded at or before (ms).
     pub until_ms: i64,
-    /// Strictly after this entry (ms recorded, offset): the last one of
-    /// the page before.
+    /// Strictly past this entry (ms recorded, offset) in the query's
+    /// order: the last one of the page before.
     pub after: Option<(i64, u64)>,
+    /// Newest first (else oldest first).
+    pub newest_first: bool,
     /// At most this many.
     pub limit: usize,
 }
@@ -133,7 +135,13 @@ impl RangeQuery {
     pub fn admits(&self, ms: i64, offset: u64) -> bool {
         ms >= self.since_ms
             && ms <= self.until_ms
-            && self.after.is_none_or(|after| (ms, offset) > after)
+            && self.after.is_none_or(|after| {
+                if self.newest_first {
+                    (ms, offset) < after
+                } else {
+                    (ms, offset) > after
+                }
+            })
     }
 
     /// Whether `publication` is of the kind and device asked for.
@@ -303,12 +311,25 @@ impl HistoryRing {
         let mut tenants = self.lock();
         let ring = self.ring(&mut tenants, &query.tenant);
         self.trim(ring, now_ms);
-        ring.entries
-            .iter()
-            .filter(|(offset, ms, publication)| {
-                query.admits(*ms, *offset) && query.wants(publication)
-            })
-            .take(query.limit)
+        let wanted = |(offset, ms, publication): &&(u64, i64, Publication)| {
+            query.admits(*ms, *offset) && query.wants(publication)
+        };
+        let found: Vec<&(u64, i64, Publication)> = if query.newest_first {
+            ring.entries
+                .iter()
+                .rev()
+                .filter(wanted)
+                .take(query.limit)
+                .collect()
+        } else {
+            ring.entries
+                .iter()
+                .filter(wanted)
+                .take(query.limit)
+                .collect()
+        };
+        found
+            .into_iter()
             .map(|e| Self::recorded(&query.tenant, ring, e))
             .collect()
     }
@@ -420,16 +441,23 @@ mod tests {
             since_ms: 0,
             until_ms: i64::MAX,
             after: None,
+            newest_first: false,
             limit: 3,
         };
-        let mut seen = Vec::new();
-        loop {
-            let page = ring.range(&query, 2_000);
-            let Some(last) = page.last() else { break };
-            query.after = Some((last.recorded_ms, last.position.offset));
-            seen.extend(page.iter().map(|e| e.position.offset));
-        }
-        assert_eq!(seen, (1..=7).collect::<Vec<_>>());
+        let pages = |query: &mut RangeQuery| {
+            let mut seen = Vec::new();
+            loop {
+                let page = ring.range(query, 2_000);
+                let Some(last) = page.last() else { break };
+                query.after = Some((last.recorded_ms, last.position.offset));
+                seen.extend(page.iter().map(|e| e.position.offset));
+            }
+            query.after = None;
+            seen
+        };
+        assert_eq!(pages(&mut query), (1..=7).collect::<Vec<_>>());
+        query.newest_first = true;
+        assert_eq!(pages(&mut query), (1..=7).rev().collect::<Vec<_>>());
         query.kind = HistoryKind::Event;
         query.after = None;
         assert!(ring.range(&query, 2_000).is_empty());

@@ -11,7 +11,8 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 /// rarely wait.
 const SHARDS: usize = 64;
 
-/// The devices that have at least one watcher anywhere.
+/// The devices that have at least one watcher anywhere, and the groups
+/// watched as a whole (`ws:sub:group:{group}`).
 ///
 /// A `std::sync::RwLock` is right here: each lock is held for one set
 /// operation, never across an `.await`.
@@ -19,6 +20,11 @@ const SHARDS: usize = 64;
 pub struct Interest {
     shards: Vec<RwLock<HashSet<String>>>,
     hasher: RandomState,
+    /// Watched groups: few next to devices, read once per report of a
+    /// device in some group.
+    groups: RwLock<HashSet<String>>,
+    /// Whether any group is watched: the message path asks this first.
+    any_groups: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Interest {
@@ -26,6 +32,8 @@ impl Default for Interest {
         Interest {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
+            groups: RwLock::default(),
+            any_groups: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -101,6 +109,56 @@ impl Interest {
         }
     }
 
+    /// Marks each of `groups` watched as a whole, or not.
+    pub fn set_groups<'a>(&self, groups: impl IntoIterator<Item = &'a str>, watched: bool) {
+        let mut set = Self::write(&self.groups);
+        for group in groups {
+            if watched {
+                if !set.contains(group) {
+                    set.insert(group.to_owned());
+                }
+            } else {
+                set.remove(group);
+            }
+        }
+        self.any_groups
+            .store(!set.is_empty(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Replaces the watched groups (a resync).
+    pub fn replace_groups(&self, groups: HashSet<String>) {
+        let mut set = Self::write(&self.groups);
+        *set = groups;
+        self.any_groups
+            .store(!set.is_empty(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Which of `groups` (a device's) are watched as a whole.
+    pub fn watched_groups(&self, groups: &[String]) -> Vec<String> {
+        if groups.is_empty() || !self.any_groups() {
+            return Vec::new();
+        }
+        let set = Self::read(&self.groups);
+        if set.is_empty() {
+            return Vec::new();
+        }
+        groups
+            .iter()
+            .filter(|g| set.contains(*g))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether any group is watched as a whole (one atomic load).
+    pub fn any_groups(&self) -> bool {
+        self.any_groups.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many groups are watched as a whole.
+    pub fn group_count(&self) -> usize {
+        Self::read(&self.groups).len()
+    }
+
     /// A copy of the set.
     pub fn devices(&self) -> Vec<String> {
         self.shards
@@ -127,6 +185,20 @@ mod tests {
         interest.replace(["x".to_owned(), "y".to_owned()].into());
         assert!(interest.is_watched("y"));
         assert_eq!(interest.len(), 2);
+    }
+
+    #[test]
+    fn groups_are_watched_apart_from_devices() {
+        let interest = Interest::new();
+        let groups = ["cold".to_owned(), "lab".to_owned()];
+        assert!(interest.watched_groups(&groups).is_empty());
+        interest.set_groups(["cold"], true);
+        assert_eq!(interest.watched_groups(&groups), ["cold"]);
+        assert!(!interest.is_watched("cold"), "a group is not a device");
+        interest.replace_groups(["lab".to_owned()].into());
+        assert_eq!(interest.watched_groups(&groups), ["lab"]);
+        interest.set_groups(["lab"], false);
+        assert_eq!(interest.group_count(), 0);
     }
 
     #[test]

@@ -21,6 +21,8 @@ const SUBSCRIBER_BACKLOG: usize = 4096;
 #[derive(Debug)]
 pub struct MemoryBus {
     publications: broadcast::Sender<Arc<Publication>>,
+    /// Reports of members of watched groups, with the group.
+    groups: broadcast::Sender<Arc<(String, Publication)>>,
     dead_letters: DeadLetterRing,
     history: HistoryRing,
 }
@@ -31,6 +33,7 @@ impl MemoryBus {
     pub fn new(dead_letters: usize, history: HistoryLimits) -> Self {
         MemoryBus {
             publications: broadcast::channel(SUBSCRIBER_BACKLOG).0,
+            groups: broadcast::channel(SUBSCRIBER_BACKLOG).0,
             dead_letters: DeadLetterRing::new(dead_letters),
             history: HistoryRing::new(history),
         }
@@ -54,6 +57,11 @@ impl MemoryBus {
     /// Receives every publication from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Publication>> {
         self.publications.subscribe()
+    }
+
+    /// Receives every report published to a watched group from now on.
+    pub fn subscribe_groups(&self) -> broadcast::Receiver<Arc<(String, Publication)>> {
+        self.groups.subscribe()
     }
 }
 
@@ -147,6 +155,14 @@ impl Bus for MemoryBus {
         tenant: Option<&str>,
     ) -> Result<Vec<DeadLetter>, BusError> {
         Ok(self.dead_letters.newest(limit, tenant))
+    }
+
+    async fn publish_groups(&self, batch: &[(String, Publication)]) -> Result<(), BusError> {
+        for delivery in batch {
+            // No subscriber is not an error: nobody is watching here.
+            let _ = self.groups.send(Arc::new(delivery.clone()));
+        }
+        Ok(())
     }
 
     async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {

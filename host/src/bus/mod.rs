@@ -16,7 +16,10 @@ pub use publication::{
     AlertRaised, EventReported, Publication, StatusChange, TelemetryReport, alert_channel,
     event_channel, json_text, status_channel, telemetry_channel,
 };
-pub use redis::{Followed, INTEREST_CHANNEL, RedisBus, TransitionFeed, mirror_interest};
+pub use redis::{
+    Followed, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, RedisBus, TransitionFeed,
+    mirror_interest,
+};
 
 use crate::deadletter::DeadLetter;
 use crate::latest::{Delta, Snapshot};
@@ -63,6 +66,10 @@ pub trait Bus: Send + Sync + 'static {
     /// Delivers publications (already filtered by interest) to every
     /// instance's gateways.
     async fn publish(&self, batch: &[Publication]) -> Result<(), BusError>;
+
+    /// Delivers reports to the watchers of a group (`ws:group:{group}`),
+    /// each `(group, report)` once: the group is watched as a whole.
+    async fn publish_groups(&self, batch: &[(String, Publication)]) -> Result<(), BusError>;
 
     /// Records status changes in the shared status table; a change takes
     /// effect only if the table does not already hold that status, so

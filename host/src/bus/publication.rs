@@ -36,6 +36,11 @@ pub struct TelemetryReport {
     pub timestamp: i64,
     /// The reported values.
     pub data: Fields,
+    /// On a group channel: every group of the device (so a watcher of
+    /// several of them takes the report once). Left out when empty, so
+    /// the device channel carries the seed's JSON.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// `device:{device}:status`:
@@ -228,6 +233,22 @@ impl Publication {
         }
     }
 
+    /// The JSON for the channel of `group`: the report's, with `group`.
+    pub fn group_payload(&self, group: &str) -> Option<String> {
+        let payload = self.payload()?;
+        let group = json_text(group, "publication")?;
+        let body = payload.strip_suffix('}')?;
+        Some(format!("{body},\"group\":{group}}}"))
+    }
+
+    /// Parses what arrived on a group channel (`ws:group:{group}`): a
+    /// member's telemetry report.
+    pub fn parse_group(payload: &[u8]) -> Result<Publication, String> {
+        serde_json::from_slice(payload)
+            .map(Publication::Telemetry)
+            .map_err(|e| format!("group report: {e}"))
+    }
+
     /// Parses what arrived on `channel` (one of the four per-device channels).
     pub fn parse(channel: &str, payload: &[u8]) -> Result<Publication, String> {
         let bad = |e: serde_json::Error| format!("{channel}: {e}");
@@ -286,6 +307,7 @@ mod tests {
             tenant_id: "acme".into(),
             timestamp: 1_732_262_400_000,
             data: Fields::new().with("temperature", 21.5).with("ok", true),
+            groups: Vec::new(),
         });
         assert_eq!(telemetry.channel(), "ws:device:th-1");
         assert_eq!(

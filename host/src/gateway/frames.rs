@@ -120,10 +120,14 @@ pub struct Subscribe {
     /// Only these telemetry keys (`telemetry` channel).
     #[serde(default)]
     pub keys: Vec<String>,
-    /// Resume after these positions (`alerts`, `events` and `status`
-    /// channels): what was missed is sent first.
+    /// Resume after these positions (every channel but telemetry): what
+    /// was missed is sent first.
     #[serde(default)]
     pub since: Option<Since>,
+    /// Whether the current snapshot of each device follows `subscribed`
+    /// (true unless `false`).
+    #[serde(default)]
+    pub snapshot: Option<bool>,
 }
 
 /// A position a subscription resumes after, as the client sends it: the
@@ -162,6 +166,17 @@ impl Since {
 }
 
 impl Subscribe {
+    /// Whether the subscription is carried by its groups rather than by
+    /// their members: telemetry of devices selected by `groups` alone. One
+    /// count and one channel per group, whatever its size.
+    pub fn carried_by_groups(&self) -> bool {
+        self.channel == Channel::Telemetry
+            && !self.groups.is_empty()
+            && self.device_ids.is_empty()
+            && self.device_types.is_empty()
+            && self.locations.is_empty()
+    }
+
     /// Whether the device set comes from the registry (and follows it).
     pub fn selects_from_registry(&self) -> bool {
         !self.device_types.is_empty()

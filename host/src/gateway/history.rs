@@ -4,9 +4,10 @@
 //!
 //! Parameters: `since` and `until` (recorded times, inclusive: ms since
 //! the Unix epoch or RFC 3339 in UTC), `limit` (100; at most 1,000),
-//! `after` (the `next` of the page before), and for admins and without
-//! authentication `tenant` (default: every tenant). Items come oldest
-//! first, ordered by the time recorded, then tenant, then offset.
+//! `after` (the `next` of the page before), `order` (`oldest` first, the
+//! default, or `newest` first), and for admins and without authentication
+//! `tenant` (default: every tenant). Items are ordered by the time
+//! recorded, then tenant, then offset.
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
@@ -36,6 +37,7 @@ pub(super) struct Params {
     limit: Option<usize>,
     after: Option<String>,
     tenant: Option<String>,
+    order: Option<String>,
 }
 
 fn bad(message: impl Into<String>) -> AppError {
@@ -107,13 +109,18 @@ impl Cursor {
     }
 
     /// The same bound within one tenant's history, which is ordered by
-    /// (ms, offset): entries after the cursor in the order of (ms, tenant,
-    /// offset).
-    fn within(&self, tenant: &str) -> (i64, u64) {
-        match tenant.cmp(self.tenant.as_str()) {
-            std::cmp::Ordering::Less => (self.ms, u64::MAX),
-            std::cmp::Ordering::Equal => (self.ms, self.offset),
-            std::cmp::Ordering::Greater => (self.ms - 1, u64::MAX),
+    /// (ms, offset): entries past the cursor in the order of (ms, tenant,
+    /// offset), forwards or (`newest_first`) backwards.
+    fn within(&self, tenant: &str, newest_first: bool) -> (i64, u64) {
+        use std::cmp::Ordering::{Equal, Greater, Less};
+        match (tenant.cmp(self.tenant.as_str()), newest_first) {
+            (Equal, _) => (self.ms, self.offset),
+            // Forwards: a smaller tenant's entries of the same ms came before.
+            (Less, false) => (self.ms, u64::MAX),
+            (Greater, false) => (self.ms - 1, u64::MAX),
+            // Backwards: a smaller tenant's entries of the same ms come next.
+            (Less, true) => (self.ms + 1, 0),
+            (Greater, true) => (self.ms, 0),
         }
     }
 }
@@ -172,6 +179,11 @@ async fn page(
         return Err(bad(format!("limit: from 1 to {MAX_LIMIT}, not {limit}")));
     }
     let after = params.after.as_deref().map(Cursor::parse).transpose()?;
+    let newest_first = match params.order.as_deref() {
+        None | Some("oldest") => false,
+        Some("newest") => true,
+        Some(other) => return Err(bad(format!("order: oldest or newest, not {other:?}"))),
+    };
     let mut items: Vec<Recorded> = Vec::new();
     for tenant in tenants {
         let query = RangeQuery {
@@ -180,7 +192,8 @@ async fn page(
             device: device.map(str::to_owned),
             since_ms,
             until_ms,
-            after: after.as_ref().map(|c| c.within(tenant)),
+            after: after.as_ref().map(|c| c.within(tenant, newest_first)),
+            newest_first,
             limit,
         };
         items.extend(
@@ -192,11 +205,12 @@ async fn page(
         );
     }
     items.sort_by(|a, b| {
-        (a.recorded_ms, &a.position.tenant, a.position.offset).cmp(&(
+        let order = (a.recorded_ms, &a.position.tenant, a.position.offset).cmp(&(
             b.recorded_ms,
             &b.position.tenant,
             b.position.offset,
-        ))
+        ));
+        if newest_first { order.reverse() } else { order }
     });
     items.truncate(limit);
     let next = (items.len() == limit)
@@ -292,9 +306,12 @@ mod tests {
         let cursor = Cursor::parse("1000.7.acme.eu").unwrap();
         assert_eq!(cursor.tenant, "acme.eu");
         assert_eq!(Cursor::parse(&cursor.text()).unwrap(), cursor);
-        assert_eq!(cursor.within("acme.eu"), (1000, 7));
-        assert_eq!(cursor.within("a"), (1000, u64::MAX));
-        assert_eq!(cursor.within("globex"), (999, u64::MAX));
+        assert_eq!(cursor.within("acme.eu", false), (1000, 7));
+        assert_eq!(cursor.within("a", false), (1000, u64::MAX));
+        assert_eq!(cursor.within("globex", false), (999, u64::MAX));
+        assert_eq!(cursor.within("acme.eu", true), (1000, 7));
+        assert_eq!(cursor.within("a", true), (1001, 0));
+        assert_eq!(cursor.within("globex", true), (1000, 0));
         assert!(Cursor::parse("x.1.a").is_err());
         assert!(Cursor::parse("1").is_err());
     }

@@ -26,7 +26,10 @@ use redis::{Client, Script};
 use tokio::sync::{broadcast, watch};
 
 use super::frames::Rendered;
-use crate::bus::{BusError, INTEREST_CHANNEL, Interest, MemoryBus, Publication};
+use crate::bus::{
+    BusError, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, Interest, MemoryBus,
+    Publication,
+};
 use crate::supervisor::Supervisor;
 
 /// How long a watcher count lives without a refresh.
@@ -38,19 +41,22 @@ const CHUNK: usize = 500;
 /// How often a lost count restore is tried again.
 const RESTORE_RETRY: Duration = Duration::from_millis(500);
 
-/// INCRBY each watcher count and set its TTL; announce the devices whose
-/// first watcher came in one event. KEYS: ws:sub:{device}…. ARGV: ttl,
-/// interest channel, then per key its count and its device.
+/// INCRBY each watcher count and set its TTL; announce the devices (or
+/// groups) whose first watcher came in one event. KEYS: ws:sub:{device}…
+/// (or ws:sub:group:{group}…). ARGV: ttl, interest channel, the event's
+/// field (`devices` or `groups`), then per key its count and its name.
 const WATCH_LUA: &str = r"
 local first = {}
 for i, key in ipairs(KEYS) do
-  local count = tonumber(ARGV[1 + 2 * i])
+  local count = tonumber(ARGV[2 + 2 * i])
   local n = redis.call('INCRBY', key, count)
   redis.call('EXPIRE', key, ARGV[1])
-  if n == count then table.insert(first, ARGV[2 + 2 * i]) end
+  if n == count then table.insert(first, ARGV[3 + 2 * i]) end
 end
 if #first > 0 then
-  redis.call('PUBLISH', ARGV[2], cjson.encode({devices = first, watched = true}))
+  local event = {watched = true}
+  event[ARGV[3]] = first
+  redis.call('PUBLISH', ARGV[2], cjson.encode(event))
 end
 return #first
 ";
@@ -61,16 +67,18 @@ return #first
 const UNWATCH_LUA: &str = r"
 local last = {}
 for i, key in ipairs(KEYS) do
-  local n = redis.call('DECRBY', key, ARGV[1 + 2 * i])
+  local n = redis.call('DECRBY', key, ARGV[2 + 2 * i])
   if n <= 0 then
     redis.call('DEL', key)
-    table.insert(last, ARGV[2 + 2 * i])
+    table.insert(last, ARGV[3 + 2 * i])
   else
     redis.call('EXPIRE', key, ARGV[1])
   end
 end
 if #last > 0 then
-  redis.call('PUBLISH', ARGV[2], cjson.encode({devices = last, watched = false}))
+  local event = {watched = false}
+  event[ARGV[3]] = last
+  redis.call('PUBLISH', ARGV[2], cjson.encode(event))
 end
 return #last
 ";
@@ -82,13 +90,15 @@ const REFRESH_LUA: &str = r"
 local back = {}
 for i, key in ipairs(KEYS) do
   if redis.call('EXPIRE', key, ARGV[1]) == 0 then
-    redis.call('INCRBY', key, ARGV[1 + 2 * i])
+    redis.call('INCRBY', key, ARGV[2 + 2 * i])
     redis.call('EXPIRE', key, ARGV[1])
-    table.insert(back, ARGV[2 + 2 * i])
+    table.insert(back, ARGV[3 + 2 * i])
   end
 end
 if #back > 0 then
-  redis.call('PUBLISH', ARGV[2], cjson.encode({devices = back, watched = true}))
+  local event = {watched = true}
+  event[ARGV[3]] = back
+  redis.call('PUBLISH', ARGV[2], cjson.encode(event))
 end
 return #back
 ";
@@ -156,6 +166,10 @@ pub trait Watcher: Send + Sync {
     /// A publication about a watched device, with frame parts shared by
     /// every watcher; must not block.
     fn deliver(&self, publication: &Rendered<'_>);
+
+    /// A publication about a member of `group`, which the watcher watches
+    /// as a whole; must not block.
+    fn deliver_group(&self, _group: &str, _publication: &Rendered<'_>) {}
 }
 
 /// A watcher's handle in the hub.
@@ -172,6 +186,8 @@ struct Held {
 struct Table {
     /// Device → its local watchers.
     devices: HashMap<String, HashMap<WatcherId, Held>>,
+    /// Group → its local watchers (of the group as a whole).
+    groups: HashMap<String, HashMap<WatcherId, Arc<dyn Watcher>>>,
 }
 
 impl Table {
@@ -191,6 +207,8 @@ struct RedisSide {
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     /// Devices whose channels the subscriber connection holds, and which.
     subscribed: Mutex<HashMap<String, Kinds>>,
+    /// Groups whose channel the subscriber connection holds.
+    subscribed_groups: Mutex<std::collections::HashSet<String>>,
     watch: Script,
     unwatch: Script,
     refresh: Script,
@@ -213,8 +231,36 @@ impl std::fmt::Debug for Hub {
     }
 }
 
-fn watch_key(device: &str) -> String {
-    format!("ws:sub:{device}")
+/// A device or group, and how many local watchers it has.
+type HeldCount = (String, usize);
+
+/// What a count is of: a device (`ws:sub:{device}`, announced as
+/// `devices`) or a group (`ws:sub:group:{group}`, announced as `groups`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    Devices,
+    Groups,
+}
+
+impl Counted {
+    fn key(self, name: &str) -> String {
+        match self {
+            Counted::Devices => format!("ws:sub:{name}"),
+            Counted::Groups => format!("{GROUP_WATCH_PREFIX}{name}"),
+        }
+    }
+
+    fn field(self) -> &'static str {
+        match self {
+            Counted::Devices => "devices",
+            Counted::Groups => "groups",
+        }
+    }
+}
+
+/// A group's channel: each member's report once, with `group`.
+pub fn group_channel(group: &str) -> String {
+    format!("{GROUP_CHANNEL_PREFIX}{group}")
 }
 
 fn unavailable(error: redis::RedisError) -> BusError {
@@ -244,7 +290,12 @@ impl Hub {
         });
         let (relay, stop) = (hub.clone(), shutdown.clone());
         tasks.spawn("hub relay", shutdown, move || {
-            relay_in_process(relay.clone(), bus.subscribe(), stop.clone())
+            relay_in_process(
+                relay.clone(),
+                bus.subscribe(),
+                bus.subscribe_groups(),
+                stop.clone(),
+            )
         });
         hub
     }
@@ -267,6 +318,7 @@ impl Hub {
                 connection,
                 sink: tokio::sync::Mutex::new(None),
                 subscribed: Mutex::default(),
+                subscribed_groups: Mutex::default(),
                 watch: Script::new(WATCH_LUA),
                 unwatch: Script::new(UNWATCH_LUA),
                 refresh: Script::new(REFRESH_LUA),
@@ -341,9 +393,13 @@ impl Hub {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let counted = counts_pipeline(&redis.watch, new.iter().map(|d| (d.as_str(), 1)))
-            .query_async::<()>(&mut redis.connection.clone())
-            .await;
+        let counted = counts_pipeline(
+            &redis.watch,
+            Counted::Devices,
+            new.iter().map(|d| (d.as_str(), 1)),
+        )
+        .query_async::<()>(&mut redis.connection.clone())
+        .await;
         if let Err(error) = counted {
             // Not counted in Redis, so not held here either: a later
             // unwatch must not take away another client's count. (A reply
@@ -377,9 +433,13 @@ impl Hub {
     async fn release_new(&self, id: WatcherId, new: &[String]) {
         let last = self.forget(id, new);
         if let Some(redis) = &self.redis {
-            let released = counts_pipeline(&redis.unwatch, new.iter().map(|d| (d.as_str(), 1)))
-                .query_async::<()>(&mut redis.connection.clone())
-                .await;
+            let released = counts_pipeline(
+                &redis.unwatch,
+                Counted::Devices,
+                new.iter().map(|d| (d.as_str(), 1)),
+            )
+            .query_async::<()>(&mut redis.connection.clone())
+            .await;
             if let Err(error) = released {
                 tracing::warn!(%error, "could not give back watcher counts; they expire with their TTL");
             }
@@ -436,10 +496,14 @@ impl Hub {
                 .set_many(last.iter().map(String::as_str), false);
             return Ok(());
         };
-        counts_pipeline(&redis.unwatch, held.iter().map(|d| (d.as_str(), 1)))
-            .query_async::<()>(&mut redis.connection.clone())
-            .await
-            .map_err(unavailable)?;
+        counts_pipeline(
+            &redis.unwatch,
+            Counted::Devices,
+            held.iter().map(|d| (d.as_str(), 1)),
+        )
+        .query_async::<()>(&mut redis.connection.clone())
+        .await
+        .map_err(unavailable)?;
         self.reconcile(&held).await
     }
 
@@ -447,25 +511,44 @@ impl Hub {
     /// watcher: the last step of shutdown, for connections that did not
     /// leave by themselves.
     pub async fn release_all(&self) {
-        let held: Vec<(String, usize)> = {
+        let (held, groups): (Vec<HeldCount>, Vec<HeldCount>) = {
             let mut table = lock(&self.table);
-            table
+            let held = table
                 .devices
                 .drain()
                 .map(|(device, watchers)| (device, watchers.len()))
-                .collect()
+                .collect();
+            let groups = table
+                .groups
+                .drain()
+                .map(|(group, watchers)| (group, watchers.len()))
+                .collect();
+            (held, groups)
         };
-        if held.is_empty() {
+        if held.is_empty() && groups.is_empty() {
             return;
         }
         let Some(redis) = &self.redis else {
             self.interest
                 .set_many(held.iter().map(|(d, _)| d.as_str()), false);
+            self.interest
+                .set_groups(groups.iter().map(|(g, _)| g.as_str()), false);
             return;
         };
-        let released = counts_pipeline(&redis.unwatch, held.iter().map(|(d, n)| (d.as_str(), *n)))
-            .query_async::<()>(&mut redis.connection.clone())
-            .await;
+        let mut pipe = counts_pipeline(
+            &redis.unwatch,
+            Counted::Devices,
+            held.iter().map(|(d, n)| (d.as_str(), *n)),
+        );
+        let group_counts = counts_pipeline(
+            &redis.unwatch,
+            Counted::Groups,
+            groups.iter().map(|(g, n)| (g.as_str(), *n)),
+        );
+        for command in group_counts.cmd_iter() {
+            pipe.add_command(command.clone()).ignore();
+        }
+        let released = pipe.query_async::<()>(&mut redis.connection.clone()).await;
         if let Err(error) = released {
             tracing::warn!(%error, devices = held.len(), "could not give back watcher counts at shutdown; they expire with their TTL");
             return;
@@ -530,6 +613,162 @@ impl Hub {
         Ok(())
     }
 
+    /// `watcher` (under `id`) watches each of `groups` as a whole from now
+    /// on: one count per group (`ws:sub:group:{group}`) and one channel
+    /// (`ws:group:{group}`), whatever the members. Returns once reports
+    /// of members can reach this instance; on failure, the groups it did
+    /// not watch before are not watched or counted.
+    pub async fn watch_groups(
+        &self,
+        id: WatcherId,
+        watcher: Arc<dyn Watcher>,
+        groups: &[String],
+    ) -> Result<(), BusError> {
+        let new: Vec<String> = {
+            let mut table = lock(&self.table);
+            groups
+                .iter()
+                .filter(|group| {
+                    table
+                        .groups
+                        .entry((*group).clone())
+                        .or_default()
+                        .insert(id, watcher.clone())
+                        .is_none()
+                })
+                .cloned()
+                .collect()
+        };
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.interest
+            .set_groups(new.iter().map(String::as_str), true);
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let counted = counts_pipeline(
+            &redis.watch,
+            Counted::Groups,
+            new.iter().map(|g| (g.as_str(), 1)),
+        )
+        .query_async::<()>(&mut redis.connection.clone())
+        .await;
+        if let Err(error) = counted {
+            self.forget_groups(id, &new);
+            let _ = self.reconcile_groups(&new).await;
+            return Err(unavailable(error));
+        }
+        if let Err(error) = self.reconcile_groups(&new).await {
+            self.release_groups(id, &new).await;
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// `id` no longer watches any of `groups`.
+    pub async fn unwatch_groups(&self, id: WatcherId, groups: &[String]) -> Result<(), BusError> {
+        let held = self.forget_groups(id, groups);
+        if held.is_empty() {
+            return Ok(());
+        }
+        let Some(redis) = &self.redis else {
+            let table = lock(&self.table);
+            let last = held.iter().filter(|g| !table.groups.contains_key(*g));
+            self.interest.set_groups(last.map(String::as_str), false);
+            return Ok(());
+        };
+        counts_pipeline(
+            &redis.unwatch,
+            Counted::Groups,
+            held.iter().map(|g| (g.as_str(), 1)),
+        )
+        .query_async::<()>(&mut redis.connection.clone())
+        .await
+        .map_err(unavailable)?;
+        self.reconcile_groups(&held).await
+    }
+
+    /// Undoes a failed [`Hub::watch_groups`].
+    async fn release_groups(&self, id: WatcherId, groups: &[String]) {
+        if let Err(error) = self.unwatch_groups(id, groups).await {
+            tracing::warn!(%error, "could not give back group watcher counts; they expire with their TTL");
+        }
+    }
+
+    /// Removes `id`'s watch of `groups` from the local table only; returns
+    /// the groups it watched.
+    fn forget_groups(&self, id: WatcherId, groups: &[String]) -> Vec<String> {
+        let mut table = lock(&self.table);
+        let mut held = Vec::new();
+        for group in groups {
+            if let Some(watchers) = table.groups.get_mut(group) {
+                if watchers.remove(&id).is_some() {
+                    held.push(group.clone());
+                }
+                if watchers.is_empty() {
+                    table.groups.remove(group);
+                }
+            }
+        }
+        held
+    }
+
+    /// Brings the subscriber connection's group channels in line with the
+    /// table for `groups`.
+    async fn reconcile_groups(&self, groups: &[String]) -> Result<(), BusError> {
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let mut sink = redis.sink.lock().await;
+        let Some(sink) = sink.as_mut() else {
+            // Not connected: the relay subscribes every watched group when it connects.
+            return Ok(());
+        };
+        let (add, drop): (Vec<String>, Vec<String>) = {
+            let table = lock(&self.table);
+            let held = lock(&redis.subscribed_groups);
+            let add = groups
+                .iter()
+                .filter(|g| table.groups.contains_key(*g) && !held.contains(*g))
+                .cloned()
+                .collect();
+            let drop = groups
+                .iter()
+                .filter(|g| !table.groups.contains_key(*g) && held.contains(*g))
+                .cloned()
+                .collect();
+            (add, drop)
+        };
+        if !add.is_empty() {
+            let channels: Vec<String> = add.iter().map(|g| group_channel(g)).collect();
+            sink.subscribe(&channels).await.map_err(unavailable)?;
+        }
+        if !drop.is_empty() {
+            let channels: Vec<String> = drop.iter().map(|g| group_channel(g)).collect();
+            sink.unsubscribe(&channels).await.map_err(unavailable)?;
+        }
+        let mut held = lock(&redis.subscribed_groups);
+        held.extend(add);
+        for group in &drop {
+            held.remove(group);
+        }
+        Ok(())
+    }
+
+    /// Hands `publication`, about a member of `group`, to the local
+    /// watchers of the group.
+    pub fn dispatch_group(&self, group: &str, publication: &Publication) {
+        let watchers: Vec<Arc<dyn Watcher>> = match lock(&self.table).groups.get(group) {
+            Some(watchers) => watchers.values().cloned().collect(),
+            None => return,
+        };
+        let rendered = Rendered::new(publication);
+        for watcher in watchers {
+            watcher.deliver_group(group, &rendered);
+        }
+    }
+
     /// Hands `publication` to the local watchers of its device.
     pub fn dispatch(&self, publication: &Publication) {
         let kind = Kinds::of(publication);
@@ -558,8 +797,28 @@ impl Hub {
             .iter()
             .map(|(d, w)| (d.clone(), w.len()))
             .collect();
-        counts_pipeline(&redis.refresh, held.iter().map(|(d, n)| (d.as_str(), *n)))
-            .query_async::<()>(&mut redis.connection.clone())
+        let groups: Vec<(String, usize)> = lock(&self.table)
+            .groups
+            .iter()
+            .map(|(g, w)| (g.clone(), w.len()))
+            .collect();
+        let pipe = counts_pipeline(
+            &redis.refresh,
+            Counted::Devices,
+            held.iter().map(|(d, n)| (d.as_str(), *n)),
+        );
+        if !groups.is_empty() {
+            let group_counts = counts_pipeline(
+                &redis.refresh,
+                Counted::Groups,
+                groups.iter().map(|(g, n)| (g.as_str(), *n)),
+            );
+            group_counts
+                .query_async::<()>(&mut redis.connection.clone())
+                .await
+                .map_err(unavailable)?;
+        }
+        pipe.query_async::<()>(&mut redis.connection.clone())
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -570,6 +829,7 @@ impl Hub {
 /// loaded, then one invocation per [`CHUNK`] devices, pipelined.
 fn counts_pipeline<'a>(
     script: &'a Script,
+    counted: Counted,
     pairs: impl Iterator<Item = (&'a str, usize)>,
 ) -> redis::Pipeline {
     let pairs: Vec<(&str, usize)> = pairs.collect();
@@ -577,9 +837,12 @@ fn counts_pipeline<'a>(
     pipe.load_script(script).ignore();
     for chunk in pairs.chunks(CHUNK) {
         let mut invocation = script.prepare_invoke();
-        invocation.arg(WATCH_TTL_SECS).arg(INTEREST_CHANNEL);
-        for (device, count) in chunk {
-            invocation.key(watch_key(device)).arg(*count).arg(*device);
+        invocation
+            .arg(WATCH_TTL_SECS)
+            .arg(INTEREST_CHANNEL)
+            .arg(counted.field());
+        for (name, count) in chunk {
+            invocation.key(counted.key(name)).arg(*count).arg(*name);
         }
         pipe.invoke_script(&invocation).ignore();
     }
@@ -597,16 +860,23 @@ fn channels_of(devices: &[(String, Kinds)]) -> Vec<String> {
 async fn relay_in_process(
     hub: Arc<Hub>,
     mut publications: broadcast::Receiver<Arc<Publication>>,
+    mut groups: broadcast::Receiver<Arc<(String, Publication)>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let lagged = |missed: u64| {
+        metrics::counter!("sluice_ws_frames_dropped_total").increment(missed);
+        tracing::warn!(missed, "the WebSocket hub fell behind the in-process bus");
+    };
     loop {
         tokio::select! {
             received = publications.recv() => match received {
                 Ok(publication) => hub.dispatch(&publication),
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    metrics::counter!("sluice_ws_frames_dropped_total").increment(missed);
-                    tracing::warn!(missed, "the WebSocket hub fell behind the in-process bus");
-                }
+                Err(broadcast::error::RecvError::Lagged(missed)) => lagged(missed),
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            received = groups.recv() => match received {
+                Ok(delivery) => hub.dispatch_group(&delivery.0, &delivery.1),
+                Err(broadcast::error::RecvError::Lagged(missed)) => lagged(missed),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             _ = shutdown.changed() => return,
@@ -630,6 +900,7 @@ async fn relay_redis(hub: Arc<Hub>, client: Client, mut shutdown: watch::Receive
         if let Some(redis) = &hub.redis {
             *redis.sink.lock().await = None;
             lock(&redis.subscribed).clear();
+            lock(&redis.subscribed_groups).clear();
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -662,6 +933,12 @@ async fn relay_once(
             sink.subscribe(channels_of(chunk)).await?;
         }
         lock(&redis.subscribed).extend(devices);
+        let groups: Vec<String> = lock(&hub.table).groups.keys().cloned().collect();
+        for chunk in groups.chunks(CHUNK) {
+            let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
+            sink.subscribe(channels).await?;
+        }
+        lock(&redis.subscribed_groups).extend(groups);
         *held = Some(sink);
     }
     // Counts may have expired or vanished with a restarted Redis: put them
@@ -674,7 +951,15 @@ async fn relay_once(
                 let Some(message) = message else {
                     return Err(redis::RedisError::from((redis::ErrorKind::Io, "subscriber connection closed")));
                 };
-                match Publication::parse(message.get_channel_name(), message.get_payload_bytes()) {
+                let channel = message.get_channel_name();
+                if let Some(group) = channel.strip_prefix(GROUP_CHANNEL_PREFIX) {
+                    match Publication::parse_group(message.get_payload_bytes()) {
+                        Ok(publication) => hub.dispatch_group(group, &publication),
+                        Err(error) => tracing::warn!(%error, group, "ignoring a malformed group publication"),
+                    }
+                    continue;
+                }
+                match Publication::parse(channel, message.get_payload_bytes()) {
                     Ok(publication) => hub.dispatch(&publication),
                     Err(error) => tracing::warn!(%error, "ignoring a malformed publication"),
                 }
@@ -742,6 +1027,7 @@ mod tests {
                 tenant_id: String::new(),
                 timestamp: 1,
                 data: crate::script::Fields::new(),
+                groups: Vec::new(),
             })
         };
         use crate::bus::Bus;

@@ -47,6 +47,9 @@ pub(super) async fn native(
 pub(super) struct Subscription {
     pub(super) request: Subscribe,
     pub(super) devices: BTreeSet<String>,
+    /// The groups it watches as a whole (a subscription carried by its
+    /// groups has no `devices`).
+    groups: BTreeSet<String>,
     /// While a resuming subscription replays what was missed, the live
     /// frames that arrive meanwhile (with their positions), sent after it.
     pending: Option<Vec<(Option<Position>, String)>>,
@@ -99,6 +102,9 @@ impl Subscription {
 struct NativeWatcher {
     outbox: Arc<Outbox>,
     subscriptions: Mutex<HashMap<String, Subscription>>,
+    /// Who the connection is for: a group's channel carries every tenant's
+    /// members, and each report is checked against it.
+    identity: Option<Identity>,
 }
 
 impl NativeWatcher {
@@ -108,7 +114,65 @@ impl NativeWatcher {
     }
 }
 
+impl NativeWatcher {
+    /// Queues the `device_data` frame of `report` for subscription `id`
+    /// (only `keys`, when given; nothing when it has none of them),
+    /// conflated with the device's frame still waiting.
+    fn push_report(
+        &self,
+        id: &str,
+        keys: &[String],
+        rendered: &Rendered<'_>,
+        report: &crate::bus::TelemetryReport,
+    ) {
+        let device = report.device_id.as_str();
+        let frame = if keys.is_empty() {
+            rendered
+                .device_data_tail()
+                .map(|tail| frames::device_data_with(id, tail))
+        } else {
+            let data = select_keys(&report.data, keys);
+            if data.is_empty() {
+                return;
+            }
+            frames::device_data(id, device, report.timestamp, &data)
+        };
+        if let Some(frame) = frame {
+            self.outbox
+                .push_latest(&format!("{id}\u{0}{device}"), frame);
+        }
+    }
+}
+
 impl Watcher for NativeWatcher {
+    fn deliver_group(&self, group: &str, rendered: &Rendered<'_>) {
+        let Publication::Telemetry(report) = rendered.publication else {
+            return;
+        };
+        if self
+            .identity
+            .as_ref()
+            .is_some_and(|i| !i.sees(&report.tenant_id))
+        {
+            return;
+        }
+        for (id, subscription) in self.subscriptions().iter() {
+            if !subscription.groups.contains(group) {
+                continue;
+            }
+            // A member of several of the subscription's groups comes on
+            // each of their channels: taken from the first only.
+            let first = report
+                .groups
+                .iter()
+                .find(|g| subscription.groups.contains(*g));
+            if first.is_some_and(|first| first != group) {
+                continue;
+            }
+            self.push_report(id, &subscription.request.keys, rendered, report);
+        }
+    }
+
     fn deliver(&self, rendered: &Rendered<'_>) {
         let publication = rendered.publication;
         let device = publication.device();
@@ -120,21 +184,7 @@ impl Watcher for NativeWatcher {
             if let (Channel::Telemetry, Publication::Telemetry(report)) =
                 (request.channel, publication)
             {
-                let frame = if request.keys.is_empty() {
-                    rendered
-                        .device_data_tail()
-                        .map(|tail| frames::device_data_with(id, tail))
-                } else {
-                    let data = select_keys(&report.data, &request.keys);
-                    if data.is_empty() {
-                        continue;
-                    }
-                    frames::device_data(id, device, report.timestamp, &data)
-                };
-                if let Some(frame) = frame {
-                    self.outbox
-                        .push_latest(&format!("{id}\u{0}{device}"), frame);
-                }
+                self.push_report(id, &request.keys, rendered, report);
                 continue;
             }
             subscription.route(id, publication, &self.outbox);
@@ -164,6 +214,8 @@ struct Client {
     watcher: Arc<NativeWatcher>,
     /// Device → how many of this connection's subscriptions cover it, per channel.
     devices: HashMap<String, Coverage>,
+    /// Group → how many of this connection's subscriptions watch it as a whole.
+    groups: HashMap<String, u32>,
     /// Forwards command state changes, once a `commands` subscription exists.
     commands: Option<tokio::task::JoinHandle<()>>,
     /// `device.command` calls waiting for their command to settle.
@@ -278,10 +330,12 @@ async fn serve(
         watcher: Arc::new(NativeWatcher {
             outbox: session.outbox().clone(),
             subscriptions: Mutex::default(),
+            identity: identity.clone(),
         }),
         app,
         identity,
         devices: HashMap::new(),
+        groups: HashMap::new(),
         commands: None,
         calls: Arc::default(),
     };
@@ -458,6 +512,9 @@ impl Client {
                 "keys filters the telemetry channel only",
             ));
         }
+        if request.carried_by_groups() {
+            return self.subscribe_groups(request).await;
+        }
         let started = std::time::Instant::now();
         let devices = resolve(&self.app.pipeline, self.identity.as_ref(), &request)?;
         let resolved = started.elapsed();
@@ -484,6 +541,7 @@ impl Client {
         let channel = request.channel;
         let keys = request.keys.clone();
         let resuming = request.since.is_some();
+        let wants_snapshots = request.snapshot != Some(false);
         let list: Vec<String> = devices.iter().cloned().collect();
         if positioned {
             // Held before its devices are watched, live frames waiting:
@@ -493,6 +551,7 @@ impl Client {
                 Subscription {
                     request: request.clone(),
                     devices: devices.clone(),
+                    groups: BTreeSet::new(),
                     pending: Some(Vec::new()),
                 },
             );
@@ -522,10 +581,11 @@ impl Client {
                 Subscription {
                     request,
                     devices,
+                    groups: BTreeSet::new(),
                     pending: None,
                 },
             );
-            if answered {
+            if answered && wants_snapshots {
                 self.snapshots(&id, channel, &keys, &list).await;
             }
             return Ok(Vec::new());
@@ -541,6 +601,7 @@ impl Client {
         let subscription = Subscription {
             request,
             devices,
+            groups: BTreeSet::new(),
             pending: None,
         };
         for entry in &recovery.entries {
@@ -575,10 +636,110 @@ impl Client {
         }
         // A status subscription that recovered has what it missed instead
         // of snapshots.
-        if !(resuming && recovery.recovered) {
+        if wants_snapshots && !(resuming && recovery.recovered) {
             self.snapshots(&id, channel, &keys, &list).await;
         }
         Ok(Vec::new())
+    }
+
+    /// A subscription carried by its groups: each group is watched as a
+    /// whole (one count and one channel, whatever its size) and counts as
+    /// one device against `max_devices`; `subscribed` names each group and
+    /// how many of its members the connection sees, then the snapshots of
+    /// those members follow, paced by the writer (unless `snapshot` is
+    /// false).
+    async fn subscribe_groups(&mut self, request: Subscribe) -> Result<Vec<String>, FrameError> {
+        if request.since.is_some() {
+            return Err(FrameError::new(
+                "bad_filter",
+                "since resumes every channel but telemetry",
+            ));
+        }
+        let config = &self.app.ws.config;
+        let groups: BTreeSet<String> = request.groups.iter().cloned().collect();
+        let added = groups
+            .iter()
+            .filter(|g| !self.groups.contains_key(*g))
+            .count();
+        if self.devices.len() + self.groups.len() + added > config.max_devices {
+            return Err(FrameError::new(
+                "too_many_devices",
+                format!(
+                    "a connection watches at most {} devices (a group counts as one)",
+                    config.max_devices
+                ),
+            ));
+        }
+        let members = covered(&self.app.pipeline, self.identity.as_ref(), &request);
+        let new: Vec<String> = groups
+            .iter()
+            .filter(|g| !self.groups.contains_key(*g))
+            .cloned()
+            .collect();
+        self.app
+            .ws
+            .hub
+            .watch_groups(self.id, self.watcher.clone(), &new)
+            .await
+            .map_err(|error| FrameError::new("unavailable", error.to_string()))?;
+        for group in &groups {
+            *self.groups.entry(group.clone()).or_default() += 1;
+        }
+        let counts: Vec<serde_json::Value> = {
+            let registry = self.app.pipeline.registry.load();
+            groups
+                .iter()
+                .map(|group| {
+                    let count = members
+                        .iter()
+                        .filter(|d| {
+                            registry
+                                .get(d)
+                                .is_some_and(|device| device.groups.contains(group))
+                        })
+                        .count();
+                    json!({"group": group, "members": count})
+                })
+                .collect()
+        };
+        let id = request.id.clone();
+        let keys = request.keys.clone();
+        let wants_snapshots = request.snapshot != Some(false);
+        let subscribed =
+            json!({"type": "subscribed", "id": id, "channel": "telemetry", "groups": counts});
+        let answered = self.watcher.outbox.push_paced(subscribed.to_string()).await;
+        self.watcher.subscriptions().insert(
+            id.clone(),
+            Subscription {
+                request,
+                devices: BTreeSet::new(),
+                groups,
+                pending: None,
+            },
+        );
+        if answered && wants_snapshots {
+            let list: Vec<String> = members.into_iter().collect();
+            self.snapshots(&id, Channel::Telemetry, &keys, &list).await;
+        }
+        Ok(Vec::new())
+    }
+
+    /// Counts `groups` as watched once less; those no subscription of the
+    /// connection watches any more are unwatched.
+    async fn release_groups(&mut self, groups: &BTreeSet<String>) {
+        let mut last = Vec::new();
+        for group in groups {
+            if let Some(count) = self.groups.get_mut(group) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    self.groups.remove(group);
+                    last.push(group.clone());
+                }
+            }
+        }
+        if let Err(error) = self.app.ws.hub.unwatch_groups(self.id, &last).await {
+            tracing::warn!(%error, groups = last.len(), "could not release group watches");
+        }
     }
 
     /// The positions `request` resumes after, each with its tenant: the
@@ -737,6 +898,7 @@ impl Client {
         };
         self.release(&subscription.devices, subscription.request.channel)
             .await;
+        self.release_groups(&subscription.groups).await;
         Ok(vec![json!({"type": "unsubscribed", "id": id}).to_string()])
     }
 
@@ -819,6 +981,8 @@ impl Client {
             let subscriptions = self.watcher.subscriptions();
             subscriptions
                 .iter()
+                // Carried by its groups: the publisher follows the registry.
+                .filter(|(_, s)| s.groups.is_empty())
                 .filter_map(|(id, s)| {
                     let now = if s.request.selects_from_registry() {
                         covered(&state, identity.as_ref(), &s.request)
@@ -903,6 +1067,10 @@ impl Client {
             tracing::warn!(%error, devices = devices.len(), "could not release watches");
         }
         self.devices.clear();
+        let groups: Vec<String> = self.groups.drain().map(|(g, _)| g).collect();
+        if let Err(error) = self.app.ws.hub.unwatch_groups(self.id, &groups).await {
+            tracing::warn!(%error, groups = groups.len(), "could not release group watches");
+        }
     }
 }
 

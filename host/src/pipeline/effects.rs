@@ -31,6 +31,14 @@ pub enum Effect {
     /// Publish telemetry to the device's channel (already filtered by
     /// interest).
     Publish(Publication),
+    /// Publish telemetry of a member of a watched group to the group's
+    /// channel.
+    GroupPublish {
+        /// The group.
+        group: String,
+        /// The report.
+        publication: Publication,
+    },
     /// Record an alert or event in its tenant's history; publish it if
     /// watched.
     Discrete {
@@ -165,6 +173,7 @@ pub async fn apply_effects(
 #[derive(Default)]
 struct Pending {
     publications: Vec<Publication>,
+    group_publications: Vec<(String, Publication)>,
     discrete: Vec<(Publication, bool)>,
     transitions: Vec<(StatusChange, bool)>,
     dead_letters: Vec<DeadLetter>,
@@ -179,6 +188,9 @@ impl Pending {
         for effect in effects {
             match effect {
                 Effect::Publish(p) => self.publications.push(p),
+                Effect::GroupPublish { group, publication } => {
+                    self.group_publications.push((group, publication));
+                }
                 Effect::Discrete {
                     publication,
                     watched,
@@ -211,10 +223,11 @@ impl Pending {
     }
 
     fn drop_publications(&mut self) {
-        if !self.publications.is_empty() {
-            metrics::counter!("sluice_publish_dropped_total")
-                .increment(self.publications.len() as u64);
+        let dropped = self.publications.len() + self.group_publications.len();
+        if dropped > 0 {
+            metrics::counter!("sluice_publish_dropped_total").increment(dropped as u64);
             self.publications.clear();
+            self.group_publications.clear();
         }
     }
 
@@ -239,6 +252,12 @@ impl Pending {
                     .increment(1);
             }
             self.publications.clear();
+        }
+        if !self.group_publications.is_empty() {
+            bus.publish_groups(&self.group_publications).await?;
+            metrics::counter!("sluice_publishes_total", "kind" => "group_telemetry")
+                .increment(self.group_publications.len() as u64);
+            self.group_publications.clear();
         }
         if !self.discrete.is_empty() {
             let (batch, watched): (Vec<Publication>, Vec<bool>) =
@@ -400,6 +419,10 @@ mod tests {
             tenant: Option<&str>,
         ) -> Result<Vec<DeadLetter>, BusError> {
             self.inner.dead_letters(limit, tenant).await
+        }
+        async fn publish_groups(&self, batch: &[(String, Publication)]) -> Result<(), BusError> {
+            self.check()?;
+            self.inner.publish_groups(batch).await
         }
         async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {
             self.check()?;

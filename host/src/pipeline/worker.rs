@@ -354,16 +354,44 @@ impl Worker {
                         timestamp,
                         limits.snapshot_keys,
                     );
-                    if watched {
+                    // Watched groups of the device, from the registry as it is now.
+                    let (groups, member_of) = if self.state.interest.any_groups() {
+                        let member_of = self
+                            .state
+                            .registry
+                            .load()
+                            .get(device)
+                            .map(|d| d.groups.clone())
+                            .unwrap_or_default();
+                        (self.state.interest.watched_groups(&member_of), member_of)
+                    } else {
+                        (Vec::new(), Vec::new())
+                    };
+                    if watched || !groups.is_empty() {
                         let (tenant_id, device_id) = published(&self.state);
-                        self.outbox.push(Effect::Publish(Publication::Telemetry(
-                            TelemetryReport {
-                                tenant_id,
-                                device_id,
-                                timestamp,
-                                data: fields,
-                            },
-                        )));
+                        let report = TelemetryReport {
+                            tenant_id,
+                            device_id,
+                            timestamp,
+                            data: fields,
+                            groups: Vec::new(),
+                        };
+                        if !groups.is_empty() {
+                            let member = Publication::Telemetry(TelemetryReport {
+                                groups: member_of,
+                                ..report.clone()
+                            });
+                            for group in groups {
+                                self.outbox.push(Effect::GroupPublish {
+                                    group,
+                                    publication: member.clone(),
+                                });
+                            }
+                        }
+                        if watched {
+                            self.outbox
+                                .push(Effect::Publish(Publication::Telemetry(report)));
+                        }
                     }
                 }
                 OutputKind::Attributes { fields } => {

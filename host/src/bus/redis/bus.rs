@@ -128,6 +128,25 @@ impl Bus for RedisBus {
             .map_err(unavailable)
     }
 
+    async fn publish_groups(&self, batch: &[(String, Publication)]) -> Result<(), BusError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (group, publication) in batch {
+            if let Some(payload) = publication.group_payload(group) {
+                pipe.publish(
+                    format!("{}{group}", crate::bus::GROUP_CHANNEL_PREFIX),
+                    payload,
+                )
+                .ignore();
+            }
+        }
+        pipe.query_async::<()>(&mut self.connection())
+            .await
+            .map_err(unavailable)
+    }
+
     async fn record_transitions(
         &self,
         batch: &[StatusChange],
@@ -534,15 +553,25 @@ impl Bus for RedisBus {
         let Some(epoch) = epoch else {
             return Ok(Vec::new());
         };
-        let mut start = match query.after {
-            Some((ms, offset)) if ms >= query.since_ms => format!("({ms}-{offset}"),
-            _ => format!("{}-0", query.since_ms.max(0)),
+        let oldest = format!("{}-0", query.since_ms.max(0));
+        let newest = query.until_ms.max(0).to_string();
+        // From where the page before stopped (exclusive), else from the
+        // range's first end; to its other end. XREVRANGE takes them the
+        // other way round.
+        let (command, mut start, end) = match (query.newest_first, query.after) {
+            (false, Some((ms, offset))) if ms >= query.since_ms => {
+                ("XRANGE", format!("({ms}-{offset}"), newest)
+            }
+            (false, _) => ("XRANGE", oldest, newest),
+            (true, Some((ms, offset))) if ms <= query.until_ms => {
+                ("XREVRANGE", format!("({ms}-{offset}"), oldest)
+            }
+            (true, _) => ("XREVRANGE", newest, oldest),
         };
-        let end = query.until_ms.max(0).to_string();
         let mut out = Vec::new();
         while out.len() < query.limit {
             type Entries = Vec<(String, Vec<(String, String)>)>;
-            let page: Entries = redis::cmd("XRANGE")
+            let page: Entries = redis::cmd(command)
                 .arg(&stream)
                 .arg(&start)
                 .arg(&end)

@@ -1,5 +1,6 @@
 //! The interest mirror: every publishing instance's copy of which devices
-//! are watched anywhere, so an unwatched device costs no Redis call.
+//! and groups are watched anywhere, so an unwatched device costs no Redis
+//! call.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,9 +14,18 @@ use crate::bus::Interest;
 /// The channel on which gateways announce a device's first and last watcher.
 pub const INTEREST_CHANNEL: &str = "sluice:interest";
 
+/// Where a group's watcher count lives: `ws:sub:group:{group}`. (It shares
+/// the key space of device counts: a device whose id starts with `group:`
+/// is read as a group by the mirror.)
+pub const GROUP_WATCH_PREFIX: &str = "ws:sub:group:";
+
+/// Where a watched group's reports go: `ws:group:{group}`.
+pub const GROUP_CHANNEL_PREFIX: &str = "ws:group:";
+
 /// Keeps `interest` equal to the set of devices with a positive
-/// `ws:sub:{device}`: a full scan at start and every `resync`, and the
-/// `sluice:interest` channel in between. Reconnects with backoff; ends at
+/// `ws:sub:{device}` and of groups with a positive `ws:sub:group:{group}`:
+/// a full scan at start and every `resync`, and the `sluice:interest`
+/// channel in between. Reconnects with backoff; ends at
 /// `shutdown`.
 pub async fn mirror_interest(
     client: Client,
@@ -40,14 +50,17 @@ pub async fn mirror_interest(
     }
 }
 
-/// An event on the interest channel: one device (`device`) or many
-/// (`devices`) got a first watcher, or lost their last.
+/// An event on the interest channel: one device (`device`), many
+/// (`devices`) or groups (`groups`) got a first watcher, or lost their
+/// last.
 #[derive(serde::Deserialize)]
 struct InterestChange {
     #[serde(default)]
     device: Option<String>,
     #[serde(default)]
     devices: Vec<String>,
+    #[serde(default)]
+    groups: Vec<String>,
     watched: bool,
 }
 
@@ -62,7 +75,7 @@ async fn mirror_once(
     let mut connection = client.get_multiplexed_async_connection().await?;
     // Subscribed before scanning: a change during the scan arrives on the
     // channel and is applied after it.
-    interest.replace(scan_watched(&mut connection).await?);
+    resync_interest(interest, &mut connection).await?;
     let mut messages = pubsub.on_message();
     let mut ticker = tokio::time::interval(resync);
     ticker.tick().await;
@@ -76,23 +89,37 @@ async fn mirror_once(
                     Ok(change) => {
                         let devices = change.device.iter().chain(&change.devices);
                         interest.set_many(devices.map(String::as_str), change.watched);
+                        interest.set_groups(change.groups.iter().map(String::as_str), change.watched);
                     }
                     Err(error) => tracing::warn!(%error, "ignoring a malformed message on sluice:interest"),
                 }
             }
             _ = ticker.tick() => {
-                interest.replace(scan_watched(&mut connection).await?);
+                resync_interest(interest, &mut connection).await?;
                 metrics::gauge!("sluice_interest_devices").set(interest.len() as f64);
+                metrics::gauge!("sluice_interest_groups").set(interest.group_count() as f64);
             }
             _ = shutdown.changed() => return Ok(()),
         }
     }
 }
 
-/// Devices whose `ws:sub:{device}` count is positive.
+/// Replaces the watched devices and groups with what Redis counts.
+async fn resync_interest(
+    interest: &Interest,
+    connection: &mut redis::aio::MultiplexedConnection,
+) -> Result<(), redis::RedisError> {
+    let (devices, groups) = scan_watched(connection).await?;
+    interest.replace(devices);
+    interest.replace_groups(groups);
+    Ok(())
+}
+
+/// Devices whose `ws:sub:{device}` count is positive, and groups whose
+/// `ws:sub:group:{group}` count is.
 async fn scan_watched(
     connection: &mut redis::aio::MultiplexedConnection,
-) -> Result<HashSet<String>, redis::RedisError> {
+) -> Result<(HashSet<String>, HashSet<String>), redis::RedisError> {
     let mut keys: Vec<String> = Vec::new();
     let mut cursor: u64 = 0;
     loop {
@@ -111,18 +138,22 @@ async fn scan_watched(
         cursor = next;
     }
     let mut watched = HashSet::new();
+    let mut groups = HashSet::new();
     for chunk in keys.chunks(500) {
         let counts: Vec<Option<i64>> = redis::cmd("MGET")
             .arg(chunk)
             .query_async(connection)
             .await?;
         for (key, count) in chunk.iter().zip(counts) {
-            if count.unwrap_or(0) > 0
-                && let Some(device) = key.strip_prefix("ws:sub:")
-            {
+            if count.unwrap_or(0) <= 0 {
+                continue;
+            }
+            if let Some(group) = key.strip_prefix(GROUP_WATCH_PREFIX) {
+                groups.insert(group.to_owned());
+            } else if let Some(device) = key.strip_prefix("ws:sub:") {
                 watched.insert(device.to_owned());
             }
         }
     }
-    Ok(watched)
+    Ok((watched, groups))
 }

@@ -6,9 +6,11 @@
 //! |---|---|
 //! | `ws:sub:{device}` | watcher count, kept by gateways (INCR/DECR, EXPIRE 300 s) |
 //! | `ws:device:{device}` | telemetry channel |
+//! | `ws:sub:group:{group}` | watcher count of a group watched as a whole (like device counts) |
+//! | `ws:group:{group}` | a watched group's channel: each member's report once, with `group` and the device's `groups` |
 //! | `device:{device}:status` | status channel (the seed's JSON, plus `tenant_id` and `position` once recorded) |
 //! | `sluice:alert:{device}`, `sluice:event:{device}` | alert and event channels |
-//! | `sluice:interest` | channel: `{"devices": [...], "watched": true/false}` (or one `"device"`) when devices get their first watcher or lose their last |
+//! | `sluice:interest` | channel: `{"devices": [...], "watched": true/false}` (or one `"device"`, or `"groups"`) when devices or groups get their first watcher or lose their last |
 //! | `sluice:status` | hash: device → its last status change (the status channel's JSON) |
 //! | `sluice:status:transitions` | capped stream of status changes (`device`, `change`, and `deadline` for expiries), which every instance follows |
 //! | `sluice:latest:{device}` | hash: `t:<key>` and `a:<key>` → JSON value, `systime` → ms |
@@ -29,4 +31,4 @@ mod scripts;
 
 pub use bus::RedisBus;
 pub use feed::{Followed, TransitionFeed};
-pub use mirror::{INTEREST_CHANNEL, mirror_interest};
+pub use mirror::{GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, mirror_interest};

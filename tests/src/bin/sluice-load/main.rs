@@ -28,6 +28,8 @@
 //! ulimit -n 65536 && cargo run --release -p sluice-tests --bin sluice-load -- --clients 10000 --rate 0
 //! # one connection subscribing to 100,000 devices
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode subscribe --devices 100000
+//! # the same devices as one group: one count and one channel
+//! cargo run --release -p sluice-tests --bin sluice-load -- --mode subscribe --devices 100000 --by-group
 //! # memory with one client lagging behind 10,000 msg/s
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode lag --devices 1000 --rate 10000
 //! # one QoS 1 session, with mosquitto's max_inflight_messages at 1000
@@ -107,6 +109,9 @@ struct Args {
     /// Use the in-process bus instead of Redis (`qos1`, `recovery`).
     #[arg(long)]
     memory_bus: bool,
+    /// Subscribe by the one group every device is in (`subscribe`).
+    #[arg(long)]
+    by_group: bool,
 }
 
 #[tokio::main]

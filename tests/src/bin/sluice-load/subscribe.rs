@@ -1,7 +1,8 @@
-//! `--mode subscribe`: one connection subscribes (no filter) to every one
-//! of `--devices` registered devices that have all reported, with Redis on
-//! loopback; how long until `subscribed`, until every snapshot, and how
-//! many Redis commands it cost.
+//! `--mode subscribe`: one connection subscribes (no filter, or with
+//! `--by-group` to the one group they are all in) to every one of
+//! `--devices` registered devices that have all reported, with Redis on
+//! loopback; how long until `subscribed`, until every snapshot, how many
+//! Redis commands it cost and how much Redis memory it took.
 
 use std::time::{Duration, Instant};
 
@@ -35,11 +36,34 @@ pub(crate) async fn redis_commands(redis: &RedisServer) -> u64 {
         .sum()
 }
 
+/// Redis's `used_memory` (`INFO memory`).
+async fn redis_memory(redis: &RedisServer) -> u64 {
+    let Ok(mut connection) = redis.client().get_multiplexed_async_connection().await else {
+        return 0;
+    };
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub(crate) async fn run(args: &Args) {
     let redis = RedisServer::start();
     let site = Site::with_scripts(&["json-sensor"]);
     let devices: Vec<String> = (0..args.devices).map(|i| format!("sub-{i:06}")).collect();
-    site.write("devices.toml", &registry_of(&devices, "json-sensor"));
+    let registry = if args.by_group {
+        registry_of(&devices, "json-sensor").replace(
+            "product = \"json-sensor\"\n",
+            "product = \"json-sensor\"\ngroups = [\"fleet\"]\n",
+        )
+    } else {
+        registry_of(&devices, "json-sensor")
+    };
+    site.write("devices.toml", &registry);
     let sluice = site
         .spawn(
             "subscribe",
@@ -76,6 +100,7 @@ pub(crate) async fn run(args: &Args) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rss_before = sluice.rss();
+    let memory_before = redis_memory(&redis).await;
     let commands_before = redis_commands(&redis).await;
     let (mut socket, _) = tokio_tungstenite::connect_async(sluice.ws_url("/ws"))
         .await
@@ -83,7 +108,12 @@ pub(crate) async fn run(args: &Args) {
     let started = Instant::now();
     socket
         .send(Message::text(
-            json!({"type": "subscribe", "id": "all", "channel": "telemetry"}).to_string(),
+            if args.by_group {
+                json!({"type": "subscribe", "id": "all", "channel": "telemetry", "groups": ["fleet"]})
+            } else {
+                json!({"type": "subscribe", "id": "all", "channel": "telemetry"})
+            }
+            .to_string(),
         ))
         .await
         .expect("sent");
@@ -106,6 +136,7 @@ pub(crate) async fn run(args: &Args) {
     }
     let all_after = started.elapsed();
     let commands = redis_commands(&redis).await.saturating_sub(commands_before);
+    let memory = redis_memory(&redis).await.saturating_sub(memory_before);
     println!(
         "subscribe to {} devices: `subscribed` after {:.3} s, all {} snapshots after {:.3} s",
         args.devices,
@@ -116,6 +147,10 @@ pub(crate) async fn run(args: &Args) {
     println!(
         "Redis commands issued: {commands} ({:.3} per device, INFO commandstats before/after, this tool's own two INFO calls included)",
         commands as f64 / args.devices as f64
+    );
+    println!(
+        "Redis memory taken: {:.1} KiB (INFO memory used_memory before/after)",
+        memory as f64 / 1024.0
     );
     println!(
         "server RSS: {:.1} MiB before, {:.1} MiB after",
