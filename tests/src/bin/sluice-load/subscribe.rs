@@ -99,6 +99,16 @@ pub(crate) async fn run(args: &Args) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Until the write-behind of those reports is done: Redis is quiet.
+    let mut last = redis_commands(&redis).await;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = redis_commands(&redis).await;
+        if now.saturating_sub(last) < 100 {
+            break;
+        }
+        last = now;
+    }
     let rss_before = sluice.rss();
     let memory_before = redis_memory(&redis).await;
     let commands_before = redis_commands(&redis).await;
