@@ -16,6 +16,7 @@ use sluice_tests::ws::WsClient;
 const WAIT: Duration = Duration::from_secs(20);
 const ACME: &str = "key-acme-history-0123456789";
 const GLOBEX: &str = "key-globex-history-012345678";
+const ADMIN: &str = "key-admin-history-0123456789";
 
 const REGISTRY: &str = r#"
 [[devices]]
@@ -57,6 +58,7 @@ fn config(bus: &str, max_entries: usize) -> String {
         [auth.api_keys]
         "{ACME}" = {{ tenant = "acme", scopes = ["read", "ingest", "command"] }}
         "{GLOBEX}" = {{ tenant = "globex", scopes = ["read", "ingest"] }}
+        "{ADMIN}" = {{ scopes = ["read", "admin"] }}
 
         [history]
         max_entries = {max_entries}
@@ -438,6 +440,22 @@ async fn a_client_resumes_on_another_instance_with_what_it_missed_once_in_order(
             "{path}: {body}"
         );
     }
+
+    // An admin's subscription covers both tenants: the newest position of
+    // each, read in one round trip, is the newest its history API shows.
+    let mut admin = WsClient::connect(&b.ws_url(&format!("/ws?api_key={ADMIN}"))).await;
+    let all = admin
+        .subscribe(&json!({"type": "subscribe", "id": "al", "channel": "alerts"}))
+        .await;
+    let tops = all["positions"].as_array().expect("positions").clone();
+    assert_eq!(
+        tops.iter().map(|p| p["tenant"].clone()).collect::<Vec<_>>(),
+        [json!("acme"), json!("globex")],
+        "{all}"
+    );
+    let (_, newest) = get(&a_base, GLOBEX, "/api/v1/alerts?order=newest&limit=1").await;
+    assert!(tops[1]["offset"].as_u64() >= Some(offset(&newest["items"][0])));
+    drop(admin);
 
     // Redis restarts empty: the history starts over in a new epoch, and a
     // position of the old one is answered `recovered: false` with the new

@@ -176,8 +176,8 @@ impl Bus for MemoryBus {
             .append(publication.tenant(), publication, now_ms()))
     }
 
-    async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
-        Ok(self.history.top(tenant))
+    async fn history_tops(&self, tenants: &[String]) -> Result<Vec<Position>, BusError> {
+        Ok(tenants.iter().map(|t| self.history.top(t)).collect())
     }
 
     async fn history_after(&self, since: &Position, limit: usize) -> Result<Recovery, BusError> {

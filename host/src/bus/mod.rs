@@ -139,8 +139,8 @@ pub trait Bus: Send + Sync + 'static {
     /// history, publishing nothing; returns its position.
     async fn record_history(&self, publication: &Publication) -> Result<Position, BusError>;
 
-    /// The newest position of `tenant`'s history.
-    async fn history_top(&self, tenant: &str) -> Result<Position, BusError>;
+    /// The newest position of each of `tenants`' histories, in order.
+    async fn history_tops(&self, tenants: &[String]) -> Result<Vec<Position>, BusError>;
 
     /// What came after `since` in its tenant's history; more than `limit`
     /// entries is not recovered.

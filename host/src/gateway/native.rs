@@ -836,16 +836,17 @@ impl Client {
                 }
             }
         }
-        let tenants: BTreeSet<String> = devices.iter().map(|d| state.tenant_of(d)).collect();
-        for tenant in tenants {
-            if replay.tops.iter().any(|top| top.tenant == tenant) {
-                continue;
-            }
-            match state.bus.history_top(&tenant).await {
-                Ok(top) => replay.tops.push(top),
-                Err(error) => {
-                    tracing::warn!(%error, %tenant, "cannot read the newest history position")
-                }
+        let others: Vec<String> = devices
+            .iter()
+            .map(|d| state.tenant_of(d))
+            .collect::<BTreeSet<String>>()
+            .into_iter()
+            .filter(|tenant| !replay.tops.iter().any(|top| top.tenant == *tenant))
+            .collect();
+        match state.bus.history_tops(&others).await {
+            Ok(tops) => replay.tops.extend(tops),
+            Err(error) => {
+                tracing::warn!(%error, tenants = others.len(), "cannot read the newest history positions");
             }
         }
         // Tenants' histories interleaved by when they were recorded.

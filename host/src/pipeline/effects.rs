@@ -431,8 +431,8 @@ mod tests {
         async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
             self.inner.record_history(publication).await
         }
-        async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
-            self.inner.history_top(tenant).await
+        async fn history_tops(&self, tenants: &[String]) -> Result<Vec<Position>, BusError> {
+            self.inner.history_tops(tenants).await
         }
         async fn history_after(
             &self,

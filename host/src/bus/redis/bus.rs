@@ -490,19 +490,31 @@ impl Bus for RedisBus {
             .map_err(|e| BusError::Corrupt(format!("history position {position:?}: {e}")))
     }
 
-    async fn history_top(&self, tenant: &str) -> Result<Position, BusError> {
-        let (epoch, offset): (String, String) = self
-            .scripts
-            .top
-            .arg(tenant)
-            .invoke_async(&mut self.connection())
+    async fn history_tops(&self, tenants: &[String]) -> Result<Vec<Position>, BusError> {
+        if tenants.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One round trip for every tenant.
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.scripts.top).ignore();
+        for tenant in tenants {
+            pipe.invoke_script(&self.scripts.top.arg(tenant));
+        }
+        let tops: Vec<(String, String)> = pipe
+            .query_async(&mut self.connection())
             .await
             .map_err(unavailable)?;
-        Ok(Position {
-            tenant: tenant.to_owned(),
-            offset: parse_offset(&offset)?,
-            epoch,
-        })
+        tenants
+            .iter()
+            .zip(tops)
+            .map(|(tenant, (epoch, offset))| {
+                Ok(Position {
+                    tenant: tenant.clone(),
+                    offset: parse_offset(&offset)?,
+                    epoch,
+                })
+            })
+            .collect()
     }
 
     async fn history_after(&self, since: &Position, limit: usize) -> Result<Recovery, BusError> {
