@@ -540,14 +540,12 @@ impl Hub {
             Counted::Devices,
             held.iter().map(|(d, n)| (d.as_str(), *n)),
         );
-        let group_counts = counts_pipeline(
+        add_counts(
+            &mut pipe,
             &redis.unwatch,
             Counted::Groups,
             groups.iter().map(|(g, n)| (g.as_str(), *n)),
         );
-        for command in group_counts.cmd_iter() {
-            pipe.add_command(command.clone()).ignore();
-        }
         let released = pipe.query_async::<()>(&mut redis.connection.clone()).await;
         if let Err(error) = released {
             tracing::warn!(%error, devices = held.len(), "could not give back watcher counts at shutdown; they expire with their TTL");
@@ -802,22 +800,17 @@ impl Hub {
             .iter()
             .map(|(g, w)| (g.clone(), w.len()))
             .collect();
-        let pipe = counts_pipeline(
+        let mut pipe = counts_pipeline(
             &redis.refresh,
             Counted::Devices,
             held.iter().map(|(d, n)| (d.as_str(), *n)),
         );
-        if !groups.is_empty() {
-            let group_counts = counts_pipeline(
-                &redis.refresh,
-                Counted::Groups,
-                groups.iter().map(|(g, n)| (g.as_str(), *n)),
-            );
-            group_counts
-                .query_async::<()>(&mut redis.connection.clone())
-                .await
-                .map_err(unavailable)?;
-        }
+        add_counts(
+            &mut pipe,
+            &redis.refresh,
+            Counted::Groups,
+            groups.iter().map(|(g, n)| (g.as_str(), *n)),
+        );
         pipe.query_async::<()>(&mut redis.connection.clone())
             .await
             .map_err(unavailable)?;
@@ -832,9 +825,21 @@ fn counts_pipeline<'a>(
     counted: Counted,
     pairs: impl Iterator<Item = (&'a str, usize)>,
 ) -> redis::Pipeline {
-    let pairs: Vec<(&str, usize)> = pairs.collect();
     let mut pipe = redis::pipe();
     pipe.load_script(script).ignore();
+    add_counts(&mut pipe, script, counted, pairs);
+    pipe
+}
+
+/// Appends to `pipe` one invocation of `script` (already loaded there) per
+/// [`CHUNK`] of `(name, count)` pairs of `counted`.
+fn add_counts<'a>(
+    pipe: &mut redis::Pipeline,
+    script: &'a Script,
+    counted: Counted,
+    pairs: impl Iterator<Item = (&'a str, usize)>,
+) {
+    let pairs: Vec<(&str, usize)> = pairs.collect();
     for chunk in pairs.chunks(CHUNK) {
         let mut invocation = script.prepare_invoke();
         invocation
@@ -846,7 +851,6 @@ fn counts_pipeline<'a>(
         }
         pipe.invoke_script(&invocation).ignore();
     }
-    pipe
 }
 
 /// The wanted channels of each of `devices`.

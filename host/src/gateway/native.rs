@@ -657,11 +657,13 @@ impl Client {
         }
         let config = &self.app.ws.config;
         let groups: BTreeSet<String> = request.groups.iter().cloned().collect();
-        let added = groups
+        // The groups this connection does not watch yet.
+        let new: Vec<String> = groups
             .iter()
             .filter(|g| !self.groups.contains_key(*g))
-            .count();
-        if self.devices.len() + self.groups.len() + added > config.max_devices {
+            .cloned()
+            .collect();
+        if self.devices.len() + self.groups.len() + new.len() > config.max_devices {
             return Err(FrameError::new(
                 "too_many_devices",
                 format!(
@@ -671,11 +673,6 @@ impl Client {
             ));
         }
         let members = covered(&self.app.pipeline, self.identity.as_ref(), &request);
-        let new: Vec<String> = groups
-            .iter()
-            .filter(|g| !self.groups.contains_key(*g))
-            .cloned()
-            .collect();
         self.app
             .ws
             .hub
