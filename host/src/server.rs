@@ -15,7 +15,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::bus::{
-    Bus, BusError, Interest, MemoryBus, Publication, RedisBus, TransitionFeed, mirror_interest,
+    Bus, BusError, Interest, MemoryBus, Publication, RedisBus, RedisTarget, TransitionFeed,
+    mirror_interest,
 };
 use crate::commands::{CommandStore, Commands, MemoryCommands, MqttDownlinks, RedisCommands};
 use crate::config::{Config, ConfigError, LoadedConfig};
@@ -105,7 +106,7 @@ struct Buses {
     bus: Arc<dyn Bus>,
     hub: Arc<Hub>,
     memory: Option<Arc<MemoryBus>>,
-    redis: Option<redis::Client>,
+    redis: Option<RedisTarget>,
 }
 
 /// Starts sluice on `listener` and returns once everything runs.
@@ -148,8 +149,8 @@ pub async fn start(loaded: LoadedConfig, listener: TcpListener) -> Result<Runnin
     // With a shared table, start from it and follow it from the position
     // it had before it was read, so no change in between is missed.
     let feed = match &buses.redis {
-        Some(client) => {
-            let feed = TransitionFeed::open(client, Duration::from_secs(2)).await?;
+        Some(target) => {
+            let feed = TransitionFeed::open(&target.client(), Duration::from_secs(2)).await?;
             let devices = follow_table(&state).await?;
             if devices > 0 {
                 tracing::info!(devices, "status restored from the bus");
@@ -303,28 +304,36 @@ async fn connect_bus(
         .redis_stream
         .as_ref()
         .map(|s| (s.key.clone(), s.maxlen));
-    let bus = RedisBus::connect(
+    let target = RedisTarget::connect(&redis.url, redis.timeout, redis.wait_replicas > 0)
+        .await
+        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+    let bus = RedisBus::new(
+        target.clone(),
         redis,
         config.deadletter.capacity,
         stream,
         config.history.limits(),
-    )
-    .await?;
+    );
     bus.ping().await?;
-    let client = bus.client().clone();
     {
-        let (client, interest, resync, stop_rx) =
-            (client.clone(), interest.clone(), redis.resync, stop.clone());
-        tasks.spawn("interest mirror", stop.clone(), move || {
-            mirror_interest(client.clone(), interest.clone(), resync, stop_rx.clone())
+        let (target, stop_rx) = (target.clone(), stop.clone());
+        tasks.spawn("redis master", stop.clone(), move || {
+            target.clone().follow_master(stop_rx.clone())
         });
     }
-    let hub = Hub::with_redis(client.clone(), interest.clone(), tasks, stop.clone()).await?;
+    {
+        let (target, interest, resync, stop_rx) =
+            (target.clone(), interest.clone(), redis.resync, stop.clone());
+        tasks.spawn("interest mirror", stop.clone(), move || {
+            mirror_interest(target.clone(), interest.clone(), resync, stop_rx.clone())
+        });
+    }
+    let hub = Hub::with_redis(target.clone(), interest.clone(), tasks, stop.clone());
     Ok(Buses {
         bus: Arc::new(bus),
         hub,
         memory: None,
-        redis: Some(client),
+        redis: Some(target),
     })
 }
 
@@ -338,20 +347,16 @@ async fn start_commands(
     tasks: &Arc<Supervisor>,
     stop: &watch::Receiver<bool>,
 ) -> Result<Arc<Commands>, RunError> {
-    let store: Arc<dyn CommandStore> = match (&buses.redis, &config.bus.redis) {
-        (Some(client), Some(redis)) => {
-            let store = Arc::new(
-                RedisCommands::connect(client, redis.timeout, config.commands.retain)
-                    .await
-                    .map_err(|e| RunError::Io(std::io::Error::other(e.to_string())))?,
-            );
-            let (follower, client, stop_rx) = (store.clone(), client.clone(), stop.clone());
+    let store: Arc<dyn CommandStore> = match &buses.redis {
+        Some(target) => {
+            let store = Arc::new(RedisCommands::new(target.clone(), config.commands.retain));
+            let (follower, stop_rx) = (store.clone(), stop.clone());
             tasks.spawn("command channel", stop.clone(), move || {
-                follower.clone().follow(client.clone(), stop_rx.clone())
+                follower.clone().follow(stop_rx.clone())
             });
             store
         }
-        _ => Arc::new(MemoryCommands::new(config.commands.keep)),
+        None => Arc::new(MemoryCommands::new(config.commands.keep)),
     };
     let transports = config
         .products
@@ -449,9 +454,9 @@ fn start_timers(
             run_write_behind(state.clone(), flush, stop_rx.clone())
         }));
     }
-    if let Some(client) = &buses.redis {
-        let (state, effects, client, stop_rx) =
-            (state.clone(), effects.clone(), client.clone(), stop.clone());
+    if let Some(target) = &buses.redis {
+        let (state, effects, target, stop_rx) =
+            (state.clone(), effects.clone(), target.clone(), stop.clone());
         // The first run takes the feed opened at start; a restart opens a new one.
         let feed = Arc::new(Mutex::new(feed));
         timers.push(tasks.spawn("status follower", stop.clone(), move || {
@@ -459,7 +464,7 @@ fn start_timers(
             follow_transitions(
                 state.clone(),
                 effects.clone(),
-                client.clone(),
+                target.clone(),
                 first,
                 stop_rx.clone(),
             )

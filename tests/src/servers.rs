@@ -98,20 +98,33 @@ fn require(binary: &str) {
 pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
+    args: Vec<String>,
     child: Option<ChildGuard>,
 }
 
 impl RedisServer {
     /// Starts one on a free port.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Starts one on a free port with more arguments (such as
+    /// `--replicaof 127.0.0.1 6379`).
+    pub fn start_with(args: &[&str]) -> Self {
         require("redis-server");
         let mut server = RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().expect("a temporary directory"),
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         server.restart();
         server
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Its URL.
@@ -173,6 +186,7 @@ impl RedisServer {
                 ])
                 .arg("--dir")
                 .arg(self.dir.path())
+                .args(&self.args)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             false,
@@ -180,6 +194,206 @@ impl RedisServer {
         .expect("redis-server starts");
         wait_for_port(self.port, &mut child, "redis-server");
         self.child = Some(child);
+    }
+}
+
+/// Waits until `replicas` replicas are in sync with `master`.
+pub async fn wait_for_replicas(master: &RedisServer, replicas: usize) {
+    let mut connection = master
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the master answers");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut connection)
+            .await
+            .expect("INFO");
+        let online = info
+            .lines()
+            .filter(|l| l.starts_with("slave") && l.contains("state=online"))
+            .count();
+        if online >= replicas {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{replicas} replicas did not sync within 30 s: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The name the Sentinels of a [`SentinelSet`] monitor their master by.
+pub const SENTINEL_MASTER: &str = "sluice";
+
+/// A master, its replicas and three Sentinels (quorum two) watching them,
+/// each a `redis-server` of its own; a failover takes a few seconds.
+#[derive(Debug)]
+pub struct SentinelSet {
+    /// The data nodes, the first of them the master at the start.
+    pub nodes: Vec<RedisServer>,
+    sentinels: Vec<(u16, ChildGuard)>,
+    _dir: tempfile::TempDir,
+}
+
+impl SentinelSet {
+    /// Starts a master with `replicas` replicas and three Sentinels, and
+    /// waits until the Sentinels know every replica and each other.
+    pub async fn start(replicas: usize) -> Self {
+        let master = RedisServer::start();
+        let master_port = master.port.to_string();
+        let mut nodes = vec![master];
+        for _ in 0..replicas {
+            nodes.push(RedisServer::start_with(&[
+                "--replicaof",
+                "127.0.0.1",
+                &master_port,
+            ]));
+        }
+        // Sentinels learn of replicas from the master: they must be there.
+        wait_for_replicas(&nodes[0], replicas).await;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut sentinels = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            // Sentinels rewrite their configuration: each has its own file.
+            let config = dir.path().join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                     sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                    dir = dir.path().display()
+                ),
+            )
+            .expect("write a Sentinel's config");
+            let mut child = ChildGuard::spawn(
+                Command::new("redis-server")
+                    .arg(&config)
+                    .arg("--sentinel")
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+                false,
+            )
+            .expect("a Sentinel starts");
+            wait_for_port(port, &mut child, "redis-server --sentinel");
+            sentinels.push((port, child));
+        }
+        let set = SentinelSet {
+            nodes,
+            sentinels,
+            _dir: dir,
+        };
+        set.wait_until_known(replicas).await;
+        set
+    }
+
+    /// The `redis+sentinel://` URL of the set.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", hosts.join(","))
+    }
+
+    /// The port of the node the Sentinels name master now.
+    pub async fn master_port(&self) -> u16 {
+        let (_, port): (String, u16) = self
+            .ask(0, &["get-master-addr-by-name", SENTINEL_MASTER])
+            .await
+            .expect("the Sentinel names a master");
+        port
+    }
+
+    /// The data node with `port`.
+    pub fn node(&self, port: u16) -> &RedisServer {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap_or_else(|| panic!("no node on port {port}"))
+    }
+
+    /// Kills the current master (as a crash would) and waits until the
+    /// Sentinels name another node, whose port it returns.
+    pub async fn fail_over(&mut self) -> u16 {
+        let old = self.master_port().await;
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == old)
+            .expect("the master is one of the nodes")
+            .stop();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = self.master_port().await;
+            if now != old {
+                let mut connection = self
+                    .node(now)
+                    .client()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("the new master answers");
+                let role: Vec<redis::Value> = redis::cmd("ROLE")
+                    .query_async(&mut connection)
+                    .await
+                    .expect("ROLE");
+                if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                    return now;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinels did not fail over within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn ask<T: redis::FromRedisValue>(
+        &self,
+        sentinel: usize,
+        args: &[&str],
+    ) -> redis::RedisResult<T> {
+        let client =
+            redis::Client::open(format!("redis://127.0.0.1:{}/", self.sentinels[sentinel].0))?;
+        let mut connection = client.get_multiplexed_async_connection().await?;
+        redis::cmd("SENTINEL")
+            .arg(args)
+            .query_async(&mut connection)
+            .await
+    }
+
+    async fn wait_until_known(&self, replicas: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut ready = true;
+            for sentinel in 0..self.sentinels.len() {
+                let known_replicas: Vec<redis::Value> = self
+                    .ask(sentinel, &["replicas", SENTINEL_MASTER])
+                    .await
+                    .unwrap_or_default();
+                let others: Vec<redis::Value> = self
+                    .ask(sentinel, &["sentinels", SENTINEL_MASTER])
+                    .await
+                    .unwrap_or_default();
+                ready &= known_replicas.len() == replicas && others.len() == 2;
+            }
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Sentinels did not learn of every replica and each other within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 }
 

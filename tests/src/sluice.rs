@@ -241,6 +241,18 @@ pub async fn interest_is(running: &Running, device: &str, watched: bool) {
     .await;
 }
 
+/// Reports a `temperature` of `device` through HTTP ingest of the
+/// `json-sensor` product at `base`.
+pub async fn report_temperature(base: &str, device: &str, temperature: f64) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/v1/ingest/json-sensor/{device}"))
+        .body(serde_json::json!({"temperature": temperature}).to_string())
+        .send()
+        .await
+        .expect("ingest answers");
+    assert_eq!(response.status(), 202);
+}
+
 /// A registry file with `devices` of `product`.
 pub fn registry_of(devices: &[String], product: &str) -> String {
     devices

@@ -1,6 +1,7 @@
 //! A real WebSocket client for tests: JSON frames in and out, with
 //! timeouts, and the close code the server ends with.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -12,6 +13,16 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// How long a test waits for one frame.
 pub const FRAME_WAIT: Duration = Duration::from_secs(10);
+
+/// JSON frames of a connection by the subscription `id` they carry.
+pub type Frames = BTreeMap<String, Vec<Value>>;
+
+/// The `position.offset` of a frame that must have one.
+pub fn offset(frame: &Value) -> u64 {
+    frame["position"]["offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("a position in {frame}"))
+}
 
 /// One client connection.
 #[derive(Debug)]
@@ -134,5 +145,38 @@ impl WsClient {
     /// Whether no frame arrives within `wait`.
     pub async fn quiet(&mut self, wait: Duration) -> Option<Received> {
         self.receive(wait).await
+    }
+
+    /// JSON frames until the connection is quiet for `quiet`, by `id`.
+    pub async fn drain(&mut self, quiet: Duration) -> Frames {
+        let mut frames = Frames::new();
+        while let Some(received) = self.quiet(quiet).await {
+            if let Received::Json(frame) = received {
+                let id = frame["id"].as_str().unwrap_or_default().to_owned();
+                frames.entry(id).or_default().push(frame);
+            }
+        }
+        frames
+    }
+
+    /// Adds the connection's frames to `frames` until `done` holds of
+    /// them; panics naming `what` after `wait`.
+    pub async fn collect_until(
+        &mut self,
+        frames: &mut Frames,
+        wait: Duration,
+        what: &str,
+        done: impl Fn(&Frames) -> bool,
+    ) {
+        let until = tokio::time::Instant::now() + wait;
+        while !done(frames) {
+            assert!(
+                tokio::time::Instant::now() < until,
+                "no {what} within {wait:?}: {frames:?}"
+            );
+            for (id, more) in self.drain(Duration::from_millis(200)).await {
+                frames.entry(id).or_default().extend(more);
+            }
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use sluice_tests::servers::RedisServer;
-use sluice_tests::sluice::{Site, base_url, eventually, ws_url};
+use sluice_tests::sluice::{Site, base_url, eventually, report_temperature, ws_url};
 use sluice_tests::ws::{Received, WsClient};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -35,16 +35,6 @@ fn registry(mover_groups: &str) -> String {
         "[[devices]]\nid = \"mover\"\nproduct = \"json-sensor\"\ngroups = {mover_groups}\n"
     ));
     text
-}
-
-async fn report(base: &str, device: &str, temperature: f64) {
-    let response = reqwest::Client::new()
-        .post(format!("{base}/api/v1/ingest/json-sensor/{device}"))
-        .body(json!({"temperature": temperature}).to_string())
-        .send()
-        .await
-        .expect("ingest answers");
-    assert_eq!(response.status(), 202);
 }
 
 /// `device_data` frames of the connection until it is quiet, as
@@ -132,7 +122,7 @@ async fn a_group_of_ten_thousand_is_one_count_and_one_channel_across_instances()
     assert_eq!(interest.len(), 0, "no device is watched one by one");
 
     // A member's report, ingested on A, reaches the watcher on B.
-    report(&a_base, "fleet-04242", 21.5).await;
+    report_temperature(&a_base, "fleet-04242", 21.5).await;
     let frames = received(&mut client).await;
     assert_eq!(
         frames,
@@ -152,8 +142,8 @@ async fn a_group_of_ten_thousand_is_one_count_and_one_channel_across_instances()
     })
     .await;
     let _ = received(&mut client).await;
-    report(&a_base, "both-1", 30.0).await;
-    report(&a_base, "depot-1", 31.0).await;
+    report_temperature(&a_base, "both-1", 30.0).await;
+    report_temperature(&a_base, "depot-1", 31.0).await;
     let frames = received(&mut client).await;
     assert_eq!(
         frames,
@@ -167,7 +157,7 @@ async fn a_group_of_ten_thousand_is_one_count_and_one_channel_across_instances()
 
     // The registry moves `mover` from fleet to depot: within a second its
     // reports go to depot's watchers, not fleet's.
-    report(&a_base, "mover", 10.0).await;
+    report_temperature(&a_base, "mover", 10.0).await;
     let frames = received(&mut client).await;
     assert_eq!(
         frames,
@@ -187,7 +177,7 @@ async fn a_group_of_ten_thousand_is_one_count_and_one_channel_across_instances()
             .map(drop)
     })
     .await;
-    report(&a_base, "mover", 11.0).await;
+    report_temperature(&a_base, "mover", 11.0).await;
     let frames = received(&mut client).await;
     assert_eq!(frames, BTreeMap::from([(key("both", "mover"), vec![11.0])]));
 
@@ -245,8 +235,8 @@ async fn group_subscriptions_on_the_in_process_bus_count_one_and_follow_the_regi
         .send(&json!({"type": "subscribe", "id": "x", "channel": "telemetry", "groups": ["fleet"], "since": {"offset": 1, "epoch": "e"}}))
         .await;
     assert_eq!(client.next_of("error").await["code"], "bad_filter");
-    report(&base, "both-1", 5.0).await;
-    report(&base, "fleet-00001", 6.0).await;
+    report_temperature(&base, "both-1", 5.0).await;
+    report_temperature(&base, "fleet-00001", 6.0).await;
     let frames = received(&mut client).await;
     let expected: BTreeMap<(String, String), Vec<f64>> = BTreeMap::from([
         (key("g", "both-1"), vec![5.0]),
@@ -258,7 +248,7 @@ async fn group_subscriptions_on_the_in_process_bus_count_one_and_follow_the_regi
         .await;
     assert_eq!(client.next_json().await["type"], "unsubscribed");
     assert!(!running.state().interest.any_groups());
-    report(&base, "both-1", 7.0).await;
+    report_temperature(&base, "both-1", 7.0).await;
     assert_eq!(received(&mut client).await, BTreeMap::new());
     running.stop().await;
 }

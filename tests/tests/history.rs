@@ -5,13 +5,13 @@
 //! nothing of another tenant's. Two instances on one Redis, and one
 //! instance on the in-process bus.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_tests::servers::RedisServer;
 use sluice_tests::sluice::{Site, base_url, eventually, ws_url};
-use sluice_tests::ws::WsClient;
+use sluice_tests::ws::{Frames, WsClient, offset};
 
 const WAIT: Duration = Duration::from_secs(20);
 const ACME: &str = "key-acme-history-0123456789";
@@ -111,44 +111,7 @@ async fn all_pages(base: &str, key: &str, path: &str, limit: usize) -> Vec<Value
     }
 }
 
-fn offset(frame: &Value) -> u64 {
-    frame["position"]["offset"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("a position in {frame}"))
-}
-
-/// Frames of the connection until it is quiet for `quiet`, by subscription id.
-async fn drain(client: &mut WsClient, quiet: Duration) -> BTreeMap<String, Vec<Value>> {
-    let mut frames: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    while let Some(received) = client.quiet(quiet).await {
-        if let sluice_tests::ws::Received::Json(frame) = received {
-            let id = frame["id"].as_str().unwrap_or_default().to_owned();
-            frames.entry(id).or_default().push(frame);
-        }
-    }
-    frames
-}
-
-/// Adds the connection's frames to `frames` until `done` holds of them.
-async fn collect_until(
-    client: &mut WsClient,
-    frames: &mut BTreeMap<String, Vec<Value>>,
-    what: &str,
-    done: impl Fn(&BTreeMap<String, Vec<Value>>) -> bool,
-) {
-    let until = tokio::time::Instant::now() + WAIT;
-    while !done(frames) {
-        assert!(
-            tokio::time::Instant::now() < until,
-            "no {what} within {WAIT:?}: {frames:?}"
-        );
-        for (id, more) in drain(client, Duration::from_millis(300)).await {
-            frames.entry(id).or_default().extend(more);
-        }
-    }
-}
-
-fn mentions(frames: &BTreeMap<String, Vec<Value>>, id: &str, text: &str) -> bool {
+fn mentions(frames: &Frames, id: &str, text: &str) -> bool {
     frames.get(id).is_some_and(|f| {
         f.iter()
             .any(|a| a["description"].as_str().is_some_and(|d| d.contains(text)))
@@ -192,14 +155,15 @@ async fn a_client_resumes_on_another_instance_with_what_it_missed_once_in_order(
         .subscribe(&json!({"type": "subscribe", "id": "st", "channel": "status"}))
         .await;
     report(&a_base, ACME, "th-1", 35.0).await;
-    let mut seen = BTreeMap::new();
-    collect_until(&mut first, &mut seen, "alert and status of th-1", |seen| {
-        mentions(seen, "al", "35")
-            && seen
-                .get("st")
-                .is_some_and(|f| f.iter().any(|s| s["is_online"] == true))
-    })
-    .await;
+    let mut seen = Frames::new();
+    first
+        .collect_until(&mut seen, WAIT, "alert and status of th-1", |seen| {
+            mentions(seen, "al", "35")
+                && seen
+                    .get("st")
+                    .is_some_and(|f| f.iter().any(|s| s["is_online"] == true))
+        })
+        .await;
     let first_alert = &seen["al"][0];
     assert_eq!(first_alert["device"], "th-1");
     assert_eq!(first_alert["position"]["tenant"], "acme");
@@ -255,21 +219,18 @@ async fn a_client_resumes_on_another_instance_with_what_it_missed_once_in_order(
     .await;
     back.send(&json!({"type": "subscribe", "id": "st", "channel": "status", "since": {"offset": status_since["offset"], "epoch": status_since["epoch"]}}))
         .await;
-    let mut frames = BTreeMap::new();
-    collect_until(&mut back, &mut frames, "both subscriptions", |f| {
+    let mut frames = Frames::new();
+    back.collect_until(&mut frames, WAIT, "both subscriptions", |f| {
         f.get("al").is_some_and(|a| !a.is_empty()) && f.get("st").is_some_and(|s| !s.is_empty())
     })
     .await;
     report(&a_base, ACME, "th-1", 34.0).await;
-    collect_until(
-        &mut back,
-        &mut frames,
-        "the replay and the live alert",
-        |f| mentions(f, "al", "temperature 34"),
-    )
+    back.collect_until(&mut frames, WAIT, "the replay and the live alert", |f| {
+        mentions(f, "al", "temperature 34")
+    })
     .await;
     // Anything that would come twice would come by now.
-    for (id, more) in drain(&mut back, Duration::from_millis(500)).await {
+    for (id, more) in back.drain(Duration::from_millis(500)).await {
         frames.entry(id).or_default().extend(more);
     }
     for id in ["al", "st"] {

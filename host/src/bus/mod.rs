@@ -16,9 +16,10 @@ pub use publication::{
     AlertRaised, EventReported, Publication, StatusChange, TelemetryReport, alert_channel,
     event_channel, json_text, status_channel, telemetry_channel,
 };
+pub use redis::check_url as check_redis_url;
 pub use redis::{
-    Followed, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, RedisBus, TransitionFeed,
-    mirror_interest,
+    Followed, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, RedisBus, RedisTarget,
+    TransitionFeed, mirror_interest,
 };
 
 use crate::deadletter::DeadLetter;

@@ -17,12 +17,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, Script};
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
 use tokio::sync::{broadcast, watch};
 
 use super::model::{Change, CommandError, CommandRecord, CommandState};
 use super::store::{CommandStore, EVENTS, applies, changed, deadline_of};
+use crate::bus::RedisTarget;
 
 /// The channel of state changes.
 pub const CHANNEL: &str = "sluice:commands";
@@ -88,7 +89,7 @@ return ids
 
 /// The Redis store of commands.
 pub struct RedisCommands {
-    connection: ConnectionManager,
+    target: RedisTarget,
     events: broadcast::Sender<Arc<CommandRecord>>,
     insert: Script,
     change: Script,
@@ -108,29 +109,22 @@ fn unavailable(error: redis::RedisError) -> CommandError {
 }
 
 impl RedisCommands {
-    /// Connects; `retain` is how long finished commands stay readable.
-    pub async fn connect(
-        client: &Client,
-        timeout: Duration,
-        retain: Duration,
-    ) -> Result<Self, CommandError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(unavailable)?;
-        Ok(RedisCommands {
-            connection,
+    /// The store on `target`; `retain` is how long finished commands stay
+    /// readable.
+    pub fn new(target: RedisTarget, retain: Duration) -> Self {
+        RedisCommands {
+            target,
             events: broadcast::channel(EVENTS).0,
             insert: Script::new(INSERT),
             change: Script::new(CHANGE),
             take: Script::new(TAKE),
             due: Script::new(TAKE_DUE),
             retain,
-        })
+        }
+    }
+
+    fn connection(&self) -> ConnectionManager {
+        self.target.connection()
     }
 
     /// Seconds a record's key lives: until its deadline, then `retain`.
@@ -143,9 +137,13 @@ impl RedisCommands {
 
     /// Feeds the state changes on [`CHANNEL`] to this store's listeners
     /// until `shutdown`, subscribing again after a lost connection.
-    pub async fn follow(self: Arc<Self>, client: Client, mut shutdown: watch::Receiver<bool>) {
+    pub async fn follow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Duration::from_millis(100);
+        let mut moves = self.target.moves();
         loop {
+            // Seen before the client is taken: a move after it is noticed.
+            moves.mark_unchanged();
+            let client = self.target.client();
             let followed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(CHANNEL).await?;
@@ -168,11 +166,13 @@ impl RedisCommands {
                         tracing::warn!(%error, "command channel lost; subscribing again");
                     }
                 }
+                error = RedisTarget::moved(&mut moves) => {
+                    tracing::info!(%error, "subscribing to the command channel on the new master");
+                }
                 _ = shutdown.changed() => return,
             }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => return,
+            if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+                return;
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -203,7 +203,7 @@ impl CommandStore for RedisCommands {
             )
             .arg(queue_limit)
             .arg(self.ttl(record))
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(unavailable)?;
         if inserted == 0 {
@@ -217,8 +217,7 @@ impl CommandStore for RedisCommands {
 
     async fn get(&self, id: &str) -> Result<Option<CommandRecord>, CommandError> {
         let text: Option<String> = self
-            .connection
-            .clone()
+            .connection()
             .hget(record_key(id), "record")
             .await
             .map_err(unavailable)?;
@@ -264,7 +263,7 @@ impl CommandStore for RedisCommands {
                 )
                 .arg(self.ttl(&next))
                 .arg(&record.device_id)
-                .invoke_async(&mut self.connection.clone())
+                .invoke_async(&mut self.connection())
                 .await
                 .map_err(unavailable)?;
             if written == 1 {
@@ -278,7 +277,7 @@ impl CommandStore for RedisCommands {
             .key(queue_key(device))
             .key(QUEUED)
             .arg(device)
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(unavailable)
     }
@@ -288,14 +287,13 @@ impl CommandStore for RedisCommands {
             .key(DUE)
             .arg(now)
             .arg(DUE_BATCH)
-            .invoke_async(&mut self.connection.clone())
+            .invoke_async(&mut self.connection())
             .await
             .map_err(unavailable)
     }
 
     async fn queued_devices(&self) -> Result<Vec<String>, CommandError> {
-        self.connection
-            .clone()
+        self.connection()
             .smembers(QUEUED)
             .await
             .map_err(unavailable)
@@ -303,8 +301,7 @@ impl CommandStore for RedisCommands {
 
     async fn announce(&self, record: &CommandRecord) -> Result<(), CommandError> {
         let _: i64 = self
-            .connection
-            .clone()
+            .connection()
             .publish(CHANNEL, json(record))
             .await
             .map_err(unavailable)?;

@@ -372,7 +372,8 @@ pub struct BusConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`.
+    /// `redis://[user:password@]host:port[/db]`, or through Sentinels
+    /// `redis+sentinel://[user:password@]host:port[,host:port…]/master[/db]`.
     pub url: String,
     /// How often the interest mirror is rebuilt from `ws:sub:*`.
     #[serde(default = "defaults::resync", with = "humantime_serde")]
@@ -383,6 +384,11 @@ pub struct RedisConfig {
     /// How long a command may take before Redis counts as unreachable.
     #[serde(default = "defaults::timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// How many replicas must confirm a status change, alert or event
+    /// (`WAIT`) before it counts as recorded; 0 does not wait. With
+    /// Sentinel, 1 keeps a failover from losing what was recorded.
+    #[serde(default)]
+    pub wait_replicas: usize,
 }
 
 /// The device registry file.
@@ -640,12 +646,9 @@ impl Config {
             );
         }
         if let Some(redis) = &self.bus.redis
-            && !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://"))
+            && let Err(reason) = crate::bus::check_redis_url(&redis.url)
         {
-            return bad(
-                "bus.redis.url".into(),
-                "expected a redis:// or rediss:// URL".into(),
-            );
+            return bad("bus.redis.url".into(), reason);
         }
         self.sources.validate(file)
     }

@@ -21,14 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::aio::{ConnectionManager, PubSubSink};
-use redis::{Client, Script};
+use redis::Script;
+use redis::aio::PubSubSink;
 use tokio::sync::{broadcast, watch};
 
 use super::frames::Rendered;
 use crate::bus::{
     BusError, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, Interest, MemoryBus,
-    Publication,
+    Publication, RedisTarget,
 };
 use crate::supervisor::Supervisor;
 
@@ -170,6 +170,14 @@ pub trait Watcher: Send + Sync {
     /// A publication about a member of `group`, which the watcher watches
     /// as a whole; must not block.
     fn deliver_group(&self, _group: &str, _publication: &Rendered<'_>) {}
+
+    /// The hub lost its subscriber connection to Redis: what is published
+    /// until [`Watcher::resumed`] does not reach the watcher. Must not block.
+    fn interrupted(&self) {}
+
+    /// The hub delivers again after [`Watcher::interrupted`]; what was
+    /// published in between was not delivered. Must not block.
+    fn resumed(&self) {}
 }
 
 /// A watcher's handle in the hub.
@@ -202,7 +210,8 @@ impl Table {
 }
 
 struct RedisSide {
-    connection: ConnectionManager,
+    /// Where counts are kept (the master, through failovers).
+    target: RedisTarget,
     /// The subscriber connection's command half, while connected.
     sink: tokio::sync::Mutex<Option<PubSubSink>>,
     /// Devices whose channels the subscriber connection holds, and which.
@@ -301,21 +310,18 @@ impl Hub {
     }
 
     /// A hub fed by Redis through one subscriber connection.
-    pub async fn with_redis(
-        client: Client,
+    pub fn with_redis(
+        target: RedisTarget,
         interest: Arc<Interest>,
         tasks: &Arc<Supervisor>,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<Arc<Hub>, BusError> {
-        let connection = ConnectionManager::new(client.clone())
-            .await
-            .map_err(unavailable)?;
+    ) -> Arc<Hub> {
         let hub = Arc::new(Hub {
             table: Mutex::default(),
             next_id: AtomicU64::new(1),
             interest,
             redis: Some(RedisSide {
-                connection,
+                target: target.clone(),
                 sink: tokio::sync::Mutex::new(None),
                 subscribed: Mutex::default(),
                 subscribed_groups: Mutex::default(),
@@ -326,13 +332,13 @@ impl Hub {
         });
         let (relay, stop) = (hub.clone(), shutdown.clone());
         tasks.spawn("hub relay", shutdown.clone(), move || {
-            relay_redis(relay.clone(), client.clone(), stop.clone())
+            relay_redis(relay.clone(), target.clone(), stop.clone())
         });
         let (refresher, stop) = (hub.clone(), shutdown.clone());
         tasks.spawn("watch refresh", shutdown, move || {
             refresh_watches(refresher.clone(), stop.clone())
         });
-        Ok(hub)
+        hub
     }
 
     /// A new watcher id.
@@ -398,7 +404,7 @@ impl Hub {
             Counted::Devices,
             new.iter().map(|d| (d.as_str(), 1)),
         )
-        .query_async::<()>(&mut redis.connection.clone())
+        .query_async::<()>(&mut redis.target.connection())
         .await;
         if let Err(error) = counted {
             // Not counted in Redis, so not held here either: a later
@@ -438,7 +444,7 @@ impl Hub {
                 Counted::Devices,
                 new.iter().map(|d| (d.as_str(), 1)),
             )
-            .query_async::<()>(&mut redis.connection.clone())
+            .query_async::<()>(&mut redis.target.connection())
             .await;
             if let Err(error) = released {
                 tracing::warn!(%error, "could not give back watcher counts; they expire with their TTL");
@@ -501,7 +507,7 @@ impl Hub {
             Counted::Devices,
             held.iter().map(|d| (d.as_str(), 1)),
         )
-        .query_async::<()>(&mut redis.connection.clone())
+        .query_async::<()>(&mut redis.target.connection())
         .await
         .map_err(unavailable)?;
         self.reconcile(&held).await
@@ -546,7 +552,7 @@ impl Hub {
             Counted::Groups,
             groups.iter().map(|(g, n)| (g.as_str(), *n)),
         );
-        let released = pipe.query_async::<()>(&mut redis.connection.clone()).await;
+        let released = pipe.query_async::<()>(&mut redis.target.connection()).await;
         if let Err(error) = released {
             tracing::warn!(%error, devices = held.len(), "could not give back watcher counts at shutdown; they expire with their TTL");
             return;
@@ -650,7 +656,7 @@ impl Hub {
             Counted::Groups,
             new.iter().map(|g| (g.as_str(), 1)),
         )
-        .query_async::<()>(&mut redis.connection.clone())
+        .query_async::<()>(&mut redis.target.connection())
         .await;
         if let Err(error) = counted {
             self.forget_groups(id, &new);
@@ -681,7 +687,7 @@ impl Hub {
             Counted::Groups,
             held.iter().map(|g| (g.as_str(), 1)),
         )
-        .query_async::<()>(&mut redis.connection.clone())
+        .query_async::<()>(&mut redis.target.connection())
         .await
         .map_err(unavailable)?;
         self.reconcile_groups(&held).await
@@ -754,6 +760,24 @@ impl Hub {
         Ok(())
     }
 
+    /// Every local watcher, once.
+    fn watchers(&self) -> Vec<Arc<dyn Watcher>> {
+        let table = lock(&self.table);
+        let mut seen = std::collections::HashSet::new();
+        let held = table
+            .devices
+            .values()
+            .flat_map(|watchers| watchers.iter().map(|(id, held)| (*id, &held.watcher)));
+        let groups = table
+            .groups
+            .values()
+            .flat_map(|watchers| watchers.iter().map(|(id, watcher)| (*id, watcher)));
+        held.chain(groups)
+            .filter(|(id, _)| seen.insert(*id))
+            .map(|(_, watcher)| watcher.clone())
+            .collect()
+    }
+
     /// Hands `publication`, about a member of `group`, to the local
     /// watchers of the group.
     pub fn dispatch_group(&self, group: &str, publication: &Publication) {
@@ -811,7 +835,7 @@ impl Hub {
             Counted::Groups,
             groups.iter().map(|(g, n)| (g.as_str(), *n)),
         );
-        pipe.query_async::<()>(&mut redis.connection.clone())
+        pipe.query_async::<()>(&mut redis.target.connection())
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -891,14 +915,32 @@ async fn relay_in_process(
 /// Holds the subscriber connection: connects, subscribes every watched
 /// device, puts back this instance's counts, relays messages; on loss,
 /// reconnects with backoff.
-async fn relay_redis(hub: Arc<Hub>, client: Client, mut shutdown: watch::Receiver<bool>) {
+async fn relay_redis(hub: Arc<Hub>, target: RedisTarget, mut shutdown: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
+    let mut moves = target.moves();
+    let mut interrupted = false;
     loop {
-        match relay_once(&hub, &client, &mut shutdown).await {
+        // Seen before the client is taken: a move after it is noticed.
+        moves.mark_unchanged();
+        match relay_once(
+            &hub,
+            &target.client(),
+            &mut moves,
+            &mut shutdown,
+            &mut interrupted,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(error) => {
                 metrics::counter!("sluice_bus_errors_total", "op" => "hub").increment(1);
                 tracing::warn!(%error, retry_in = ?backoff, "WebSocket hub lost Redis; reconnecting");
+            }
+        }
+        if !interrupted {
+            interrupted = true;
+            for watcher in hub.watchers() {
+                watcher.interrupted();
             }
         }
         if let Some(redis) = &hub.redis {
@@ -906,9 +948,8 @@ async fn relay_redis(hub: Arc<Hub>, client: Client, mut shutdown: watch::Receive
             lock(&redis.subscribed).clear();
             lock(&redis.subscribed_groups).clear();
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
+        if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+            return;
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -916,8 +957,10 @@ async fn relay_redis(hub: Arc<Hub>, client: Client, mut shutdown: watch::Receive
 
 async fn relay_once(
     hub: &Hub,
-    client: &Client,
+    client: &redis::Client,
+    moves: &mut watch::Receiver<u64>,
     shutdown: &mut watch::Receiver<bool>,
+    interrupted: &mut bool,
 ) -> Result<(), redis::RedisError> {
     let Some(redis) = &hub.redis else {
         return Ok(());
@@ -944,6 +987,12 @@ async fn relay_once(
         }
         lock(&redis.subscribed_groups).extend(groups);
         *held = Some(sink);
+    }
+    if std::mem::take(interrupted) {
+        // Everything is subscribed again: watchers catch up on the gap.
+        for watcher in hub.watchers() {
+            watcher.resumed();
+        }
     }
     // Counts may have expired or vanished with a restarted Redis: put them
     // back, retrying until Redis takes them.
@@ -974,6 +1023,7 @@ async fn relay_once(
                     Err(error) => tracing::debug!(%error, "watcher counts not restored yet; retrying"),
                 }
             }
+            error = RedisTarget::moved(moves) => return Err(error),
             _ = shutdown.changed() => return Ok(()),
         }
     }

@@ -53,9 +53,40 @@ pub(super) struct Subscription {
     /// While a resuming subscription replays what was missed, the live
     /// frames that arrive meanwhile (with their positions), sent after it.
     pending: Option<Vec<(Option<Position>, String)>>,
+    /// The newest position sent, per tenant, of a subscription with
+    /// positions: where it catches up from after the hub lost Redis.
+    seen: Vec<Position>,
+    /// The hub lost its subscriber connection since this subscription
+    /// last caught up: publications of the gap did not arrive.
+    gap: bool,
 }
 
 impl Subscription {
+    fn new(request: Subscribe, devices: BTreeSet<String>, pending: bool) -> Self {
+        Subscription {
+            request,
+            devices,
+            groups: BTreeSet::new(),
+            pending: pending.then(Vec::new),
+            seen: Vec::new(),
+            gap: false,
+        }
+    }
+
+    /// Notes that a frame at `position` was sent.
+    fn saw(&mut self, position: Option<&Position>) {
+        let Some(position) = position else {
+            return;
+        };
+        match self.seen.iter_mut().find(|p| p.tenant == position.tenant) {
+            Some(seen) if seen.epoch != position.epoch || seen.offset < position.offset => {
+                *seen = position.clone();
+            }
+            Some(_) => {}
+            None => self.seen.push(position.clone()),
+        }
+    }
+
     /// The frame of `publication` for this subscription (`id`), unless it
     /// does not want it; telemetry is framed by the caller.
     fn frame(&self, id: &str, publication: &Publication) -> Option<String> {
@@ -94,7 +125,10 @@ impl Subscription {
         };
         match &mut self.pending {
             Some(pending) => pending.push((publication.position().cloned(), frame)),
-            None => outbox.push(frame),
+            None => {
+                outbox.push(frame);
+                self.saw(publication.position());
+            }
         }
     }
 }
@@ -102,6 +136,9 @@ impl Subscription {
 struct NativeWatcher {
     outbox: Arc<Outbox>,
     subscriptions: Mutex<HashMap<String, Subscription>>,
+    /// Woken when the hub delivers again after losing Redis: the session
+    /// then replays what its subscriptions missed.
+    catch_up: tokio::sync::Notify,
     /// Who the connection is for: a group's channel carries every tenant's
     /// members, and each report is checked against it.
     identity: Option<Identity>,
@@ -145,6 +182,20 @@ impl NativeWatcher {
 }
 
 impl Watcher for NativeWatcher {
+    fn interrupted(&self) {
+        for subscription in self.subscriptions().values_mut() {
+            if positioned(subscription.request.channel) {
+                subscription.gap = true;
+                // Live frames from now wait for what the gap missed.
+                subscription.pending.get_or_insert_with(Vec::new);
+            }
+        }
+    }
+
+    fn resumed(&self) {
+        self.catch_up.notify_one();
+    }
+
     fn deliver_group(&self, group: &str, rendered: &Rendered<'_>) {
         let Publication::Telemetry(report) = rendered.publication else {
             return;
@@ -190,6 +241,14 @@ impl Watcher for NativeWatcher {
             subscription.route(id, publication, &self.outbox);
         }
     }
+}
+
+/// Whether frames of `channel` carry positions (and can be resumed).
+fn positioned(channel: Channel) -> bool {
+    matches!(
+        channel,
+        Channel::Alerts | Channel::Events | Channel::Status | Channel::Commands
+    )
 }
 
 /// What a resuming subscription replays.
@@ -330,6 +389,7 @@ async fn serve(
         watcher: Arc::new(NativeWatcher {
             outbox: session.outbox().clone(),
             subscriptions: Mutex::default(),
+            catch_up: tokio::sync::Notify::new(),
             identity: identity.clone(),
         }),
         app,
@@ -369,6 +429,9 @@ async fn serve(
                     continue;
                 }
                 Box::pin(client.follow_registry()).await;
+            }
+            () = client.watcher.catch_up.notified() => {
+                Box::pin(client.catch_up()).await;
             }
             _ = tokio::time::sleep_until(expires.unwrap_or_else(tokio::time::Instant::now)), if expires.is_some() => {
                 session.send(FrameError::new("token_expired", "the token of this connection has expired; connect again with a new one").frame());
@@ -533,10 +596,7 @@ impl Client {
             ));
         }
         let resumes = self.resumes(&request, &devices)?;
-        let positioned = matches!(
-            request.channel,
-            Channel::Alerts | Channel::Events | Channel::Status | Channel::Commands
-        );
+        let positioned = positioned(request.channel);
         let id = request.id.clone();
         let channel = request.channel;
         let keys = request.keys.clone();
@@ -548,12 +608,7 @@ impl Client {
             // they follow `subscribed` and what is replayed.
             self.watcher.subscriptions().insert(
                 id.clone(),
-                Subscription {
-                    request: request.clone(),
-                    devices: devices.clone(),
-                    groups: BTreeSet::new(),
-                    pending: Some(Vec::new()),
-                },
+                Subscription::new(request.clone(), devices.clone(), true),
             );
         }
         if let Err(error) = self.hold(&devices, channel).await {
@@ -576,15 +631,9 @@ impl Client {
             // snapshot is read after the subscription delivers, so it is
             // never older than a live frame before it.
             let answered = outbox.push_paced(subscribed.to_string()).await;
-            self.watcher.subscriptions().insert(
-                id.clone(),
-                Subscription {
-                    request,
-                    devices,
-                    groups: BTreeSet::new(),
-                    pending: None,
-                },
-            );
+            self.watcher
+                .subscriptions()
+                .insert(id.clone(), Subscription::new(request, devices, false));
             if answered && wants_snapshots {
                 self.snapshots(&id, channel, &keys, &list).await;
             }
@@ -598,41 +647,8 @@ impl Client {
         if !outbox.push_paced(subscribed.to_string()).await {
             return Ok(Vec::new());
         }
-        let subscription = Subscription {
-            request,
-            devices,
-            groups: BTreeSet::new(),
-            pending: None,
-        };
-        for entry in &recovery.entries {
-            if !subscription.devices.contains(entry.publication.device()) {
-                continue;
-            }
-            let Some(frame) = subscription.frame(&id, &entry.publication) else {
-                continue;
-            };
-            if !outbox.push_paced(frame).await {
-                return Ok(Vec::new());
-            }
-        }
-        // Live frames that came meanwhile, but not what was replayed; held
-        // under the lock, so no newer frame overtakes them.
-        {
-            let mut subscriptions = self.watcher.subscriptions();
-            if let Some(held) = subscriptions.get_mut(&id)
-                && let Some(pending) = held.pending.take()
-            {
-                for (position, frame) in pending {
-                    let replayed = position.is_some_and(|p| {
-                        recovery.replayed.iter().any(|top| {
-                            top.tenant == p.tenant && top.epoch == p.epoch && p.offset <= top.offset
-                        })
-                    });
-                    if !replayed {
-                        outbox.push(frame);
-                    }
-                }
-            }
+        if !self.replay(&id, &recovery).await {
+            return Ok(Vec::new());
         }
         // A status subscription that recovered has what it missed instead
         // of snapshots.
@@ -708,10 +724,8 @@ impl Client {
         self.watcher.subscriptions().insert(
             id.clone(),
             Subscription {
-                request,
-                devices: BTreeSet::new(),
                 groups,
-                pending: None,
+                ..Subscription::new(request, BTreeSet::new(), false)
             },
         );
         if answered && wants_snapshots {
@@ -804,6 +818,90 @@ impl Client {
             ));
         }
         Ok(resumes)
+    }
+
+    /// Sends subscription `id` what `recovery` replays, then the live
+    /// frames held meanwhile that it did not replay (under the lock, so no
+    /// newer frame overtakes them); false when the client is gone.
+    async fn replay(&self, id: &str, recovery: &Replay) -> bool {
+        let outbox = self.watcher.outbox.clone();
+        let frames: Vec<String> = {
+            let subscriptions = self.watcher.subscriptions();
+            let Some(subscription) = subscriptions.get(id) else {
+                return true;
+            };
+            recovery
+                .entries
+                .iter()
+                .filter(|entry| subscription.devices.contains(entry.publication.device()))
+                .filter_map(|entry| subscription.frame(id, &entry.publication))
+                .collect()
+        };
+        for frame in frames {
+            if !outbox.push_paced(frame).await {
+                return false;
+            }
+        }
+        let mut subscriptions = self.watcher.subscriptions();
+        let Some(held) = subscriptions.get_mut(id) else {
+            return true;
+        };
+        for top in &recovery.tops {
+            held.saw(Some(top));
+        }
+        for (position, frame) in held.pending.take().unwrap_or_default() {
+            let replayed = position.as_ref().is_some_and(|p| {
+                recovery.replayed.iter().any(|top| {
+                    top.tenant == p.tenant && top.epoch == p.epoch && p.offset <= top.offset
+                })
+            });
+            if !replayed {
+                outbox.push(frame);
+                held.saw(position.as_ref());
+            }
+        }
+        true
+    }
+
+    /// After the hub lost Redis and delivers again: each subscription with
+    /// positions that had a gap is told so with a `gap` frame (`recovered`,
+    /// `positions`) and gets what was recorded meanwhile, once, in order,
+    /// before live frames; `recovered: false` when the gap cannot be
+    /// replayed (the client then reloads).
+    async fn catch_up(&mut self) {
+        let gaps: Vec<(String, Vec<Position>, BTreeSet<String>)> = self
+            .watcher
+            .subscriptions()
+            .iter_mut()
+            .filter(|(_, subscription)| subscription.gap)
+            .map(|(id, subscription)| {
+                subscription.gap = false;
+                (
+                    id.clone(),
+                    subscription.seen.clone(),
+                    subscription.devices.clone(),
+                )
+            })
+            .collect();
+        for (id, seen, devices) in gaps {
+            let mut recovery = self.recover(&seen, &devices).await;
+            // A tenant with no position to start from cannot be replayed.
+            let state = &self.app.pipeline;
+            if devices
+                .iter()
+                .any(|d| !seen.iter().any(|p| p.tenant == state.tenant_of(d)))
+            {
+                recovery.recovered = false;
+            }
+            metrics::counter!("sluice_ws_gaps_total", "recovered" => if recovery.recovered { "true" } else { "false" })
+                .increment(1);
+            let gap = json!({"type": "gap", "id": id, "recovered": recovery.recovered, "positions": recovery.tops});
+            if !self.watcher.outbox.push_paced(gap.to_string()).await
+                || !self.replay(&id, &recovery).await
+            {
+                return;
+            }
+        }
     }
 
     /// What a subscription of `devices` missed after `resumes`, and the

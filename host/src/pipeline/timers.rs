@@ -12,11 +12,28 @@ use tokio::time::Instant;
 use super::effects::Effect;
 use super::state::PipelineState;
 use super::worker::transition_effect;
-use crate::bus::{Followed, TransitionFeed};
+use crate::bus::{Followed, RedisTarget, TransitionFeed};
 use crate::message::now_ms;
 
 /// Deadlines swept per round trip.
 const SWEEP_BATCH: usize = 1000;
+
+/// After the shared deadlines could not be swept (Redis unreachable, or
+/// moving to a new master), how long sweeping waits once Redis answers
+/// again: the deadline refreshes every instance held meanwhile land first,
+/// so a device that kept reporting is not taken offline by a deadline the
+/// outage let pass.
+const RESUME_HOLD: Duration = Duration::from_secs(2);
+
+/// Where sweeping the shared deadlines stands.
+#[derive(Debug, Clone, Copy)]
+enum Sweeping {
+    Running,
+    /// The last sweep failed.
+    Failed,
+    /// Redis answers again; sweeping resumes at this instant.
+    HeldUntil(Instant),
+}
 
 /// Takes devices offline when their deadline passes, every `tick`, until
 /// `shutdown`.
@@ -34,13 +51,14 @@ pub async fn run_status_timers(
 ) {
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sweeping = Sweeping::Running;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
         if state.bus.shares_deadlines() {
-            sweep_shared(&state, grace).await;
+            sweeping = sweep_shared(&state, grace, sweeping).await;
         } else if expire_local(&state, &effects).await.is_err() {
             return;
         }
@@ -57,7 +75,17 @@ async fn expire_local(state: &PipelineState, effects: &mpsc::Sender<Effect>) -> 
     Ok(())
 }
 
-async fn sweep_shared(state: &PipelineState, grace: Duration) {
+async fn sweep_shared(state: &PipelineState, grace: Duration, sweeping: Sweeping) -> Sweeping {
+    match sweeping {
+        Sweeping::Failed => {
+            return match state.bus.ping().await {
+                Ok(()) => Sweeping::HeldUntil(Instant::now() + RESUME_HOLD + grace),
+                Err(_) => Sweeping::Failed,
+            };
+        }
+        Sweeping::HeldUntil(at) if Instant::now() < at => return sweeping,
+        _ => {}
+    }
     loop {
         let now = now_ms();
         let cutoff = now.saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
@@ -65,8 +93,8 @@ async fn sweep_shared(state: &PipelineState, grace: Duration) {
             Ok(recorded) => recorded,
             Err(error) => {
                 metrics::counter!("sluice_bus_errors_total", "op" => "sweep").increment(1);
-                tracing::debug!(%error, "cannot sweep deadlines; trying again next tick");
-                return;
+                tracing::debug!(%error, "cannot sweep deadlines; trying again once Redis answers");
+                return Sweeping::Failed;
             }
         };
         // Every tracker, this one's included, follows them from the feed.
@@ -75,7 +103,7 @@ async fn sweep_shared(state: &PipelineState, grace: Duration) {
                 .increment(1);
         }
         if recorded.len() < SWEEP_BATCH {
-            return;
+            return Sweeping::Running;
         }
     }
 }
@@ -130,16 +158,19 @@ pub async fn follow_table(state: &PipelineState) -> Result<usize, crate::bus::Bu
 pub async fn follow_transitions(
     state: Arc<PipelineState>,
     effects: mpsc::Sender<Effect>,
-    client: redis::Client,
+    target: RedisTarget,
     mut feed: Option<TransitionFeed>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut moves = target.moves();
     loop {
         let mut current = match feed.take() {
             Some(current) => current,
             None => {
-                let opened = match TransitionFeed::open(&client, FEED_BLOCK).await {
+                // Seen before the client is taken: a move after it is noticed.
+                moves.mark_unchanged();
+                let opened = match TransitionFeed::open(&target.client(), FEED_BLOCK).await {
                     Ok(opened) => follow_table(&state).await.map(|_| opened),
                     Err(error) => Err(error),
                 };
@@ -154,9 +185,8 @@ pub async fn follow_transitions(
                     Err(error) => {
                         metrics::counter!("sluice_bus_errors_total", "op" => "feed").increment(1);
                         tracing::warn!(%error, retry_in = ?backoff, "cannot follow status changes; retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = shutdown.changed() => return,
+                        if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+                            return;
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                         continue;
@@ -168,6 +198,7 @@ pub async fn follow_transitions(
         loop {
             let read = tokio::select! {
                 read = current.next() => read,
+                error = RedisTarget::moved(&mut moves) => Err(crate::bus::BusError::Unavailable(error.to_string())),
                 _ = shutdown.changed() => return,
             };
             match read {

@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client};
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use tokio::sync::watch;
 
 use super::scripts::Scripts;
+use super::target::RedisTarget;
 use crate::bus::history::{HistoryKind, HistoryLimits, Position, RangeQuery, Recorded, Recovery};
 use crate::bus::{Bus, BusError, Deadline, Publication, StatusChange};
 use crate::config::RedisConfig;
@@ -29,11 +31,17 @@ fn latest_key(device: &str) -> String {
     format!("sluice:latest:{device}")
 }
 
+/// The longest one `WAIT` for replicas blocks the connection of confirmed
+/// writes before it is sent again.
+const MAX_REPLICA_WAIT: Duration = Duration::from_millis(100);
+
 /// The Redis bus.
 pub struct RedisBus {
-    client: Client,
-    connection: ConnectionManager,
+    target: RedisTarget,
     scripts: Scripts,
+    /// Replicas that must have a status change, alert or event before it
+    /// counts as recorded, and how long to wait for them.
+    replicas: Option<(usize, Duration)>,
     history: HistoryLimits,
     dead_letter_cap: usize,
     records: Option<(String, usize)>,
@@ -50,44 +58,87 @@ fn unavailable(error: redis::RedisError) -> BusError {
 }
 
 impl RedisBus {
-    /// Connects (retrying with backoff while Redis is restarting).
-    pub async fn connect(
+    /// The bus on `target` (a node, or the master of Sentinels).
+    pub fn new(
+        target: RedisTarget,
         config: &RedisConfig,
         dead_letter_cap: usize,
         records: Option<(String, usize)>,
         history: HistoryLimits,
-    ) -> Result<Self, BusError> {
-        let client = Client::open(config.url.as_str()).map_err(unavailable)?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
-            .set_response_timeout(Some(config.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_with_config(client.clone(), manager_config)
-            .await
-            .map_err(unavailable)?;
-        Ok(RedisBus {
-            client,
-            connection,
+    ) -> Self {
+        RedisBus {
+            target,
             scripts: Scripts::new(),
+            replicas: (config.wait_replicas > 0).then_some((config.wait_replicas, config.timeout)),
             history,
             dead_letter_cap,
             records,
-        })
+        }
     }
 
     fn connection(&self) -> ConnectionManager {
-        // Clones share one multiplexed connection.
-        self.connection.clone()
+        // Clones share one multiplexed connection (to the current master).
+        self.target.connection()
+    }
+
+    /// With `wait_replicas`: waits until that many replicas have every
+    /// write sent on `connection` so far (`WAIT`), so a failover cannot
+    /// lose what this call reports as recorded. While fewer confirm, it
+    /// keeps waiting (what waits on it is held, never written twice);
+    /// when `connection`'s master stopped being the master first, the
+    /// write may be lost with it and the caller writes it again.
+    async fn confirm(
+        &self,
+        connection: &mut ConnectionManager,
+        moves: &watch::Receiver<u64>,
+    ) -> Result<(), BusError> {
+        let Some((wanted, timeout)) = self.replicas else {
+            return Ok(());
+        };
+        // Short, and well within the response timeout: every caller's
+        // WAIT queues on the one connection of confirmed writes, and one
+        // that runs out is an answer, not a connection given up.
+        let wait_ms = u64::try_from((timeout / 10).min(MAX_REPLICA_WAIT).as_millis())
+            .unwrap_or(1)
+            .max(1);
+        let mut short = false;
+        loop {
+            let confirmed: usize = redis::cmd("WAIT")
+                .arg(wanted)
+                .arg(wait_ms)
+                .query_async(connection)
+                .await
+                .map_err(unavailable)?;
+            if confirmed >= wanted {
+                if short {
+                    tracing::info!(wanted, "replicas confirmed the held write");
+                }
+                return Ok(());
+            }
+            metrics::counter!("sluice_bus_errors_total", "op" => "replicas").increment(1);
+            if moves.has_changed().unwrap_or(true) {
+                return Err(BusError::Unavailable(format!(
+                    "the Redis master moved before {wanted} replicas (wait_replicas) confirmed a write"
+                )));
+            }
+            if !short {
+                short = true;
+                tracing::warn!(
+                    confirmed,
+                    wanted,
+                    "fewer replicas than wait_replicas confirmed a status change, alert or event; holding it until they do"
+                );
+            }
+        }
     }
 
     fn history_age_ms(&self) -> u64 {
         u64::try_from(self.history.max_age.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// The client, for subscriber connections.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// Where the bus connects, for subscriber connections.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
     }
 }
 
@@ -182,10 +233,12 @@ impl Bus for RedisBus {
                 .arg(publication.channel())
                 .arg(publication.tenant());
         }
+        let (mut connection, moves) = self.target.writes();
         let applied: Vec<i64> = invocation
-            .invoke_async(&mut self.connection())
+            .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
+        self.confirm(&mut connection, &moves).await?;
         let mut out = vec![false; batch.len()];
         for ((i, _, _), applied) in entries.iter().zip(applied) {
             out[*i] = applied == 1;
@@ -336,6 +389,7 @@ impl Bus for RedisBus {
         now_ms: i64,
         limit: usize,
     ) -> Result<Vec<StatusChange>, BusError> {
+        let (mut connection, moves) = self.target.writes();
         let taken: Vec<String> = self
             .scripts
             .sweep
@@ -348,9 +402,10 @@ impl Bus for RedisBus {
             .arg(TRANSITIONS_MAXLEN)
             .arg(self.history.max_entries)
             .arg(self.history_age_ms())
-            .invoke_async(&mut self.connection())
+            .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
+        self.confirm(&mut connection, &moves).await?;
         Ok(taken
             .chunks_exact(3)
             .filter_map(|entry| match serde_json::from_str::<StatusChange>(&entry[2]) {
@@ -463,9 +518,11 @@ impl Bus for RedisBus {
             }
             pipe.invoke_script(&invocation).ignore();
         }
-        pipe.query_async::<()>(&mut self.connection())
+        let (mut connection, moves) = self.target.writes();
+        pipe.query_async::<()>(&mut connection)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        self.confirm(&mut connection, &moves).await
     }
 
     async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
@@ -474,6 +531,7 @@ impl Bus for RedisBus {
         let payload = publication
             .payload()
             .ok_or_else(|| BusError::Corrupt("a history entry that cannot be written".into()))?;
+        let (mut connection, moves) = self.target.writes();
         let position: String = self
             .scripts
             .append
@@ -483,9 +541,10 @@ impl Bus for RedisBus {
             .arg(payload)
             .arg(self.history.max_entries)
             .arg(self.history_age_ms())
-            .invoke_async(&mut self.connection())
+            .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
+        self.confirm(&mut connection, &moves).await?;
         serde_json::from_str(&position)
             .map_err(|e| BusError::Corrupt(format!("history position {position:?}: {e}")))
     }

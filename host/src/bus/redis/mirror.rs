@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::Client;
 
+use super::target::RedisTarget;
 use crate::bus::Interest;
 
 /// The channel on which gateways announce a device's first and last watcher.
@@ -25,26 +25,36 @@ pub const GROUP_CHANNEL_PREFIX: &str = "ws:group:";
 /// Keeps `interest` equal to the set of devices with a positive
 /// `ws:sub:{device}` and of groups with a positive `ws:sub:group:{group}`:
 /// a full scan at start and every `resync`, and the `sluice:interest`
-/// channel in between. Reconnects with backoff; ends at
-/// `shutdown`.
+/// channel in between. Reconnects with backoff, and at once to a new
+/// master; ends at `shutdown`.
 pub async fn mirror_interest(
-    client: Client,
+    target: RedisTarget,
     interest: Arc<Interest>,
     resync: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut moves = target.moves();
     loop {
-        match mirror_once(&client, &interest, resync, &mut shutdown).await {
+        // Seen before the client is taken: a move after it is noticed.
+        moves.mark_unchanged();
+        match mirror_once(
+            &target.client(),
+            &mut moves,
+            &interest,
+            resync,
+            &mut shutdown,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(error) => {
                 metrics::counter!("sluice_bus_errors_total", "op" => "interest").increment(1);
                 tracing::warn!(%error, retry_in = ?backoff, "interest mirror lost Redis; reconnecting");
             }
         }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => return,
+        if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+            return;
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -65,7 +75,8 @@ struct InterestChange {
 }
 
 async fn mirror_once(
-    client: &Client,
+    client: &redis::Client,
+    moves: &mut tokio::sync::watch::Receiver<u64>,
     interest: &Interest,
     resync: Duration,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
@@ -99,6 +110,7 @@ async fn mirror_once(
                 metrics::gauge!("sluice_interest_devices").set(interest.len() as f64);
                 metrics::gauge!("sluice_interest_groups").set(interest.group_count() as f64);
             }
+            error = RedisTarget::moved(moves) => return Err(error),
             _ = shutdown.changed() => return Ok(()),
         }
     }

@@ -22,13 +22,17 @@
 //! - [`bus`]: the [`RedisBus`] itself;
 //! - [`scripts`]: the Lua that makes transitions and expiries atomic;
 //! - [`mirror`]: the interest mirror;
-//! - [`feed`]: the transitions feed trackers follow.
+//! - [`feed`]: the transitions feed trackers follow;
+//! - [`target`]: the node all of it talks to, one or the master of
+//!   Sentinels, followed through failovers.
 
 mod bus;
 mod feed;
 mod mirror;
 mod scripts;
+mod target;
 
 pub use bus::RedisBus;
 pub use feed::{Followed, TransitionFeed};
 pub use mirror::{GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, mirror_interest};
+pub use target::{RedisTarget, check_url};
