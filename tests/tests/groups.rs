@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
+use sluice::server::Running;
 use sluice_tests::servers::RedisServer;
-use sluice_tests::sluice::{Site, base_url, eventually, report_temperature, ws_url};
+use sluice_tests::sluice::{Site, SluiceProcess, base_url, eventually, report_temperature, ws_url};
 use sluice_tests::ws::{Received, WsClient};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -56,6 +57,24 @@ async fn received(client: &mut WsClient) -> BTreeMap<(String, String), Vec<f64>>
     frames
 }
 
+/// Two instances on `redis` with `registry`: A in this process ingests,
+/// B (its own process) serves a native client.
+async fn two_instances(
+    redis: &RedisServer,
+    site: &Site,
+    registry: &str,
+) -> (Running, SluiceProcess, WsClient) {
+    site.write("devices.toml", registry);
+    let config = format!(
+        "[bus.redis]\nurl = \"{}\"\nflush = \"50ms\"\n[registry]\nfile = \"devices.toml\"\n",
+        redis.url()
+    );
+    let a = site.start(&config).await;
+    let b = site.spawn("b", &config).await;
+    let client = WsClient::connect(&b.ws_url("/ws")).await;
+    (a, b, client)
+}
+
 fn key(id: &str, device: &str) -> (String, String) {
     (id.to_owned(), device.to_owned())
 }
@@ -90,16 +109,8 @@ async fn watch_keys(redis: &RedisServer) -> BTreeMap<String, i64> {
 async fn a_group_of_ten_thousand_is_one_count_and_one_channel_across_instances() {
     let redis = RedisServer::start();
     let site = Site::with_scripts(&["json-sensor"]);
-    site.write("devices.toml", &registry("[\"fleet\"]"));
-    let config = format!(
-        "[bus.redis]\nurl = \"{}\"\nflush = \"50ms\"\n[registry]\nfile = \"devices.toml\"\n",
-        redis.url()
-    );
-    // A ingests; B serves the dashboard.
-    let a = site.start(&config).await;
+    let (a, b, mut client) = two_instances(&redis, &site, &registry("[\"fleet\"]")).await;
     let a_base = base_url(&a);
-    let b = site.spawn("b", &config).await;
-    let mut client = WsClient::connect(&b.ws_url("/ws")).await;
     let subscribed = client
         .subscribe(&json!({"type": "subscribe", "id": "fleet", "channel": "telemetry", "groups": ["fleet"], "snapshot": false}))
         .await;
@@ -251,4 +262,90 @@ async fn group_subscriptions_on_the_in_process_bus_count_one_and_follow_the_regi
     report_temperature(&base, "both-1", 7.0).await;
     assert_eq!(received(&mut client).await, BTreeMap::new());
     running.stop().await;
+}
+
+/// What the Redis subscribers hold of group channels: patterns in all,
+/// and group channels subscribed by name.
+async fn group_subscriptions(redis: &RedisServer) -> (i64, Vec<String>) {
+    let mut connection = redis
+        .client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis answers");
+    let patterns: i64 = redis::cmd("PUBSUB")
+        .arg("NUMPAT")
+        .query_async(&mut connection)
+        .await
+        .expect("Redis answers");
+    let mut channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg("ws:group:*")
+        .query_async(&mut connection)
+        .await
+        .expect("Redis answers");
+    channels.sort();
+    (patterns, channels)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_watching_many_groups_takes_them_with_one_pattern() {
+    let redis = RedisServer::start();
+    let site = Site::with_scripts(&["json-sensor"]);
+    let many = sluice::gateway::hub::GROUP_PATTERN_AT + 200;
+    let groups: Vec<String> = (0..many).map(|i| format!("site-{i:04}")).collect();
+    let registry: String = groups
+        .iter()
+        .map(|g| {
+            format!(
+                "[[devices]]\nid = \"dev-{g}\"\nproduct = \"json-sensor\"\ngroups = [\"{g}\"]\n"
+            )
+        })
+        .collect();
+    let (a, _b, mut client) = two_instances(&redis, &site, &registry).await;
+    let a_base = base_url(&a);
+
+    // A few groups: a channel each.
+    let few_channels: Vec<String> = groups[..3]
+        .iter()
+        .map(|g| format!("ws:group:{g}"))
+        .collect();
+    client
+        .subscribe(&json!({"type": "subscribe", "id": "few", "channel": "telemetry", "groups": groups[..3], "snapshot": false}))
+        .await;
+    assert_eq!(group_subscriptions(&redis).await, (0, few_channels.clone()));
+    // Many: one pattern, no channel by name; reports of any member arrive
+    // once per subscription.
+    client
+        .subscribe(&json!({"type": "subscribe", "id": "many", "channel": "telemetry", "groups": groups, "snapshot": false}))
+        .await;
+    assert_eq!(group_subscriptions(&redis).await, (1, Vec::new()));
+    for (device, temperature) in [("dev-site-0001", 21.0), ("dev-site-1100", 22.0)] {
+        eventually(WAIT, "A to learn the groups are watched", || async {
+            let interest = a.state().interest.clone();
+            let group = device.trim_start_matches("dev-").to_owned();
+            (!interest.watched_groups(&[group]).is_empty()).then_some(())
+        })
+        .await;
+        report_temperature(&a_base, device, temperature).await;
+    }
+    assert_eq!(
+        received(&mut client).await,
+        BTreeMap::from([
+            (key("few", "dev-site-0001"), vec![21.0]),
+            (key("many", "dev-site-0001"), vec![21.0]),
+            (key("many", "dev-site-1100"), vec![22.0]),
+        ])
+    );
+    // Back to few: a channel each again, and no pattern.
+    client
+        .send(&json!({"type": "unsubscribe", "id": "many"}))
+        .await;
+    assert_eq!(client.next_of("unsubscribed").await["id"], "many");
+    assert_eq!(group_subscriptions(&redis).await, (0, few_channels.clone()));
+    report_temperature(&a_base, "dev-site-0002", 23.0).await;
+    report_temperature(&a_base, "dev-site-1100", 24.0).await;
+    assert_eq!(
+        received(&mut client).await,
+        BTreeMap::from([(key("few", "dev-site-0002"), vec![23.0])])
+    );
 }

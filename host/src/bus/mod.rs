@@ -61,6 +61,12 @@ pub trait Bus: Send + Sync + 'static {
     /// instances), instead of by each instance's own timers.
     fn shares_deadlines(&self) -> bool;
 
+    /// Changes when the bus moves to another node (a Redis failover):
+    /// whoever waits to try the bus again can try at once.
+    fn moves(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
+
     /// Checks that the bus answers.
     async fn ping(&self) -> Result<(), BusError>;
 

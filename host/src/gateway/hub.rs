@@ -40,6 +40,10 @@ pub const WATCH_REFRESH: Duration = Duration::from_secs(120);
 const CHUNK: usize = 500;
 /// How often a lost count restore is tried again.
 const RESTORE_RETRY: Duration = Duration::from_millis(500);
+/// Watching this many groups, an instance takes every group channel with
+/// one pattern (`PSUBSCRIBE ws:group:*`) instead of one SUBSCRIBE each;
+/// below half of it, it goes back to one channel per group.
+pub const GROUP_PATTERN_AT: usize = 1000;
 
 /// INCRBY each watcher count and set its TTL; announce the devices (or
 /// groups) whose first watcher came in one event. KEYS: ws:sub:{device}…
@@ -218,6 +222,9 @@ struct RedisSide {
     subscribed: Mutex<HashMap<String, Kinds>>,
     /// Groups whose channel the subscriber connection holds.
     subscribed_groups: Mutex<std::collections::HashSet<String>>,
+    /// Whether the subscriber connection holds the pattern of every group
+    /// channel ([`GROUP_PATTERN_AT`]).
+    group_pattern: Mutex<bool>,
     watch: Script,
     unwatch: Script,
     refresh: Script,
@@ -265,6 +272,11 @@ impl Counted {
             Counted::Groups => "groups",
         }
     }
+}
+
+/// The pattern of every group channel.
+fn group_pattern() -> String {
+    format!("{GROUP_CHANNEL_PREFIX}*")
 }
 
 /// A group's channel: each member's report once, with `group`.
@@ -325,6 +337,7 @@ impl Hub {
                 sink: tokio::sync::Mutex::new(None),
                 subscribed: Mutex::default(),
                 subscribed_groups: Mutex::default(),
+                group_pattern: Mutex::default(),
                 watch: Script::new(WATCH_LUA),
                 unwatch: Script::new(UNWATCH_LUA),
                 refresh: Script::new(REFRESH_LUA),
@@ -729,6 +742,44 @@ impl Hub {
             // Not connected: the relay subscribes every watched group when it connects.
             return Ok(());
         };
+        let watched = lock(&self.table).groups.len();
+        let pattern = *lock(&redis.group_pattern);
+        if !pattern && watched >= GROUP_PATTERN_AT {
+            // The pattern first, then the channels it replaces: a report
+            // in between comes on both and is taken once (the relay skips
+            // the pattern's copy of a group still subscribed by name).
+            sink.psubscribe(group_pattern())
+                .await
+                .map_err(unavailable)?;
+            *lock(&redis.group_pattern) = true;
+            let held: Vec<String> = lock(&redis.subscribed_groups).iter().cloned().collect();
+            for chunk in held.chunks(CHUNK) {
+                let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
+                sink.unsubscribe(&channels).await.map_err(unavailable)?;
+                let mut subscribed = lock(&redis.subscribed_groups);
+                for group in chunk {
+                    subscribed.remove(group);
+                }
+            }
+            return Ok(());
+        }
+        if pattern && watched >= GROUP_PATTERN_AT / 2 {
+            // The pattern covers every group, watched now or not.
+            return Ok(());
+        }
+        if pattern {
+            // Few again: one channel per watched group, then no pattern.
+            let groups: Vec<String> = lock(&self.table).groups.keys().cloned().collect();
+            for chunk in groups.chunks(CHUNK) {
+                let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
+                sink.subscribe(&channels).await.map_err(unavailable)?;
+                lock(&redis.subscribed_groups).extend(chunk.iter().cloned());
+            }
+            sink.punsubscribe(group_pattern())
+                .await
+                .map_err(unavailable)?;
+            *lock(&redis.group_pattern) = false;
+        }
         let (add, drop): (Vec<String>, Vec<String>) = {
             let table = lock(&self.table);
             let held = lock(&redis.subscribed_groups);
@@ -947,6 +998,7 @@ async fn relay_redis(hub: Arc<Hub>, target: RedisTarget, mut shutdown: watch::Re
             *redis.sink.lock().await = None;
             lock(&redis.subscribed).clear();
             lock(&redis.subscribed_groups).clear();
+            *lock(&redis.group_pattern) = false;
         }
         if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
             return;
@@ -981,11 +1033,16 @@ async fn relay_once(
         }
         lock(&redis.subscribed).extend(devices);
         let groups: Vec<String> = lock(&hub.table).groups.keys().cloned().collect();
-        for chunk in groups.chunks(CHUNK) {
-            let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
-            sink.subscribe(channels).await?;
+        if groups.len() >= GROUP_PATTERN_AT {
+            sink.psubscribe(group_pattern()).await?;
+            *lock(&redis.group_pattern) = true;
+        } else {
+            for chunk in groups.chunks(CHUNK) {
+                let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
+                sink.subscribe(channels).await?;
+            }
+            lock(&redis.subscribed_groups).extend(groups);
         }
-        lock(&redis.subscribed_groups).extend(groups);
         *held = Some(sink);
     }
     if std::mem::take(interrupted) {
@@ -1006,6 +1063,10 @@ async fn relay_once(
                 };
                 let channel = message.get_channel_name();
                 if let Some(group) = channel.strip_prefix(GROUP_CHANNEL_PREFIX) {
+                    if message.from_pattern() && lock(&redis.subscribed_groups).contains(group) {
+                        // Also subscribed by name while the pattern comes in.
+                        continue;
+                    }
                     match Publication::parse_group(message.get_payload_bytes()) {
                         Ok(publication) => hub.dispatch_group(group, &publication),
                         Err(error) => tracing::warn!(%error, group, "ignoring a malformed group publication"),

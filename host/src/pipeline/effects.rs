@@ -109,6 +109,7 @@ pub async fn apply_effects(
     let mut pending = Pending::default();
     let mut backoff = FIRST_RETRY;
     let mut retry_at: Option<Instant> = None;
+    let mut moves = bus.moves();
     let mut received = Vec::with_capacity(BATCH);
     let mut closed = false;
     loop {
@@ -118,7 +119,13 @@ pub async fn apply_effects(
             let count = match retry_at {
                 Some(at) => tokio::select! {
                     n = effects.recv_many(&mut received, limit) => Some(n),
-                    _ = tokio::time::sleep_until(at) => None,
+                    moved = retry_wait(at, &mut moves) => {
+                        if moved {
+                            // The bus moved to another node: try it now.
+                            (retry_at, backoff) = (Some(Instant::now()), FIRST_RETRY);
+                        }
+                        None
+                    }
                 },
                 None => Some(effects.recv_many(&mut received, limit).await),
             };
@@ -128,7 +135,9 @@ pub async fn apply_effects(
             if room == 0 && !closed {
                 metrics::counter!("sluice_effects_backpressure_total").increment(1);
             }
-            tokio::time::sleep_until(at).await;
+            if retry_wait(at, &mut moves).await {
+                (retry_at, backoff) = (Some(Instant::now()), FIRST_RETRY);
+            }
         }
         if retry_at.is_some_and(|at| Instant::now() < at) && !closed {
             // Live data cannot wait for the bus.
@@ -167,6 +176,23 @@ pub async fn apply_effects(
         if closed {
             return;
         }
+    }
+}
+
+/// Until `at` (false), or until the bus moves to another node (true).
+async fn retry_wait(at: Instant, moves: &mut Option<tokio::sync::watch::Receiver<u64>>) -> bool {
+    let moved = async {
+        let Some(moves) = moves else {
+            return std::future::pending().await;
+        };
+        if moves.changed().await.is_err() {
+            // The bus is gone: it will not move again.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep_until(at) => false,
+        () = moved => true,
     }
 }
 

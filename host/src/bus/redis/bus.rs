@@ -148,6 +148,10 @@ impl Bus for RedisBus {
         "redis"
     }
 
+    fn moves(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.target.moves())
+    }
+
     fn shares_deadlines(&self) -> bool {
         true
     }

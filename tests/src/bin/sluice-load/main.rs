@@ -40,10 +40,15 @@
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode commands --messages 2000
 //! # a client resuming after 1,000 missed alerts (add --memory-bus for the in-process bus)
 //! cargo run --release -p sluice-tests --bin sluice-load -- --mode recovery --messages 1000
+//! # the same with a replica that must confirm each batch (WAIT)
+//! cargo run --release -p sluice-tests --bin sluice-load -- --mode recovery --messages 10000 --wait-replicas 1
+//! # a Sentinel failover under traffic, with 1,000 alerts raised during it
+//! cargo run --release -p sluice-tests --bin sluice-load -- --mode failover --messages 1000 --wait-replicas 1
 //! ```
 
 mod commands;
 mod delivery;
+mod failover;
 mod lag;
 mod lateness;
 mod qos1;
@@ -69,6 +74,8 @@ enum Mode {
     Commands,
     /// A client resuming after missed alerts.
     Recovery,
+    /// A Sentinel failover under traffic.
+    Failover,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -112,6 +119,10 @@ struct Args {
     /// Subscribe by the one group every device is in (`subscribe`).
     #[arg(long)]
     by_group: bool,
+    /// `wait_replicas` (`recovery`: with this many replicas started;
+    /// `failover`: of the two replicas).
+    #[arg(long, default_value_t = 0)]
+    wait_replicas: usize,
 }
 
 #[tokio::main]
@@ -125,5 +136,6 @@ async fn main() {
         Mode::Lateness => lateness::run(&args).await,
         Mode::Commands => commands::run(&args).await,
         Mode::Recovery => recovery::run(&args).await,
+        Mode::Failover => failover::run(&args).await,
     }
 }

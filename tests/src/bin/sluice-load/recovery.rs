@@ -3,13 +3,14 @@
 //! back with `since`. How long until `subscribed`, until the last missed
 //! alert, how many Redis commands the replay cost, and how long one page of
 //! 1,000 alerts takes from the history API. With `--memory-bus`, the same
-//! on the in-process bus.
+//! on the in-process bus; with `--wait-replicas N`, on a Redis with N
+//! replicas that must confirm every batch.
 
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use sluice_tests::servers::RedisServer;
+use sluice_tests::servers::{RedisServer, wait_for_replicas};
 use sluice_tests::sluice::{Site, registry_of};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -29,7 +30,7 @@ async fn next_text(socket: &mut Socket) -> String {
     }
 }
 
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
+pub(crate) async fn get_json(http: &reqwest::Client, url: &str) -> Value {
     http.get(url)
         .send()
         .await
@@ -39,15 +40,50 @@ async fn get_json(http: &reqwest::Client, url: &str) -> Value {
         .expect("JSON")
 }
 
+/// Every alert `GET /api/v1/alerts` pages through at `base`, oldest first.
+pub(crate) async fn all_alerts(http: &reqwest::Client, base: &str) -> Vec<Value> {
+    let mut items = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = format!("{base}/api/v1/alerts?limit=1000");
+        if let Some(after) = &after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let page = get_json(http, &url).await;
+        items.extend(page["items"].as_array().cloned().unwrap_or_default());
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => return items,
+        }
+    }
+}
+
 pub(crate) async fn run(args: &Args) {
     let missed = usize::try_from(args.messages).expect("a count");
     let redis = (!args.memory_bus).then(RedisServer::start);
+    let replicas: Vec<RedisServer> = match &redis {
+        Some(master) => {
+            let port = master.port().to_string();
+            let replicas = (0..args.wait_replicas)
+                .map(|_| RedisServer::start_with(&["--replicaof", "127.0.0.1", &port]))
+                .collect();
+            wait_for_replicas(master, args.wait_replicas).await;
+            replicas
+        }
+        None => Vec::new(),
+    };
     let site = Site::with_scripts(&["json-sensor"]);
     let devices: Vec<String> = (0..args.devices).map(|i| format!("rec-{i:04}")).collect();
     site.write("devices.toml", &registry_of(&devices, "json-sensor"));
     let bus = redis
         .as_ref()
-        .map(|r| format!("[bus.redis]\nurl = \"{}\"\n", r.url()))
+        .map(|r| {
+            format!(
+                "[bus.redis]\nurl = \"{}\"\nwait_replicas = {}\n",
+                r.url(),
+                replicas.len()
+            )
+        })
         .unwrap_or_default();
     let sluice = site
         .spawn(
@@ -92,20 +128,7 @@ pub(crate) async fn run(args: &Args) {
     // Until the history holds them all: the last page of the API ends at
     // the last one.
     let recorded = loop {
-        let mut count = 0;
-        let mut after: Option<String> = None;
-        loop {
-            let mut url = format!("{base}/api/v1/alerts?limit=1000");
-            if let Some(after) = &after {
-                url.push_str(&format!("&after={after}"));
-            }
-            let page = get_json(&http, &url).await;
-            count += page["items"].as_array().map_or(0, Vec::len);
-            match page["next"].as_str() {
-                Some(next) => after = Some(next.to_owned()),
-                None => break,
-            }
-        }
+        let count = all_alerts(&http, &base).await.len();
         if count >= missed {
             break raised.elapsed();
         }
@@ -154,11 +177,16 @@ pub(crate) async fn run(args: &Args) {
         None => 0,
     };
     println!(
-        "{} bus: {missed} alerts raised and recorded in {:.3} s",
+        "{} bus{}: {missed} alerts raised and recorded in {:.3} s",
         if redis.is_some() {
             "Redis"
         } else {
             "in-process"
+        },
+        if replicas.is_empty() {
+            String::new()
+        } else {
+            format!(" (wait_replicas = {})", replicas.len())
         },
         recorded.as_secs_f64()
     );
