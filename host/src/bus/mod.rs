@@ -10,6 +10,10 @@ mod redis;
 
 use async_trait::async_trait;
 
+/// The longest pause between two attempts to reach the bus again: after
+/// an outage, every loop that lost it is back within this of its return.
+pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub use interest::Interest;
 pub use memory::MemoryBus;
 pub use publication::{

@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::model::{Change, CommandError, CommandRecord, CommandState};
 use super::store::{CommandStore, EVENTS, applies, changed, deadline_of};
-use crate::bus::RedisTarget;
+use crate::bus::{RETRY_MAX, RedisTarget};
 
 /// The channel of state changes.
 pub const CHANNEL: &str = "sluice:commands";
@@ -174,7 +174,7 @@ impl RedisCommands {
             if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
                 return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
 }

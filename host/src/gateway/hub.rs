@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, watch};
 use super::frames::Rendered;
 use crate::bus::{
     BusError, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, Interest, MemoryBus,
-    Publication, RedisTarget,
+    Publication, RETRY_MAX, RedisTarget,
 };
 use crate::supervisor::Supervisor;
 
@@ -1003,7 +1003,7 @@ async fn relay_redis(hub: Arc<Hub>, target: RedisTarget, mut shutdown: watch::Re
         if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
             return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(RETRY_MAX);
     }
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
 use super::envelope::Completion;
-use crate::bus::{Bus, BusError, Publication, StatusChange};
+use crate::bus::{Bus, BusError, Publication, RETRY_MAX, StatusChange};
 use crate::commands::Commands;
 use crate::deadletter::DeadLetter;
 use crate::records::RecordsOutput;
@@ -162,7 +162,7 @@ pub async fn apply_effects(
                 metrics::counter!("sluice_bus_errors_total", "op" => "apply").increment(1);
                 pending.drop_publications();
                 retry_at = Some(Instant::now() + backoff);
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(RETRY_MAX);
                 if closed {
                     tracing::warn!(
                         waiting = pending.held(),

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::effects::Effect;
 use super::state::PipelineState;
 use super::worker::transition_effect;
-use crate::bus::{Followed, RedisTarget, TransitionFeed};
+use crate::bus::{Followed, RETRY_MAX, RedisTarget, TransitionFeed};
 use crate::message::now_ms;
 
 /// Deadlines swept per round trip.
@@ -188,7 +188,7 @@ pub async fn follow_transitions(
                         if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
                             return;
                         }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff = (backoff * 2).min(RETRY_MAX);
                         continue;
                     }
                 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use super::target::RedisTarget;
-use crate::bus::Interest;
+use crate::bus::{Interest, RETRY_MAX};
 
 /// The channel on which gateways announce a device's first and last watcher.
 pub const INTEREST_CHANNEL: &str = "sluice:interest";
@@ -56,7 +56,7 @@ pub async fn mirror_interest(
         if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
             return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        backoff = (backoff * 2).min(RETRY_MAX);
     }
 }
 
