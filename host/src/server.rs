@@ -51,7 +51,7 @@ pub enum RunError {
     #[error(transparent)]
     Registry(#[from] ConfigError),
     /// The bus is unreachable.
-    #[error("cannot reach the bus: {0}")]
+    #[error("cannot reach the bus")]
     Bus(#[from] BusError),
     /// A Kafka source could not be created.
     #[error(transparent)]

@@ -287,9 +287,18 @@ impl Sentinels {
                 Err(error) => last = Some(error),
             }
         }
-        Err(last.unwrap_or_else(|| {
-            RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Sentinel given"))
-        }))
+        let asked = self.addresses.join(", ");
+        Err(match last {
+            Some(error) => RedisError::from((
+                error.kind(),
+                "no Sentinel named the master",
+                format!(
+                    "asked {asked} for {:?}; the last said: {error}",
+                    self.master
+                ),
+            )),
+            None => RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Sentinel given")),
+        })
     }
 
     /// Connects to `address` and checks it is a master: a Sentinel's
