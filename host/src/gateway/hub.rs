@@ -279,6 +279,11 @@ fn group_pattern() -> String {
     format!("{GROUP_CHANNEL_PREFIX}*")
 }
 
+/// The channels of `groups`.
+fn group_channels(groups: &[String]) -> Vec<String> {
+    groups.iter().map(|g| group_channel(g)).collect()
+}
+
 /// A group's channel: each member's report once, with `group`.
 pub fn group_channel(group: &str) -> String {
     format!("{GROUP_CHANNEL_PREFIX}{group}")
@@ -754,7 +759,7 @@ impl Hub {
             *lock(&redis.group_pattern) = true;
             let held: Vec<String> = lock(&redis.subscribed_groups).iter().cloned().collect();
             for chunk in held.chunks(CHUNK) {
-                let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
+                let channels = group_channels(chunk);
                 sink.unsubscribe(&channels).await.map_err(unavailable)?;
                 let mut subscribed = lock(&redis.subscribed_groups);
                 for group in chunk {
@@ -771,7 +776,7 @@ impl Hub {
             // Few again: one channel per watched group, then no pattern.
             let groups: Vec<String> = lock(&self.table).groups.keys().cloned().collect();
             for chunk in groups.chunks(CHUNK) {
-                let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
+                let channels = group_channels(chunk);
                 sink.subscribe(&channels).await.map_err(unavailable)?;
                 lock(&redis.subscribed_groups).extend(chunk.iter().cloned());
             }
@@ -796,11 +801,11 @@ impl Hub {
             (add, drop)
         };
         if !add.is_empty() {
-            let channels: Vec<String> = add.iter().map(|g| group_channel(g)).collect();
+            let channels = group_channels(&add);
             sink.subscribe(&channels).await.map_err(unavailable)?;
         }
         if !drop.is_empty() {
-            let channels: Vec<String> = drop.iter().map(|g| group_channel(g)).collect();
+            let channels = group_channels(&drop);
             sink.unsubscribe(&channels).await.map_err(unavailable)?;
         }
         let mut held = lock(&redis.subscribed_groups);
@@ -1038,7 +1043,7 @@ async fn relay_once(
             *lock(&redis.group_pattern) = true;
         } else {
             for chunk in groups.chunks(CHUNK) {
-                let channels: Vec<String> = chunk.iter().map(|g| group_channel(g)).collect();
+                let channels = group_channels(chunk);
                 sink.subscribe(channels).await?;
             }
             lock(&redis.subscribed_groups).extend(groups);

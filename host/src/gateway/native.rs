@@ -78,11 +78,12 @@ impl Subscription {
         let Some(position) = position else {
             return;
         };
+        // Per live frame: the same epoch only moves the offset (no copy).
         match self.seen.iter_mut().find(|p| p.tenant == position.tenant) {
-            Some(seen) if seen.epoch != position.epoch || seen.offset < position.offset => {
-                *seen = position.clone();
+            Some(seen) if seen.epoch == position.epoch => {
+                seen.offset = seen.offset.max(position.offset);
             }
-            Some(_) => {}
+            Some(seen) => *seen = position.clone(),
             None => self.seen.push(position.clone()),
         }
     }
