@@ -58,6 +58,37 @@ impl WsClient {
         Ok(WsClient { stream })
     }
 
+    /// Connects to `url` (`ws://host:port/…`) with a receive buffer of
+    /// `bytes`: a client that stops reading then backs the server up after
+    /// a few frames instead of after megabytes of them.
+    pub async fn connect_with_receive_buffer(url: &str, bytes: u32) -> Self {
+        let request = url.into_client_request().expect("a WebSocket URL");
+        let uri = request.uri();
+        let address = format!(
+            "{}:{}",
+            uri.host().expect("a host"),
+            uri.port_u16().expect("a port")
+        );
+        let address = tokio::net::lookup_host(&address)
+            .await
+            .expect("the host resolves")
+            .next()
+            .expect("an address");
+        let socket = if address.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        }
+        .expect("a socket");
+        // Set before connecting, so the window the server sees is small.
+        socket.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+        let tcp = socket.connect(address).await.expect("the server accepts");
+        let (stream, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
+        WsClient { stream }
+    }
+
     /// Connects to `url`.
     pub async fn connect(url: &str) -> Self {
         Self::connect_with(url, &[])

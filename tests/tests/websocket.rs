@@ -545,7 +545,9 @@ async fn a_slow_reader_is_conflated_then_closed_with_1013() {
     let closes_before = metric(&metrics().await, "sluice_ws_slow_consumer_closes_total");
     let conflated_before = metric(&metrics().await, "sluice_ws_frames_conflated_total");
 
-    let mut slow = WsClient::connect(&ws_url(&running, "/ws")).await;
+    // A small receive buffer: once the client stops reading, the server's
+    // writer is blocked after a few kilobytes, and frames wait in its queue.
+    let mut slow = WsClient::connect_with_receive_buffer(&ws_url(&running, "/ws"), 4096).await;
     subscribe(
         &mut slow,
         json!({"type": "subscribe", "id": "t", "channel": "telemetry", "device_ids": ["th-1"]}),
@@ -556,54 +558,99 @@ async fn a_slow_reader_is_conflated_then_closed_with_1013() {
         json!({"type": "subscribe", "id": "a", "channel": "alerts", "device_ids": ["th-1"]}),
     )
     .await;
-    // The client stops reading. Every report is telemetry (conflated) and
-    // an alert (kept): once the socket buffers are full, alerts pile up.
+    // Every report is telemetry (conflated) and an alert (kept). Batches
+    // are far smaller than the queue, so only a client that stopped
+    // reading, never a burst, can fill it.
     let client = reqwest::Client::new();
-    let mut sent = 0;
-    eventually(Duration::from_secs(120), "the slow client to be closed", || {
+    let sent = std::cell::Cell::new(0u32);
+    let send_batch = |temperature: f64, count: u32| {
         let client = client.clone();
-        let base = base.clone();
-        sent += 500;
+        let url = format!("{base}/api/v1/ingest/json-sensor");
+        let first = sent.replace(sent.get() + count);
         async move {
             let start = now_ms();
-            let batch: Vec<Value> = (0..500)
-                .map(|i| json!({"device_id": "th-1", "payload": {"ts": start + i64::from(i), "temperature": 40.0 + f64::from(i), "pad": "x".repeat(200)}}))
+            let batch: Vec<Value> = (0..count)
+                .map(|i| json!({"device_id": "th-1", "payload": {"ts": start + i64::from(i), "temperature": temperature + f64::from(first + i), "pad": "x".repeat(200)}}))
                 .collect();
-            let response = client
-                .post(format!("{base}/api/v1/ingest/json-sensor"))
-                .json(&batch)
-                .send()
-                .await
-                .unwrap();
+            let response = client.post(url).json(&batch).send().await.unwrap();
             assert_eq!(response.status(), 202);
-            let text = reqwest::get(format!("{base}/metrics")).await.unwrap().text().await.unwrap();
-            (metric(&text, "sluice_ws_slow_consumer_closes_total") > closes_before).then_some(())
         }
-    })
+    };
+
+    // 1. The client stops reading until telemetry is being conflated.
+    eventually(
+        Duration::from_secs(120),
+        "telemetry to be conflated",
+        || {
+            let batch = send_batch(40.0, 8);
+            let metrics = metrics();
+            async move {
+                batch.await;
+                (metric(&metrics.await, "sluice_ws_frames_conflated_total") > conflated_before)
+                    .then_some(())
+            }
+        },
+    )
     .await;
-    // Reading now: what was sent before the close, then 1013. Telemetry was
-    // conflated: far fewer device_data frames than reports.
-    let mut telemetry_frames = 0;
-    let mut alerts = 0;
+    let alerts_sent = sent.get();
+    // A last report under the limit: telemetry only, and the newest.
+    send_batch(-1000.0, 1).await;
+    // Reading again, it gets every alert, and one telemetry frame for each
+    // report that was not replaced while it waited.
+    let (mut telemetry, mut alerts, mut newest) = (0u32, 0u32, false);
+    while alerts < alerts_sent || !newest {
+        match slow.receive(WAIT).await {
+            Some(Received::Json(frame)) if frame["type"] == "device_data" => {
+                telemetry += 1;
+                newest = frame["data"]["temperature"].as_f64() < Some(0.0);
+            }
+            Some(Received::Json(frame)) if frame["type"] == "alert" => alerts += 1,
+            other => panic!(
+                "{other:?} after {alerts} of {alerts_sent} alerts and {telemetry} telemetry frames"
+            ),
+        }
+    }
+    let conflated = metric(&metrics().await, "sluice_ws_frames_conflated_total") - conflated_before;
+    assert_eq!(alerts, alerts_sent);
+    assert!(conflated >= 1.0);
+    assert_eq!(
+        f64::from(telemetry),
+        f64::from(sent.get()) - conflated,
+        "{} reports, {conflated} replaced while waiting",
+        sent.get()
+    );
+    assert!(telemetry <= alerts);
+
+    // 2. It stops reading again: alerts pile up until the queue is full.
+    let dropped_before = metric(&metrics().await, "sluice_ws_frames_dropped_total");
+    eventually(
+        Duration::from_secs(120),
+        "the slow client's queue to fill",
+        || {
+            let batch = send_batch(40.0, 8);
+            let metrics = metrics();
+            async move {
+                batch.await;
+                (metric(&metrics.await, "sluice_ws_frames_dropped_total") > dropped_before)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    // Reading again, it gets what was written before (the writer was
+    // blocked on a frame), then 1013.
     let code = loop {
         match slow.receive(WAIT).await {
-            Some(Received::Json(frame)) if frame["type"] == "device_data" => telemetry_frames += 1,
-            Some(Received::Json(frame)) if frame["type"] == "alert" => alerts += 1,
+            Some(Received::Json(frame))
+                if frame["type"] == "device_data" || frame["type"] == "alert" => {}
             Some(Received::Closed(code, reason)) => {
                 assert!(reason.contains("too slow"), "{reason}");
                 break code;
             }
-            Some(_) => {}
-            None => panic!("the connection ended without a close frame"),
+            other => panic!("{other:?} before the close frame"),
         }
     };
     assert_eq!(code, 1013);
-    assert!(alerts > 0);
-    assert!(
-        telemetry_frames < alerts,
-        "telemetry is conflated: {telemetry_frames} device_data frames for {alerts} alerts of {sent} reports"
-    );
-    let text = metrics().await;
-    assert!(metric(&text, "sluice_ws_frames_conflated_total") > conflated_before);
+    assert!(metric(&metrics().await, "sluice_ws_slow_consumer_closes_total") > closes_before);
     running.stop().await;
 }
