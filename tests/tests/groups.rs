@@ -1,8 +1,10 @@
-//! Telemetry subscriptions by group are carried by the group: one
-//! `ws:sub:group:{group}` count and one `ws:group:{group}` channel for a
-//! group of 10,000 devices, reports of its members reaching the watchers on
-//! another instance, a member of several groups delivered once per
-//! subscription, and a registry change moving a device between groups.
+//! Subscriptions by group are carried by the group: one
+//! `ws:sub:group:{group}` count and one channel per kind for a group of
+//! 10,000 devices, reports of its members reaching the watchers on another
+//! instance, a member of several groups delivered once per subscription, a
+//! registry change moving a device between groups; alerts and status
+//! changes (expiries swept on another instance included) by group, with
+//! positions, resumed with `since`.
 //! Two instances on one Redis, and the in-process bus.
 
 use std::collections::BTreeMap;
@@ -12,7 +14,7 @@ use serde_json::json;
 use sluice::server::Running;
 use sluice_tests::servers::RedisServer;
 use sluice_tests::sluice::{Site, SluiceProcess, base_url, eventually, report_temperature, ws_url};
-use sluice_tests::ws::{Received, WsClient};
+use sluice_tests::ws::{Received, WsClient, offset};
 
 const WAIT: Duration = Duration::from_secs(20);
 const FLEET: usize = 10_000;
@@ -230,7 +232,7 @@ async fn group_subscriptions_on_the_in_process_bus_count_one_and_follow_the_regi
     let site = Site::with_scripts(&["json-sensor"]);
     site.write("devices.toml", &registry("[\"fleet\"]"));
     let running = site
-        .start("[registry]\nfile = \"devices.toml\"\n[websocket]\nmax_devices = 2\n")
+        .start("[registry]\nfile = \"devices.toml\"\n[websocket]\nmax_devices = 2\n[products.json-sensor]\nparams = { temp_max = \"30\" }\n")
         .await;
     let base = base_url(&running);
     let mut client = WsClient::connect(&ws_url(&running, "/ws")).await;
@@ -254,6 +256,22 @@ async fn group_subscriptions_on_the_in_process_bus_count_one_and_follow_the_regi
         (key("g", "fleet-00001"), vec![6.0]),
     ]);
     assert_eq!(frames, expected);
+    // Alerts by group: a member's, with its position; not another's.
+    client
+        .subscribe(
+            &json!({"type": "subscribe", "id": "al", "channel": "alerts", "groups": ["depot"]}),
+        )
+        .await;
+    report_temperature(&base, "fleet-00002", 44.0).await;
+    report_temperature(&base, "depot-1", 45.0).await;
+    let alert = client.next_of("alert").await;
+    assert_eq!(alert["device"], "depot-1", "{alert}");
+    assert!(alert["position"]["offset"].is_u64(), "{alert}");
+    let _ = received(&mut client).await;
+    client
+        .send(&json!({"type": "unsubscribe", "id": "al"}))
+        .await;
+    assert_eq!(client.next_of("unsubscribed").await["id"], "al");
     client
         .send(&json!({"type": "unsubscribe", "id": "g"}))
         .await;
@@ -348,4 +366,218 @@ async fn an_instance_watching_many_groups_takes_them_with_one_pattern() {
         received(&mut client).await,
         BTreeMap::from([(key("few", "dev-site-0002"), vec![23.0])])
     );
+}
+
+/// `cold`: c-1, c-2 and both-1 (also in `warm`); `warm`: w-1; o-1 in none.
+const SMALL_REGISTRY: &str = r#"
+[[devices]]
+id = "c-1"
+product = "json-sensor"
+groups = ["cold"]
+
+[[devices]]
+id = "c-2"
+product = "json-sensor"
+groups = ["cold"]
+
+[[devices]]
+id = "both-1"
+product = "json-sensor"
+groups = ["cold", "warm"]
+
+[[devices]]
+id = "w-1"
+product = "json-sensor"
+groups = ["warm"]
+
+[[devices]]
+id = "o-1"
+product = "json-sensor"
+"#;
+
+/// (device, what) of each frame of subscription `id`: the alert's
+/// description, or the status `online`/`offline`.
+fn seen(frames: &sluice_tests::ws::Frames, id: &str) -> Vec<(String, String)> {
+    frames
+        .get(id)
+        .map(|frames| {
+            frames
+                .iter()
+                .filter(|f| f["type"] != "subscribed")
+                .map(|f| {
+                    assert!(f["position"]["offset"].is_u64(), "a position in {f}");
+                    let device = f["device"].as_str().unwrap_or_default().to_owned();
+                    let what = match f["type"].as_str() {
+                        Some("alert") => f["description"].as_str().unwrap_or_default().to_owned(),
+                        Some("status") => if f["is_online"] == true {
+                            "online"
+                        } else {
+                            "offline"
+                        }
+                        .to_owned(),
+                        other => panic!("an unexpected frame {other:?}: {f}"),
+                    };
+                    (device, what)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_and_alerts_by_group_are_carried_by_the_group_and_resume() {
+    let redis = RedisServer::start();
+    let site = Site::with_scripts(&["json-sensor"]);
+    site.write("devices.toml", SMALL_REGISTRY);
+    let config = format!(
+        r#"
+        [bus.redis]
+        url = "{}"
+        flush = "50ms"
+
+        [status]
+        tick = "50ms"
+
+        [registry]
+        file = "devices.toml"
+
+        [products.json-sensor]
+        params = {{ temp_max = "30" }}
+        status = {{ mode = "heartbeat", interval = "1s" }}
+        "#,
+        redis.url()
+    );
+    // A ingests and sweeps deadlines; B serves the dashboard.
+    let a = site.start(&config).await;
+    let b = site.spawn("b", &config).await;
+    let a_base = base_url(&a);
+    let mut client = WsClient::connect(&b.ws_url("/ws")).await;
+    let alerts = client
+        .subscribe(&json!({"type": "subscribe", "id": "a", "channel": "alerts", "groups": ["cold", "warm"]}))
+        .await;
+    assert_eq!(
+        alerts["groups"],
+        json!([{"group": "cold", "members": 3}, {"group": "warm", "members": 2}]),
+        "{alerts}"
+    );
+    assert!(alerts["positions"].is_array(), "{alerts}");
+    let status = client
+        .subscribe(&json!({"type": "subscribe", "id": "s", "channel": "status", "groups": ["cold"], "snapshot": false}))
+        .await;
+    assert_eq!(status["channel"], "status");
+    assert_eq!(
+        watch_keys(&redis).await,
+        BTreeMap::from([
+            ("ws:sub:group:cold".to_owned(), 1),
+            ("ws:sub:group:warm".to_owned(), 1)
+        ]),
+        "one count per group, no device counts"
+    );
+    let interest = a.state().interest.clone();
+    eventually(WAIT, "A to learn both groups are watched", || async {
+        (interest
+            .watched_groups(&["cold".to_owned(), "warm".to_owned()])
+            .len()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(interest.len(), 0, "no device is watched one by one");
+
+    // Alerts of members once per subscription (both-1 is in both groups),
+    // none of a device outside them; status of cold's members, online and
+    // then offline when their heartbeat deadline passes (the sweep on A).
+    report_temperature(&a_base, "c-1", 35.0).await;
+    report_temperature(&a_base, "both-1", 40.0).await;
+    report_temperature(&a_base, "o-1", 50.0).await;
+    report_temperature(&a_base, "w-1", 20.0).await;
+    let mut frames = sluice_tests::ws::Frames::new();
+    client
+        .collect_until(&mut frames, WAIT, "alerts and expiries", |f| {
+            seen(f, "a").len() >= 2 && seen(f, "s").len() >= 4
+        })
+        .await;
+    for (id, more) in client.drain(Duration::from_millis(700)).await {
+        frames.entry(id).or_default().extend(more);
+    }
+    let mut alerts_seen = seen(&frames, "a");
+    alerts_seen.sort();
+    assert_eq!(alerts_seen.len(), 2, "{frames:?}");
+    assert_eq!(alerts_seen[0].0, "both-1");
+    assert_eq!(alerts_seen[1].0, "c-1");
+    let mut status_seen = seen(&frames, "s");
+    status_seen.sort();
+    let expected: Vec<(String, String)> = [
+        ("both-1", "offline"),
+        ("both-1", "online"),
+        ("c-1", "offline"),
+        ("c-1", "online"),
+    ]
+    .iter()
+    .map(|(d, w)| ((*d).to_owned(), (*w).to_owned()))
+    .collect();
+    assert_eq!(status_seen, expected, "{frames:?}");
+    let expiry = frames["s"]
+        .iter()
+        .find(|f| f["is_online"] == false)
+        .expect("an expiry");
+    assert_eq!(expiry["source"], "heartbeat_expired", "{expiry}");
+
+    // The dashboard drops; alerts are raised meanwhile. Resuming after the
+    // last alert it saw, it gets the members' alerts it missed, once,
+    // then live ones.
+    let last = frames["a"]
+        .iter()
+        .filter(|f| f["type"] == "alert")
+        .max_by_key(|f| offset(f))
+        .expect("alerts")["position"]
+        .clone();
+    drop(client);
+    report_temperature(&a_base, "c-2", 33.0).await;
+    report_temperature(&a_base, "o-1", 60.0).await;
+    report_temperature(&a_base, "w-1", 34.0).await;
+    // Recorded before the client comes back (c-2's expiry follows in 1 s).
+    let tenant_top = || async {
+        reqwest::get(format!("{a_base}/api/v1/alerts?limit=100"))
+            .await
+            .expect("the API answers")
+            .json::<serde_json::Value>()
+            .await
+            .expect("JSON")["items"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    eventually(WAIT, "the missed alerts to be recorded", || async {
+        (tenant_top().await >= 6).then_some(())
+    })
+    .await;
+    let mut client = WsClient::connect(&b.ws_url("/ws")).await;
+    let resumed = client
+        .subscribe(&json!({"type": "subscribe", "id": "a", "channel": "alerts", "groups": ["cold", "warm"], "since": last}))
+        .await;
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    let mut frames = sluice_tests::ws::Frames::new();
+    client
+        .collect_until(&mut frames, WAIT, "the missed alerts", |f| {
+            seen(f, "a").len() >= 2
+        })
+        .await;
+    report_temperature(&a_base, "c-1", 36.0).await;
+    client
+        .collect_until(&mut frames, WAIT, "a live alert", |f| {
+            seen(f, "a").len() >= 3
+        })
+        .await;
+    for (id, more) in client.drain(Duration::from_millis(700)).await {
+        frames.entry(id).or_default().extend(more);
+    }
+    let devices: Vec<String> = seen(&frames, "a").into_iter().map(|(d, _)| d).collect();
+    assert_eq!(devices, ["c-2", "w-1", "c-1"], "{frames:?}");
+    let offsets: Vec<u64> = frames["a"].iter().map(offset).collect();
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]),
+        "in order: {offsets:?}"
+    );
+    b.terminate().await;
+    a.stop().await;
 }

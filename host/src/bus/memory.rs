@@ -40,18 +40,24 @@ impl MemoryBus {
     }
 
     /// Appends each publication to its tenant's history; publishes those
-    /// `watched`, carrying their positions.
-    fn record_and_publish<'a>(&self, batch: impl Iterator<Item = (&'a Publication, bool)>) {
+    /// `watched`, carrying their positions; returns the positions.
+    fn record_and_publish<'a>(
+        &self,
+        batch: impl Iterator<Item = (&'a Publication, bool)>,
+    ) -> Vec<Option<Position>> {
         let now = now_ms();
-        for (publication, watched) in batch {
-            let position = self.history.append(publication.tenant(), publication, now);
-            if watched {
-                // No subscriber is not an error: nobody is watching here.
-                let _ = self
-                    .publications
-                    .send(Arc::new(publication.clone().at(position)));
-            }
-        }
+        batch
+            .map(|(publication, watched)| {
+                let position = self.history.append(publication.tenant(), publication, now);
+                if watched {
+                    // No subscriber is not an error: nobody is watching here.
+                    let _ = self
+                        .publications
+                        .send(Arc::new(publication.clone().at(position.clone())));
+                }
+                Some(position)
+            })
+            .collect()
     }
 
     /// Receives every publication from now on.
@@ -91,14 +97,13 @@ impl Bus for MemoryBus {
         &self,
         batch: &[StatusChange],
         watched: &[bool],
-    ) -> Result<Vec<bool>, BusError> {
+    ) -> Result<Vec<Option<Position>>, BusError> {
         // One process: the local trackers already emit each transition once.
         let changes: Vec<Publication> = batch
             .iter()
             .map(|change| Publication::Status(change.clone()))
             .collect();
-        self.record_and_publish(changes.iter().zip(watched.iter().copied()));
-        Ok(vec![true; batch.len()])
+        Ok(self.record_and_publish(changes.iter().zip(watched.iter().copied())))
     }
 
     async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError> {
@@ -165,9 +170,12 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {
-        self.record_and_publish(batch.iter().zip(watched.iter().copied()));
-        Ok(())
+    async fn record(
+        &self,
+        batch: &[Publication],
+        watched: &[bool],
+    ) -> Result<Vec<Option<Position>>, BusError> {
+        Ok(self.record_and_publish(batch.iter().zip(watched.iter().copied())))
     }
 
     async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {

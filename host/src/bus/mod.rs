@@ -17,13 +17,13 @@ pub const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 pub use interest::Interest;
 pub use memory::MemoryBus;
 pub use publication::{
-    AlertRaised, EventReported, Publication, StatusChange, TelemetryReport, alert_channel,
-    event_channel, json_text, status_channel, telemetry_channel,
+    AlertRaised, EventReported, GROUP_PATTERN, Publication, StatusChange, TelemetryReport,
+    alert_channel, event_channel, json_text, status_channel, telemetry_channel,
 };
 pub use redis::check_url as check_redis_url;
 pub use redis::{
-    Followed, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, RedisBus, RedisTarget,
-    TransitionFeed, mirror_interest,
+    Followed, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, RedisBus, RedisTarget, TransitionFeed,
+    mirror_interest,
 };
 
 use crate::deadletter::DeadLetter;
@@ -78,20 +78,22 @@ pub trait Bus: Send + Sync + 'static {
     /// instance's gateways.
     async fn publish(&self, batch: &[Publication]) -> Result<(), BusError>;
 
-    /// Delivers reports to the watchers of a group (`ws:group:{group}`),
-    /// each `(group, report)` once: the group is watched as a whole.
+    /// Delivers publications of members to the watchers of a group (its
+    /// channel of their kind, `ws:group:{group}` for telemetry), each
+    /// `(group, publication)` once: the group is watched as a whole.
     async fn publish_groups(&self, batch: &[(String, Publication)]) -> Result<(), BusError>;
 
     /// Records status changes in the shared status table; a change takes
     /// effect only if the table does not already hold that status, so
     /// across instances each transition happens once. Changes that take
     /// effect go to their tenant's history, and those `watched` are
-    /// published, carrying their position. Returns which took effect.
+    /// published, carrying their position. Returns, in order, the position
+    /// of each that took effect (`None` for the others).
     async fn record_transitions(
         &self,
         batch: &[StatusChange],
         watched: &[bool],
-    ) -> Result<Vec<bool>, BusError>;
+    ) -> Result<Vec<Option<Position>>, BusError>;
 
     /// The shared status table, to start from after a restart.
     async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError>;
@@ -123,7 +125,7 @@ pub trait Bus: Send + Sync + 'static {
     /// Takes up to `limit` deadlines due by `cutoff_ms` and, in the same
     /// atomic step, records the offline transition (at `now_ms`) of each
     /// device that was online; each is taken by exactly one caller across
-    /// all instances. Returns the transitions recorded.
+    /// all instances. Returns the transitions recorded, with their positions.
     async fn sweep_deadlines(
         &self,
         cutoff_ms: i64,
@@ -143,8 +145,14 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<Vec<DeadLetter>, BusError>;
 
     /// Records alerts and events in their tenants' history, and publishes
-    /// each whose device is `watched`, carrying its position.
-    async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError>;
+    /// each whose device is `watched`, carrying its position. Returns, in
+    /// order, the position each was recorded at (`None` for one that
+    /// could not be written).
+    async fn record(
+        &self,
+        batch: &[Publication],
+        watched: &[bool],
+    ) -> Result<Vec<Option<Position>>, BusError>;
 
     /// Appends `publication` (a command's state change) to its tenant's
     /// history, publishing nothing; returns its position.

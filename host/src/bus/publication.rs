@@ -164,6 +164,21 @@ pub fn event_channel(device: &str) -> String {
     format!("sluice:event:{device}")
 }
 
+/// The channel prefixes of a watched group, one per kind (telemetry,
+/// status, alerts, events): `ws:group:{group}`, `ws:group-status:{group}`,
+/// `ws:group-alert:{group}`, `ws:group-event:{group}`. None is the start
+/// of another, so a channel names its kind and group whatever the group's
+/// name.
+const GROUP_PREFIXES: [&str; 4] = [
+    "ws:group:",
+    "ws:group-status:",
+    "ws:group-alert:",
+    "ws:group-event:",
+];
+
+/// The pattern of every group channel, of every kind.
+pub const GROUP_PATTERN: &str = "ws:group*";
+
 impl Publication {
     /// The device it is about.
     pub fn device(&self) -> &str {
@@ -233,7 +248,7 @@ impl Publication {
         }
     }
 
-    /// The JSON for the channel of `group`: the report's, with `group`.
+    /// The JSON for the channel of `group`: the publication's, with `group`.
     pub fn group_payload(&self, group: &str) -> Option<String> {
         let payload = self.payload()?;
         let group = json_text(group, "publication")?;
@@ -241,12 +256,46 @@ impl Publication {
         Some(format!("{body},\"group\":{group}}}"))
     }
 
-    /// Parses what arrived on a group channel (`ws:group:{group}`): a
-    /// member's telemetry report.
-    pub fn parse_group(payload: &[u8]) -> Result<Publication, String> {
-        serde_json::from_slice(payload)
-            .map(Publication::Telemetry)
-            .map_err(|e| format!("group report: {e}"))
+    /// The channel of `group` this publication goes to as a member's
+    /// (none for command state changes).
+    pub fn group_channel(&self, group: &str) -> Option<String> {
+        let prefix = match self {
+            Publication::Telemetry(_) => GROUP_PREFIXES[0],
+            Publication::Status(_) => GROUP_PREFIXES[1],
+            Publication::Alert(_) => GROUP_PREFIXES[2],
+            Publication::Event(_) => GROUP_PREFIXES[3],
+            Publication::Command(_) => return None,
+        };
+        Some(format!("{prefix}{group}"))
+    }
+
+    /// The four channels of `group`.
+    pub fn group_channels(group: &str) -> [String; 4] {
+        GROUP_PREFIXES.map(|prefix| format!("{prefix}{group}"))
+    }
+
+    /// The group a group channel is of; `None` when `channel` is not one.
+    pub fn group_of(channel: &str) -> Option<&str> {
+        GROUP_PREFIXES
+            .iter()
+            .find_map(|prefix| channel.strip_prefix(prefix))
+    }
+
+    /// Parses what arrived on a group channel: a member's publication of
+    /// the channel's kind.
+    pub fn parse_group(channel: &str, payload: &[u8]) -> Result<Publication, String> {
+        let bad = |e: serde_json::Error| format!("{channel}: {e}");
+        let kind = GROUP_PREFIXES
+            .iter()
+            .position(|prefix| channel.starts_with(prefix));
+        match kind {
+            Some(0) => serde_json::from_slice(payload).map(Publication::Telemetry),
+            Some(1) => serde_json::from_slice(payload).map(Publication::Status),
+            Some(2) => serde_json::from_slice(payload).map(Publication::Alert),
+            Some(3) => serde_json::from_slice(payload).map(Publication::Event),
+            _ => return Err(format!("{channel}: not a group channel")),
+        }
+        .map_err(bad)
     }
 
     /// Parses what arrived on `channel` (one of the four per-device channels).

@@ -167,10 +167,11 @@ impl Since {
 
 impl Subscribe {
     /// Whether the subscription is carried by its groups rather than by
-    /// their members: telemetry of devices selected by `groups` alone. One
-    /// count and one channel per group, whatever its size.
+    /// their members: telemetry, status, alerts or events of devices
+    /// selected by `groups` alone. One count, and one channel per group
+    /// and kind, whatever its size.
     pub fn carried_by_groups(&self) -> bool {
-        self.channel == Channel::Telemetry
+        self.channel != Channel::Commands
             && !self.groups.is_empty()
             && self.device_ids.is_empty()
             && self.device_types.is_empty()

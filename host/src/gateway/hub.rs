@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::frames::Rendered;
 use crate::bus::{
-    BusError, GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, Interest, MemoryBus,
+    BusError, GROUP_PATTERN, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, Interest, MemoryBus,
     Publication, RETRY_MAX, RedisTarget,
 };
 use crate::supervisor::Supervisor;
@@ -41,7 +41,7 @@ const CHUNK: usize = 500;
 /// How often a lost count restore is tried again.
 const RESTORE_RETRY: Duration = Duration::from_millis(500);
 /// Watching this many groups, an instance takes every group channel with
-/// one pattern (`PSUBSCRIBE ws:group:*`) instead of one SUBSCRIBE each;
+/// one pattern (`PSUBSCRIBE ws:group*`) instead of one SUBSCRIBE each;
 /// below half of it, it goes back to one channel per group.
 pub const GROUP_PATTERN_AT: usize = 1000;
 
@@ -276,17 +276,15 @@ impl Counted {
 
 /// The pattern of every group channel.
 fn group_pattern() -> String {
-    format!("{GROUP_CHANNEL_PREFIX}*")
+    GROUP_PATTERN.to_owned()
 }
 
-/// The channels of `groups`.
+/// The channels of `groups`: each member's publications once, with `group`.
 fn group_channels(groups: &[String]) -> Vec<String> {
-    groups.iter().map(|g| group_channel(g)).collect()
-}
-
-/// A group's channel: each member's report once, with `group`.
-pub fn group_channel(group: &str) -> String {
-    format!("{GROUP_CHANNEL_PREFIX}{group}")
+    groups
+        .iter()
+        .flat_map(|g| Publication::group_channels(g))
+        .collect()
 }
 
 fn unavailable(error: redis::RedisError) -> BusError {
@@ -636,9 +634,9 @@ impl Hub {
     }
 
     /// `watcher` (under `id`) watches each of `groups` as a whole from now
-    /// on: one count per group (`ws:sub:group:{group}`) and one channel
-    /// (`ws:group:{group}`), whatever the members. Returns once reports
-    /// of members can reach this instance; on failure, the groups it did
+    /// on: one count per group (`ws:sub:group:{group}`) and its channel of
+    /// each kind (`ws:group:{group}` for telemetry), whatever the members.
+    /// Returns once what members publish can reach this instance; on failure, the groups it did
     /// not watch before are not watched or counted.
     pub async fn watch_groups(
         &self,
@@ -1067,12 +1065,12 @@ async fn relay_once(
                     return Err(redis::RedisError::from((redis::ErrorKind::Io, "subscriber connection closed")));
                 };
                 let channel = message.get_channel_name();
-                if let Some(group) = channel.strip_prefix(GROUP_CHANNEL_PREFIX) {
+                if let Some(group) = Publication::group_of(channel) {
                     if message.from_pattern() && lock(&redis.subscribed_groups).contains(group) {
                         // Also subscribed by name while the pattern comes in.
                         continue;
                     }
-                    match Publication::parse_group(message.get_payload_bytes()) {
+                    match Publication::parse_group(channel, message.get_payload_bytes()) {
                         Ok(publication) => hub.dispatch_group(group, &publication),
                         Err(error) => tracing::warn!(%error, group, "ignoring a malformed group publication"),
                     }

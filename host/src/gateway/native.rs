@@ -118,9 +118,14 @@ impl Subscription {
     /// device's alert, event, status change or command state change, if
     /// this subscription (`id`) wants it.
     fn route(&mut self, id: &str, publication: &Publication, outbox: &Outbox) {
-        if !self.devices.contains(publication.device()) {
-            return;
+        if self.devices.contains(publication.device()) {
+            self.send(id, publication, outbox);
         }
+    }
+
+    /// Sends (or, while replaying, holds) the frame of `publication`, if
+    /// this subscription (`id`) wants its kind.
+    fn send(&mut self, id: &str, publication: &Publication, outbox: &Outbox) {
         let Some(frame) = self.frame(id, publication) else {
             return;
         };
@@ -143,6 +148,8 @@ struct NativeWatcher {
     /// Who the connection is for: a group's channel carries every tenant's
     /// members, and each report is checked against it.
     identity: Option<Identity>,
+    /// The registry a member's groups are read from.
+    pipeline: Arc<crate::pipeline::PipelineState>,
 }
 
 impl NativeWatcher {
@@ -198,30 +205,48 @@ impl Watcher for NativeWatcher {
     }
 
     fn deliver_group(&self, group: &str, rendered: &Rendered<'_>) {
-        let Publication::Telemetry(report) = rendered.publication else {
-            return;
-        };
+        let publication = rendered.publication;
         if self
             .identity
             .as_ref()
-            .is_some_and(|i| !i.sees(&report.tenant_id))
+            .is_some_and(|i| !i.sees(publication.tenant()))
         {
             return;
         }
-        for (id, subscription) in self.subscriptions().iter() {
+        // A member of several of a subscription's groups comes on each of
+        // their channels: taken from the first only. A report names its
+        // device's groups as the publisher saw them; the rest are read
+        // from the registry.
+        let registered;
+        let member_of: &[String] = match publication {
+            Publication::Telemetry(report) => &report.groups,
+            _ => {
+                registered = self
+                    .pipeline
+                    .registry
+                    .load()
+                    .get(publication.device())
+                    .map(|d| d.groups.clone())
+                    .unwrap_or_default();
+                &registered
+            }
+        };
+        for (id, subscription) in self.subscriptions().iter_mut() {
             if !subscription.groups.contains(group) {
                 continue;
             }
-            // A member of several of the subscription's groups comes on
-            // each of their channels: taken from the first only.
-            let first = report
-                .groups
-                .iter()
-                .find(|g| subscription.groups.contains(*g));
+            let first = member_of.iter().find(|g| subscription.groups.contains(*g));
             if first.is_some_and(|first| first != group) {
                 continue;
             }
-            self.push_report(id, &subscription.request.keys, rendered, report);
+            match publication {
+                Publication::Telemetry(report) => {
+                    if subscription.request.channel == Channel::Telemetry {
+                        self.push_report(id, &subscription.request.keys, rendered, report);
+                    }
+                }
+                _ => subscription.send(id, publication, &self.outbox),
+            }
         }
     }
 
@@ -392,6 +417,7 @@ async fn serve(
             subscriptions: Mutex::default(),
             catch_up: tokio::sync::Notify::new(),
             identity: identity.clone(),
+            pipeline: app.pipeline.clone(),
         }),
         app,
         identity,
@@ -648,7 +674,7 @@ impl Client {
         if !outbox.push_paced(subscribed.to_string()).await {
             return Ok(Vec::new());
         }
-        if !self.replay(&id, &recovery).await {
+        if !self.replay(&id, &recovery, &devices).await {
             return Ok(Vec::new());
         }
         // A status subscription that recovered has what it missed instead
@@ -660,18 +686,13 @@ impl Client {
     }
 
     /// A subscription carried by its groups: each group is watched as a
-    /// whole (one count and one channel, whatever its size) and counts as
-    /// one device against `max_devices`; `subscribed` names each group and
-    /// how many of its members the connection sees, then the snapshots of
-    /// those members follow, paced by the writer (unless `snapshot` is
-    /// false).
+    /// whole (one count and one channel per kind, whatever its size) and
+    /// counts as one device against `max_devices`; `subscribed` names each
+    /// group and how many of its members the connection sees. Then, as for
+    /// devices: what a resuming subscription missed of those members, and
+    /// the snapshots of those members, paced by the writer (unless
+    /// `snapshot` is false).
     async fn subscribe_groups(&mut self, request: Subscribe) -> Result<Vec<String>, FrameError> {
-        if request.since.is_some() {
-            return Err(FrameError::new(
-                "bad_filter",
-                "since resumes every channel but telemetry",
-            ));
-        }
         let config = &self.app.ws.config;
         let groups: BTreeSet<String> = request.groups.iter().cloned().collect();
         // The groups this connection does not watch yet.
@@ -690,12 +711,34 @@ impl Client {
             ));
         }
         let members = covered(&self.app.pipeline, self.identity.as_ref(), &request);
-        self.app
+        let resumes = self.resumes(&request, &members)?;
+        let id = request.id.clone();
+        let channel = request.channel;
+        let keys = request.keys.clone();
+        let resuming = request.since.is_some();
+        let wants_snapshots = request.snapshot != Some(false);
+        let positioned = positioned(channel);
+        let subscription = |request: Subscribe| Subscription {
+            groups: groups.clone(),
+            ..Subscription::new(request, BTreeSet::new(), positioned)
+        };
+        if positioned {
+            // Held before its groups are watched, live frames waiting:
+            // they follow `subscribed` and what is replayed.
+            self.watcher
+                .subscriptions()
+                .insert(id.clone(), subscription(request.clone()));
+        }
+        if let Err(error) = self
+            .app
             .ws
             .hub
             .watch_groups(self.id, self.watcher.clone(), &new)
             .await
-            .map_err(|error| FrameError::new("unavailable", error.to_string()))?;
+        {
+            self.watcher.subscriptions().remove(&id);
+            return Err(FrameError::new("unavailable", error.to_string()));
+        }
         for group in &groups {
             *self.groups.entry(group.clone()).or_default() += 1;
         }
@@ -716,22 +759,31 @@ impl Client {
                 })
                 .collect()
         };
-        let id = request.id.clone();
-        let keys = request.keys.clone();
-        let wants_snapshots = request.snapshot != Some(false);
-        let subscribed =
-            json!({"type": "subscribed", "id": id, "channel": "telemetry", "groups": counts});
-        let answered = self.watcher.outbox.push_paced(subscribed.to_string()).await;
-        self.watcher.subscriptions().insert(
-            id.clone(),
-            Subscription {
-                groups,
-                ..Subscription::new(request, BTreeSet::new(), false)
-            },
-        );
-        if answered && wants_snapshots {
-            let list: Vec<String> = members.into_iter().collect();
-            self.snapshots(&id, Channel::Telemetry, &keys, &list).await;
+        let mut subscribed = json!({"type": "subscribed", "id": id, "channel": channel_name(channel), "groups": counts});
+        let outbox = self.watcher.outbox.clone();
+        let list: Vec<String> = members.iter().cloned().collect();
+        if !positioned {
+            let answered = outbox.push_paced(subscribed.to_string()).await;
+            self.watcher
+                .subscriptions()
+                .insert(id.clone(), subscription(request));
+            if answered && wants_snapshots {
+                self.snapshots(&id, channel, &keys, &list).await;
+            }
+            return Ok(Vec::new());
+        }
+        let recovery = self.recover(&resumes, &members).await;
+        subscribed["positions"] = json!(recovery.tops);
+        if resuming {
+            subscribed["recovered"] = json!(recovery.recovered);
+        }
+        if !outbox.push_paced(subscribed.to_string()).await
+            || !self.replay(&id, &recovery, &members).await
+        {
+            return Ok(Vec::new());
+        }
+        if wants_snapshots && !(resuming && recovery.recovered) {
+            self.snapshots(&id, channel, &keys, &list).await;
         }
         Ok(Vec::new())
     }
@@ -821,10 +873,11 @@ impl Client {
         Ok(resumes)
     }
 
-    /// Sends subscription `id` what `recovery` replays, then the live
-    /// frames held meanwhile that it did not replay (under the lock, so no
-    /// newer frame overtakes them); false when the client is gone.
-    async fn replay(&self, id: &str, recovery: &Replay) -> bool {
+    /// Sends subscription `id` what `recovery` replays of `devices`, then
+    /// the live frames held meanwhile that it did not replay (under the
+    /// lock, so no newer frame overtakes them); false when the client is
+    /// gone.
+    async fn replay(&self, id: &str, recovery: &Replay, devices: &BTreeSet<String>) -> bool {
         let outbox = self.watcher.outbox.clone();
         let frames: Vec<String> = {
             let subscriptions = self.watcher.subscriptions();
@@ -834,7 +887,7 @@ impl Client {
             recovery
                 .entries
                 .iter()
-                .filter(|entry| subscription.devices.contains(entry.publication.device()))
+                .filter(|entry| devices.contains(entry.publication.device()))
                 .filter_map(|entry| subscription.frame(id, &entry.publication))
                 .collect()
         };
@@ -877,11 +930,17 @@ impl Client {
             .filter(|(_, subscription)| subscription.gap)
             .map(|(id, subscription)| {
                 subscription.gap = false;
-                (
-                    id.clone(),
-                    subscription.seen.clone(),
-                    subscription.devices.clone(),
-                )
+                // Carried by groups: their members as the registry is now.
+                let devices = if subscription.groups.is_empty() {
+                    subscription.devices.clone()
+                } else {
+                    covered(
+                        &self.app.pipeline,
+                        self.identity.as_ref(),
+                        &subscription.request,
+                    )
+                };
+                (id.clone(), subscription.seen.clone(), devices)
             })
             .collect();
         for (id, seen, devices) in gaps {
@@ -898,7 +957,7 @@ impl Client {
                 .increment(1);
             let gap = json!({"type": "gap", "id": id, "recovered": recovery.recovered, "positions": recovery.tops});
             if !self.watcher.outbox.push_paced(gap.to_string()).await
-                || !self.replay(&id, &recovery).await
+                || !self.replay(&id, &recovery, &devices).await
             {
                 return;
             }

@@ -40,19 +40,24 @@ pub enum Effect {
         publication: Publication,
     },
     /// Record an alert or event in its tenant's history; publish it if
-    /// watched.
+    /// watched, and to the channels of its device's watched groups.
     Discrete {
         /// The alert or event.
         publication: Publication,
         /// Whether anyone watches the device.
         watched: bool,
+        /// The watched groups the device is a member of.
+        groups: Vec<String>,
     },
-    /// Record a status change; publish it if watched.
+    /// Record a status change; publish it if watched, and to the channels
+    /// of its device's watched groups.
     Transition {
         /// The change.
         change: StatusChange,
         /// Whether anyone watches the device.
         watched: bool,
+        /// The watched groups the device is a member of.
+        groups: Vec<String>,
     },
     /// Keep a dead letter.
     DeadLetter(DeadLetter),
@@ -196,12 +201,33 @@ async fn retry_wait(at: Instant, moves: &mut Option<tokio::sync::watch::Receiver
     }
 }
 
+/// The copies of `publication` for the channels of `groups`.
+pub(super) fn group_copies(
+    publication: Publication,
+    groups: Vec<String>,
+) -> impl Iterator<Item = (String, Publication)> {
+    groups
+        .into_iter()
+        .map(move |group| (group, publication.clone()))
+}
+
+/// The `kind` label of a group channel's publication.
+fn group_kind(publication: &Publication) -> &'static str {
+    match publication {
+        Publication::Telemetry(_) => "group_telemetry",
+        Publication::Status(_) => "group_status",
+        Publication::Alert(_) => "group_alert",
+        Publication::Event(_) => "group_event",
+        Publication::Command(_) => "group_command",
+    }
+}
+
 #[derive(Default)]
 struct Pending {
     publications: Vec<Publication>,
     group_publications: Vec<(String, Publication)>,
-    discrete: Vec<(Publication, bool)>,
-    transitions: Vec<(StatusChange, bool)>,
+    discrete: Vec<(Publication, bool, Vec<String>)>,
+    transitions: Vec<(StatusChange, bool, Vec<String>)>,
     dead_letters: Vec<DeadLetter>,
     records: Vec<String>,
     replies: Vec<Reply>,
@@ -220,8 +246,13 @@ impl Pending {
                 Effect::Discrete {
                     publication,
                     watched,
-                } => self.discrete.push((publication, watched)),
-                Effect::Transition { change, watched } => self.transitions.push((change, watched)),
+                    groups,
+                } => self.discrete.push((publication, watched, groups)),
+                Effect::Transition {
+                    change,
+                    watched,
+                    groups,
+                } => self.transitions.push((change, watched, groups)),
                 Effect::DeadLetter(letter) => {
                     metrics::counter!("sluice_deadletters_total", "reason" => letter.reason.as_str()).increment(1);
                     self.dead_letters.push(letter);
@@ -279,40 +310,56 @@ impl Pending {
             }
             self.publications.clear();
         }
-        if !self.group_publications.is_empty() {
-            bus.publish_groups(&self.group_publications).await?;
-            metrics::counter!("sluice_publishes_total", "kind" => "group_telemetry")
-                .increment(self.group_publications.len() as u64);
-            self.group_publications.clear();
-        }
         if !self.discrete.is_empty() {
-            let (batch, watched): (Vec<Publication>, Vec<bool>) =
-                self.discrete.iter().cloned().unzip();
-            bus.record(&batch, &watched).await?;
-            for (publication, watched) in &self.discrete {
+            let (batch, watched): (Vec<Publication>, Vec<bool>) = self
+                .discrete
+                .iter()
+                .map(|(p, w, _)| (p.clone(), *w))
+                .unzip();
+            let positions = bus.record(&batch, &watched).await?;
+            for ((publication, watched, groups), position) in self.discrete.drain(..).zip(positions)
+            {
                 metrics::counter!("sluice_history_entries_total", "kind" => publication.kind())
                     .increment(1);
-                if *watched {
+                if watched {
                     metrics::counter!("sluice_publishes_total", "kind" => publication.kind())
                         .increment(1);
                 }
-            }
-            self.discrete.clear();
-        }
-        if !self.transitions.is_empty() {
-            let (changes, watched): (Vec<StatusChange>, Vec<bool>) =
-                self.transitions.iter().cloned().unzip();
-            let applied = bus.record_transitions(&changes, &watched).await?;
-            for ((change, watched), applied) in changes.iter().zip(&watched).zip(applied) {
-                if applied {
-                    metrics::counter!("sluice_status_transitions_total", "source" => change.source.as_str()).increment(1);
-                    if *watched {
-                        metrics::counter!("sluice_publishes_total", "kind" => "status")
-                            .increment(1);
-                    }
+                if let Some(position) = position {
+                    self.group_publications
+                        .extend(group_copies(publication.at(position), groups));
                 }
             }
-            self.transitions.clear();
+        }
+        if !self.transitions.is_empty() {
+            let (changes, watched): (Vec<StatusChange>, Vec<bool>) = self
+                .transitions
+                .iter()
+                .map(|(c, w, _)| (c.clone(), *w))
+                .unzip();
+            let applied = bus.record_transitions(&changes, &watched).await?;
+            for ((change, watched, groups), applied) in self.transitions.drain(..).zip(applied) {
+                let Some(position) = applied else {
+                    continue;
+                };
+                metrics::counter!("sluice_status_transitions_total", "source" => change.source.as_str()).increment(1);
+                if watched {
+                    metrics::counter!("sluice_publishes_total", "kind" => "status").increment(1);
+                }
+                self.group_publications.extend(group_copies(
+                    Publication::Status(change).at(position),
+                    groups,
+                ));
+            }
+        }
+        // After what they copy is recorded: its position goes with them.
+        if !self.group_publications.is_empty() {
+            bus.publish_groups(&self.group_publications).await?;
+            for (_, publication) in &self.group_publications {
+                metrics::counter!("sluice_publishes_total", "kind" => group_kind(publication))
+                    .increment(1);
+            }
+            self.group_publications.clear();
         }
         if !self.dead_letters.is_empty() {
             bus.add_dead_letters(&self.dead_letters).await?;
@@ -395,7 +442,7 @@ mod tests {
             &self,
             batch: &[StatusChange],
             watched: &[bool],
-        ) -> Result<Vec<bool>, BusError> {
+        ) -> Result<Vec<Option<Position>>, BusError> {
             self.check()?;
             self.inner.record_transitions(batch, watched).await
         }
@@ -450,7 +497,11 @@ mod tests {
             self.check()?;
             self.inner.publish_groups(batch).await
         }
-        async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {
+        async fn record(
+            &self,
+            batch: &[Publication],
+            watched: &[bool],
+        ) -> Result<Vec<Option<Position>>, BusError> {
             self.check()?;
             self.inner.record(batch, watched).await
         }

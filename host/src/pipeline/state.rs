@@ -189,6 +189,21 @@ impl PipelineState {
         }
     }
 
+    /// The watched groups `device` is a member of, and all its groups, from
+    /// the registry as it is now (nothing when no group is watched).
+    pub fn watched_groups(&self, device: &str) -> (Vec<String>, Vec<String>) {
+        if !self.interest.any_groups() {
+            return (Vec::new(), Vec::new());
+        }
+        let member_of = self
+            .registry
+            .load()
+            .get(device)
+            .map(|d| d.groups.clone())
+            .unwrap_or_default();
+        (self.interest.watched_groups(&member_of), member_of)
+    }
+
     /// The name of `device` (its id when unregistered).
     pub fn name_of(&self, device: &str) -> String {
         self.registry

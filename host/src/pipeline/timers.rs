@@ -9,10 +9,10 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use super::effects::Effect;
+use super::effects::{Effect, group_copies};
 use super::state::PipelineState;
 use super::worker::transition_effect;
-use crate::bus::{Followed, RETRY_MAX, RedisTarget, TransitionFeed};
+use crate::bus::{Followed, Publication, RETRY_MAX, RedisTarget, TransitionFeed};
 use crate::message::now_ms;
 
 /// Deadlines swept per round trip.
@@ -97,10 +97,23 @@ async fn sweep_shared(state: &PipelineState, grace: Duration, sweeping: Sweeping
                 return Sweeping::Failed;
             }
         };
-        // Every tracker, this one's included, follows them from the feed.
+        // Every tracker, this one's included, follows them from the feed;
+        // the sweep published each to its device's channel when watched,
+        // and its watched groups get their copies here.
+        let mut copies = Vec::new();
         for change in &recorded {
             metrics::counter!("sluice_status_transitions_total", "source" => change.source.as_str())
                 .increment(1);
+            let groups = state.watched_groups(&change.device_id).0;
+            if !groups.is_empty() && change.position.is_some() {
+                copies.extend(group_copies(Publication::Status(change.clone()), groups));
+            }
+        }
+        if !copies.is_empty()
+            && let Err(error) = state.bus.publish_groups(&copies).await
+        {
+            metrics::counter!("sluice_publish_dropped_total").increment(copies.len() as u64);
+            tracing::debug!(%error, "could not publish expiries to watched groups");
         }
         if recorded.len() < SWEEP_BATCH {
             return Sweeping::Running;

@@ -354,19 +354,7 @@ impl Worker {
                         timestamp,
                         limits.snapshot_keys,
                     );
-                    // Watched groups of the device, from the registry as it is now.
-                    let (groups, member_of) = if self.state.interest.any_groups() {
-                        let member_of = self
-                            .state
-                            .registry
-                            .load()
-                            .get(device)
-                            .map(|d| d.groups.clone())
-                            .unwrap_or_default();
-                        (self.state.interest.watched_groups(&member_of), member_of)
-                    } else {
-                        (Vec::new(), Vec::new())
-                    };
+                    let (groups, member_of) = self.state.watched_groups(device);
                     if watched || !groups.is_empty() {
                         let (tenant_id, device_id) = published(&self.state);
                         let report = TelemetryReport {
@@ -412,6 +400,7 @@ impl Worker {
                             position: None,
                         }),
                         watched,
+                        groups: self.state.watched_groups(device).0,
                     });
                 }
                 OutputKind::Alert {
@@ -431,6 +420,7 @@ impl Worker {
                             position: None,
                         }),
                         watched,
+                        groups: self.state.watched_groups(device).0,
                     });
                 }
                 OutputKind::Reply {
@@ -528,6 +518,7 @@ impl Worker {
 pub fn transition_effect(state: &PipelineState, transition: Transition) -> Effect {
     let watched = state.interest.is_watched(&transition.device);
     let tenant_id = state.tenant_of(&transition.device);
+    let groups = state.watched_groups(&transition.device).0;
     Effect::Transition {
         change: StatusChange {
             device_name: state.name_of(&transition.device),
@@ -539,5 +530,6 @@ pub fn transition_effect(state: &PipelineState, transition: Transition) -> Effec
             position: None,
         },
         watched,
+        groups,
     }
 }

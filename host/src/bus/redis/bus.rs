@@ -189,12 +189,11 @@ impl Bus for RedisBus {
         }
         let mut pipe = redis::pipe();
         for (group, publication) in batch {
-            if let Some(payload) = publication.group_payload(group) {
-                pipe.publish(
-                    format!("{}{group}", crate::bus::GROUP_CHANNEL_PREFIX),
-                    payload,
-                )
-                .ignore();
+            if let (Some(channel), Some(payload)) = (
+                publication.group_channel(group),
+                publication.group_payload(group),
+            ) {
+                pipe.publish(channel, payload).ignore();
             }
         }
         pipe.query_async::<()>(&mut self.connection())
@@ -206,7 +205,7 @@ impl Bus for RedisBus {
         &self,
         batch: &[StatusChange],
         watched: &[bool],
-    ) -> Result<Vec<bool>, BusError> {
+    ) -> Result<Vec<Option<Position>>, BusError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -238,14 +237,16 @@ impl Bus for RedisBus {
                 .arg(publication.tenant());
         }
         let (mut connection, moves) = self.target.writes();
-        let applied: Vec<i64> = invocation
+        let applied: Vec<String> = invocation
             .invoke_async(&mut connection)
             .await
             .map_err(unavailable)?;
         self.confirm(&mut connection, &moves).await?;
-        let mut out = vec![false; batch.len()];
+        let mut out = vec![None; batch.len()];
         for ((i, _, _), applied) in entries.iter().zip(applied) {
-            out[*i] = applied == 1;
+            if !applied.is_empty() {
+                out[*i] = Some(parse_position(&applied)?);
+            }
         }
         Ok(out)
     }
@@ -411,9 +412,12 @@ impl Bus for RedisBus {
             .map_err(unavailable)?;
         self.confirm(&mut connection, &moves).await?;
         Ok(taken
-            .chunks_exact(3)
+            .chunks_exact(4)
             .filter_map(|entry| match serde_json::from_str::<StatusChange>(&entry[2]) {
-                Ok(change) => Some(change),
+                Ok(change) => Some(StatusChange {
+                    position: parse_position(&entry[3]).ok(),
+                    ..change
+                }),
                 Err(error) => {
                     tracing::warn!(%error, device = %entry[0], "the sweep recorded a change that does not parse");
                     None
@@ -490,18 +494,24 @@ impl Bus for RedisBus {
         }
     }
 
-    async fn record(&self, batch: &[Publication], watched: &[bool]) -> Result<(), BusError> {
+    async fn record(
+        &self,
+        batch: &[Publication],
+        watched: &[bool],
+    ) -> Result<Vec<Option<Position>>, BusError> {
         // Publications whose JSON cannot be written are left out (and counted).
-        let entries: Vec<(&Publication, HistoryKind, String, bool)> = batch
+        let entries: Vec<(usize, &Publication, HistoryKind, String, bool)> = batch
             .iter()
             .zip(watched)
-            .filter_map(|(publication, watched)| {
+            .enumerate()
+            .filter_map(|(i, (publication, watched))| {
                 let kind = HistoryKind::of(publication)?;
-                Some((publication, kind, publication.payload()?, *watched))
+                Some((i, publication, kind, publication.payload()?, *watched))
             })
             .collect();
+        let mut out = vec![None; batch.len()];
         if entries.is_empty() {
-            return Ok(());
+            return Ok(out);
         }
         let mut pipe = redis::pipe();
         pipe.load_script(&self.scripts.record).ignore();
@@ -511,7 +521,7 @@ impl Bus for RedisBus {
                 .arg(self.history.max_entries)
                 .arg(self.history_age_ms())
                 .arg(chunk.len());
-            for (publication, kind, payload, watched) in chunk {
+            for (_, publication, kind, payload, watched) in chunk {
                 invocation
                     .arg(publication.tenant())
                     .arg(kind.tag())
@@ -520,13 +530,18 @@ impl Bus for RedisBus {
                     .arg(u8::from(*watched))
                     .arg(publication.channel());
             }
-            pipe.invoke_script(&invocation).ignore();
+            pipe.invoke_script(&invocation);
         }
         let (mut connection, moves) = self.target.writes();
-        pipe.query_async::<()>(&mut connection)
+        let positions: Vec<Vec<String>> = pipe
+            .query_async(&mut connection)
             .await
             .map_err(unavailable)?;
-        self.confirm(&mut connection, &moves).await
+        self.confirm(&mut connection, &moves).await?;
+        for ((i, ..), position) in entries.iter().zip(positions.iter().flatten()) {
+            out[*i] = Some(parse_position(position)?);
+        }
+        Ok(out)
     }
 
     async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
@@ -549,8 +564,7 @@ impl Bus for RedisBus {
             .await
             .map_err(unavailable)?;
         self.confirm(&mut connection, &moves).await?;
-        serde_json::from_str(&position)
-            .map_err(|e| BusError::Corrupt(format!("history position {position:?}: {e}")))
+        parse_position(&position)
     }
 
     async fn history_tops(&self, tenants: &[String]) -> Result<Vec<Position>, BusError> {
@@ -714,6 +728,12 @@ impl Bus for RedisBus {
 /// The history stream of `tenant`.
 fn history_key(tenant: &str) -> String {
     format!("sluice:history:{{{tenant}}}")
+}
+
+/// A position's JSON, as the history scripts return it.
+fn parse_position(json: &str) -> Result<Position, BusError> {
+    serde_json::from_str(json)
+        .map_err(|e| BusError::Corrupt(format!("history position {json:?}: {e}")))
 }
 
 fn parse_offset(text: &str) -> Result<u64, BusError> {

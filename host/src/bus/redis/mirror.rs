@@ -19,9 +19,6 @@ pub const INTEREST_CHANNEL: &str = "sluice:interest";
 /// is read as a group by the mirror.)
 pub const GROUP_WATCH_PREFIX: &str = "ws:sub:group:";
 
-/// Where a watched group's reports go: `ws:group:{group}`.
-pub const GROUP_CHANNEL_PREFIX: &str = "ws:group:";
-
 /// Keeps `interest` equal to the set of devices with a positive
 /// `ws:sub:{device}` and of groups with a positive `ws:sub:group:{group}`:
 /// a full scan at start and every `resync`, and the `sluice:interest`

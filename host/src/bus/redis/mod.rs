@@ -7,7 +7,8 @@
 //! | `ws:sub:{device}` | watcher count, kept by gateways (INCR/DECR, EXPIRE 300 s) |
 //! | `ws:device:{device}` | telemetry channel |
 //! | `ws:sub:group:{group}` | watcher count of a group watched as a whole (like device counts) |
-//! | `ws:group:{group}` | a watched group's channel: each member's report once, with `group` and the device's `groups` |
+//! | `ws:group:{group}` | a watched group's telemetry channel: each member's report once, with `group` and the device's `groups` |
+//! | `ws:group-status:{group}`, `ws:group-alert:{group}`, `ws:group-event:{group}` | a watched group's status, alert and event channels: each member's, with its `position` and `group` |
 //! | `device:{device}:status` | status channel (the seed's JSON, plus `tenant_id` and `position` once recorded) |
 //! | `sluice:alert:{device}`, `sluice:event:{device}` | alert and event channels |
 //! | `sluice:interest` | channel: `{"devices": [...], "watched": true/false}` (or one `"device"`, or `"groups"`) when devices or groups get their first watcher or lose their last |
@@ -34,5 +35,5 @@ mod target;
 
 pub use bus::RedisBus;
 pub use feed::{Followed, TransitionFeed};
-pub use mirror::{GROUP_CHANNEL_PREFIX, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, mirror_interest};
+pub use mirror::{GROUP_WATCH_PREFIX, INTEREST_CHANNEL, mirror_interest};
 pub use target::{RedisTarget, check_url};

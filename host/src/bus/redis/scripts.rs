@@ -63,7 +63,8 @@ end
 /// table, the transitions stream and the tenant's history, and are
 /// published (with their position) on the device's status channel when it
 /// is watched (by the caller's interest mirror, or by a `ws:sub:{device}`
-/// count).
+/// count). Returns, per change, its position's JSON, or an empty string
+/// when it did not take effect.
 ///
 /// KEYS: status hash, transitions stream. ARGV: maxlen, count, history
 /// maxlen, history age (ms), then per change: device, is_online, json,
@@ -74,21 +75,22 @@ local p = 5
 for k = 1, tonumber(ARGV[2]) do
   local device, online, json, watched, channel, tenant = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5]
   p = p + 6
-  local changed = 1
+  local changed = true
   local current = redis.call('HGET', KEYS[1], device)
   if current then
     local ok, decoded = pcall(cjson.decode, current)
-    if ok and tostring(decoded['is_online']) == online then changed = 0 end
+    if ok and tostring(decoded['is_online']) == online then changed = false end
   end
-  if changed == 1 then
+  out[k] = ''
+  if changed then
     redis.call('HSET', KEYS[1], device, json)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'device', device, 'change', json)
     local position = history_record(tenant, 's', device, json, ARGV[3], ARGV[4])
     if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
       redis.call('PUBLISH', channel, history_with(json, position))
     end
+    out[k] = position
   end
-  out[k] = changed
 end
 return out
 ";
@@ -98,7 +100,8 @@ return out
 /// stream (with the deadline that passed), the tenant's history (the
 /// tenant the table holds for the device), and the status channel when
 /// watched. A device that is already offline only loses its deadline.
-/// Returns, per transition: device, source, the change's JSON.
+/// Returns, per transition: device, source, the change's JSON, its
+/// position's JSON.
 ///
 /// KEYS: deadlines, status hash, transitions stream. ARGV: cutoff (ms),
 /// limit, now (ms), stream maxlen, history maxlen, history age (ms).
@@ -137,17 +140,20 @@ for i = 1, #due, 2 do
     table.insert(out, device)
     table.insert(out, source)
     table.insert(out, json)
+    table.insert(out, position)
   end
 end
 return out
 "#;
 
 /// Records alerts and events in their tenants' history and publishes each
-/// (with its position) when its device is watched.
+/// (with its position) when its device is watched. Returns the positions'
+/// JSON, in order.
 ///
 /// ARGV: history maxlen, history age (ms), count, then per publication:
 /// tenant, kind (`a` or `e`), device, json, watched, channel.
 const RECORD: &str = r"
+local out = {}
 local p = 4
 for k = 1, tonumber(ARGV[3]) do
   local tenant, kind, device, json, watched, channel = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5]
@@ -156,8 +162,9 @@ for k = 1, tonumber(ARGV[3]) do
   if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
     redis.call('PUBLISH', channel, history_with(json, position))
   end
+  out[k] = position
 end
-return tonumber(ARGV[3])
+return out
 ";
 
 /// Appends one entry to a tenant's history and returns its position.
