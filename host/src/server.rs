@@ -304,7 +304,7 @@ async fn connect_bus(
         .redis_stream
         .as_ref()
         .map(|s| (s.key.clone(), s.maxlen));
-    let target = RedisTarget::connect(&redis.url, redis.timeout, redis.wait_replicas > 0)
+    let target = RedisTarget::connect(redis)
         .await
         .map_err(|e| BusError::Unavailable(e.to_string()))?;
     let bus = RedisBus::new(

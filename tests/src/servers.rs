@@ -226,6 +226,69 @@ pub async fn wait_for_replicas(master: &RedisServer, replicas: usize) {
     }
 }
 
+/// A Redis Cluster of its own: masters in cluster mode, each a
+/// `redis-server` of its own, the slots spread over them by
+/// `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// The masters.
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `masters` masters (at least three) and waits until every one
+    /// says the cluster is ok.
+    pub async fn start(masters: usize) -> Self {
+        require("redis-cli");
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+            })
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&output.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in &nodes {
+            let mut connection = node
+                .client()
+                .get_multiplexed_async_connection()
+                .await
+                .expect("a cluster node answers");
+            loop {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut connection)
+                    .await
+                    .expect("CLUSTER INFO");
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster was not ok within 30 s: {info}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        RedisCluster { nodes }
+    }
+}
+
 /// The name the Sentinels of a [`SentinelSet`] monitor their master by.
 pub const SENTINEL_MASTER: &str = "sluice";
 
@@ -236,6 +299,8 @@ pub struct SentinelSet {
     /// The data nodes, the first of them the master at the start.
     pub nodes: Vec<RedisServer>,
     sentinels: Vec<(u16, ChildGuard)>,
+    /// The Sentinels' `requirepass`, if they have one.
+    password: Option<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -243,6 +308,12 @@ impl SentinelSet {
     /// Starts a master with `replicas` replicas and three Sentinels, and
     /// waits until the Sentinels know every replica and each other.
     pub async fn start(replicas: usize) -> Self {
+        Self::start_with_password(replicas, None).await
+    }
+
+    /// The same, with Sentinels that answer only clients (and each other)
+    /// giving `password`.
+    pub async fn start_with_password(replicas: usize, password: Option<&str>) -> Self {
         let master = RedisServer::start();
         let master_port = master.port.to_string();
         let mut nodes = vec![master];
@@ -261,10 +332,13 @@ impl SentinelSet {
             let port = free_port();
             // Sentinels rewrite their configuration: each has its own file.
             let config = dir.path().join(format!("sentinel-{i}.conf"));
+            let auth = password.map_or_else(String::new, |password| {
+                format!("requirepass {password}\nsentinel sentinel-pass {password}\n")
+            });
             std::fs::write(
                 &config,
                 format!(
-                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n{auth}\
                      sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
                      sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
                      sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
@@ -288,6 +362,7 @@ impl SentinelSet {
         let set = SentinelSet {
             nodes,
             sentinels,
+            password: password.map(str::to_owned),
             _dir: dir,
         };
         set.wait_until_known(replicas).await;
@@ -361,8 +436,14 @@ impl SentinelSet {
         sentinel: usize,
         args: &[&str],
     ) -> redis::RedisResult<T> {
-        let client =
-            redis::Client::open(format!("redis://127.0.0.1:{}/", self.sentinels[sentinel].0))?;
+        let auth = self
+            .password
+            .as_ref()
+            .map_or_else(String::new, |password| format!(":{password}@"));
+        let client = redis::Client::open(format!(
+            "redis://{auth}127.0.0.1:{}/",
+            self.sentinels[sentinel].0
+        ))?;
         let mut connection = client.get_multiplexed_async_connection().await?;
         redis::cmd("SENTINEL")
             .arg(args)

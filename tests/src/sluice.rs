@@ -94,6 +94,19 @@ impl Site {
             .await
             .expect("sluice starts")
     }
+
+    /// Why sluice does not start with `config`, every cause included.
+    pub async fn start_error(&self, config: &str) -> String {
+        let file = self.write("sluice.toml", config);
+        let loaded = Config::load(&file).expect("the test configuration is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        match sluice::server::start(loaded, listener).await {
+            Ok(_) => panic!("sluice started with {config}"),
+            Err(error) => format!("{:#}", anyhow::Error::from(error)),
+        }
+    }
 }
 
 /// Runs the `sluice` binary with `args` in `dir` (it listens on `port`) and

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice_tests::mqtt::Publisher;
-use sluice_tests::servers::{Mosquitto, RedisServer};
+use sluice_tests::servers::{Mosquitto, RedisCluster, RedisServer};
 use sluice_tests::sluice::{Site, base_url, eventually, interest_is, sources_connected};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -325,4 +325,19 @@ async fn shared_deadlines_take_a_silent_device_offline_once_and_a_restart_knows_
     assert!(!status.online);
     assert_eq!(status.source.as_str(), "heartbeat_expired");
     restarted.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_node_is_refused_at_start_naming_it() {
+    let cluster = RedisCluster::start(3).await;
+    let node = &cluster.nodes[1];
+    let site = Site::with_scripts(&["json-sensor"]);
+    let error = site
+        .start_error(&format!("[bus.redis]\nurl = \"{}\"\n", node.url()))
+        .await;
+    assert!(
+        error.contains("Redis Cluster is not supported")
+            && error.contains(&format!("127.0.0.1:{}", node.port())),
+        "{error}"
+    );
 }

@@ -4,7 +4,8 @@
 //! on the other instance resumes by itself, heartbeat deadlines expire on
 //! the new master, and a client resuming with `since` gets what it
 //! missed once, in order. Without enough replicas, what waits for them is
-//! held, not lost and not written twice.
+//! held, not lost and not written twice. Sentinels with a password are
+//! asked with `sentinel_password`.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -38,6 +39,11 @@ status = { mode = "heartbeat", interval = "1h" }
 "#;
 
 fn config(url: &str) -> String {
+    config_with(url, "")
+}
+
+/// The configuration with `extra` lines in `[bus.redis]`.
+fn config_with(url: &str, extra: &str) -> String {
     format!(
         r#"
         [bus.redis]
@@ -45,6 +51,7 @@ fn config(url: &str) -> String {
         flush = "50ms"
         timeout = "1s"
         wait_replicas = 1
+        {extra}
 
         [status]
         tick = "50ms"
@@ -461,4 +468,34 @@ async fn a_connected_client_is_told_when_redis_lost_what_it_missed() {
         .await;
     let after = frames["al"].last().expect("an alert")["position"].clone();
     assert_ne!(after["epoch"], before["epoch"], "{after} {before}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinels_with_a_password_are_asked_with_it() {
+    let set = SentinelSet::start_with_password(1, Some("s3nt1nel-pw")).await;
+    let site = Site::with_scripts(&["json-sensor"]);
+    site.write("devices.toml", REGISTRY);
+
+    // Asked without it, they refuse: sluice does not start, and says why.
+    let error = site.start_error(&config(&set.url())).await;
+    assert!(
+        error.contains("no Sentinel named the master") && error.contains("NOAUTH"),
+        "{error}"
+    );
+
+    // With it: sluice finds the master and records through it.
+    let running = site
+        .start(&config_with(
+            &set.url(),
+            "sentinel_password = \"s3nt1nel-pw\"",
+        ))
+        .await;
+    let base = base_url(&running);
+    report_temperature(&base, "sn-1", 35.0).await;
+    eventually(WAIT, "the alert to be recorded", || async {
+        let alerts = get(&base, "/api/v1/alerts?limit=10").await;
+        (alerts["items"].as_array().map_or(0, Vec::len) == 1).then_some(())
+    })
+    .await;
+    running.stop().await;
 }

@@ -237,6 +237,21 @@ pub(super) fn check_ranges(config: &Config, file: &Path) -> Result<(), ConfigErr
         c.positive("bus.redis.resync", redis.resync)?;
         c.positive("bus.redis.flush", redis.flush)?;
         c.positive("bus.redis.timeout", redis.timeout)?;
+        let sentinel = redis.url.starts_with("redis+sentinel://");
+        if !sentinel && (redis.sentinel_username.is_some() || redis.sentinel_password.is_some()) {
+            let key = if redis.sentinel_username.is_some() {
+                "bus.redis.sentinel_username"
+            } else {
+                "bus.redis.sentinel_password"
+            };
+            return Err(c.bad(key, "only a redis+sentinel:// url asks Sentinels"));
+        }
+        if redis.sentinel_username.is_some() && redis.sentinel_password.is_none() {
+            return Err(c.bad(
+                "bus.redis.sentinel_username",
+                "expected a sentinel_password with it",
+            ));
+        }
     }
 
     // Deadlines are counted in ticks of 32 bits: at 10 ms that is over a
@@ -473,6 +488,14 @@ mod tests {
             (
                 "[bus.redis]\nurl = \"redis://x\"\nresync = \"0s\"",
                 "bus.redis.resync",
+            ),
+            (
+                "[bus.redis]\nurl = \"redis://x\"\nsentinel_password = \"pw\"",
+                "bus.redis.sentinel_password",
+            ),
+            (
+                "[bus.redis]\nurl = \"redis+sentinel://a:1/m\"\nsentinel_username = \"u\"",
+                "bus.redis.sentinel_username",
             ),
             ("[scripts]\nsettle = \"0s\"", "scripts.settle"),
             ("[scripts]\ndeadline_tick = \"0s\"", "scripts.deadline_tick"),

@@ -389,6 +389,14 @@ pub struct RedisConfig {
     /// Sentinel, 1 keeps a failover from losing what was recorded.
     #[serde(default)]
     pub wait_replicas: usize,
+    /// The user the Sentinels of a `redis+sentinel://` URL are asked as
+    /// (Redis 6.2+ ACLs); none: the default user.
+    #[serde(default)]
+    pub sentinel_username: Option<String>,
+    /// The password the Sentinels are asked with (their `requirepass`, or
+    /// `sentinel_username`'s); none: they are asked without.
+    #[serde(default)]
+    pub sentinel_password: Option<String>,
 }
 
 /// The device registry file.

@@ -53,6 +53,24 @@ struct Sentinels {
     credentials: String,
     /// The database number.
     db: i64,
+    /// The user and password the Sentinels are asked with, if any.
+    auth: Option<SentinelAuth>,
+}
+
+/// How the Sentinels are asked: `[bus.redis] sentinel_username` and
+/// `sentinel_password`.
+#[derive(Clone, PartialEq)]
+struct SentinelAuth {
+    username: Option<String>,
+    password: String,
+}
+
+impl std::fmt::Debug for SentinelAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SentinelAuth")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for RedisTarget {
@@ -74,27 +92,36 @@ fn moved() -> RedisError {
 }
 
 impl RedisTarget {
-    /// Connects to the node `url` names (`redis://`, `rediss://`), or to
-    /// the master the Sentinels of a `redis+sentinel://` URL name; with
-    /// `separate_writes`, [`RedisTarget::writes`] is a connection of its own.
-    pub async fn connect(
-        url: &str,
-        timeout: Duration,
-        separate_writes: bool,
-    ) -> Result<Self, RedisError> {
+    /// Connects to the node `config.url` names (`redis://`, `rediss://`),
+    /// or to the master the Sentinels of a `redis+sentinel://` URL name
+    /// (asked with `sentinel_username` and `sentinel_password`); with
+    /// `wait_replicas`, [`RedisTarget::writes`] is a connection of its own.
+    pub async fn connect(config: &crate::config::RedisConfig) -> Result<Self, RedisError> {
+        let (url, timeout) = (config.url.as_str(), config.timeout);
+        let separate_writes = config.wait_replicas > 0;
         let settings = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let sentinels = match parse_sentinel_url(url) {
-            Some(parsed) => Some(parsed.map_err(|reason| {
-                RedisError::from((
-                    redis::ErrorKind::InvalidClientConfig,
-                    "bad Sentinel URL",
-                    reason,
-                ))
-            })?),
+            Some(parsed) => {
+                let mut sentinels = parsed.map_err(|reason| {
+                    RedisError::from((
+                        redis::ErrorKind::InvalidClientConfig,
+                        "bad Sentinel URL",
+                        reason,
+                    ))
+                })?;
+                sentinels.auth = config
+                    .sentinel_password
+                    .as_ref()
+                    .map(|password| SentinelAuth {
+                        username: config.sentinel_username.clone(),
+                        password: password.clone(),
+                    });
+                Some(sentinels)
+            }
             None => None,
         };
         let node = match &sentinels {
@@ -242,7 +269,9 @@ async fn open_node(
     settings: &ConnectionManagerConfig,
     separate_writes: bool,
 ) -> Result<Node, RedisError> {
-    let connection = ConnectionManager::new_with_config(client.clone(), settings.clone()).await?;
+    let mut connection =
+        ConnectionManager::new_with_config(client.clone(), settings.clone()).await?;
+    refuse_cluster(&mut connection, &address).await?;
     let writes = if separate_writes {
         ConnectionManager::new_with_config(client.clone(), settings.clone()).await?
     } else {
@@ -256,6 +285,28 @@ async fn open_node(
     })
 }
 
+/// A node of a Redis Cluster is refused: the keys of one script call lie
+/// in many slots, which a cluster serves from different nodes.
+async fn refuse_cluster(
+    connection: &mut ConnectionManager,
+    address: &str,
+) -> Result<(), RedisError> {
+    let info: String = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async(connection)
+        .await?;
+    if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+        return Err(RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "Redis Cluster is not supported",
+            format!(
+                "{address} is a node of a Redis Cluster; give [bus.redis] url a standalone Redis (or a master through redis+sentinel://)"
+            ),
+        )));
+    }
+    Ok(())
+}
+
 impl Sentinels {
     /// The master's `host:port` as the first Sentinel that knows it says.
     async fn master_address(&self, timeout: Duration) -> Result<String, RedisError> {
@@ -265,7 +316,7 @@ impl Sentinels {
         let mut last = None;
         for sentinel in &self.addresses {
             let asked = async {
-                let client = Client::open(format!("redis://{sentinel}/"))?;
+                let client = Client::open(self.connection_info(sentinel)?)?;
                 let mut connection = client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await?;
@@ -299,6 +350,20 @@ impl Sentinels {
             )),
             None => RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Sentinel given")),
         })
+    }
+
+    /// How to connect to `sentinel` (`host:port`), with the credentials
+    /// the Sentinels are asked with.
+    fn connection_info(&self, sentinel: &str) -> Result<redis::ConnectionInfo, RedisError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(format!("redis://{sentinel}/"))?;
+        let Some(auth) = &self.auth else {
+            return Ok(info);
+        };
+        let mut settings = info.redis_settings().clone().set_password(&auth.password);
+        if let Some(username) = &auth.username {
+            settings = settings.set_username(username);
+        }
+        Ok(info.set_redis_settings(settings))
     }
 
     /// Connects to `address` and checks it is a master: a Sentinel's
@@ -382,6 +447,7 @@ fn parse_sentinels(rest: &str) -> Result<Sentinels, String> {
         master: master.to_owned(),
         credentials,
         db,
+        auth: None,
     })
 }
 
@@ -411,6 +477,7 @@ mod tests {
                 master: "fleet".into(),
                 credentials: ":s3cret@".into(),
                 db: 2,
+                auth: None,
             }
         );
         let plain = parse_sentinels("localhost:26379/mymaster").expect("a valid URL");
