@@ -433,14 +433,28 @@ async fn a_connected_client_is_told_when_redis_lost_what_it_missed() {
     client
         .subscribe(&json!({"type": "subscribe", "id": "al", "channel": "alerts"}))
         .await;
+    client
+        .subscribe(&json!({"type": "subscribe", "id": "t", "channel": "telemetry", "device_ids": ["sn-1"]}))
+        .await;
     report_temperature(&base, "sn-1", 35.0).await;
     let mut frames = Frames::new();
+    let telemetry = |f: &Frames| {
+        f.get("t").map_or(0, |t| {
+            t.iter()
+                .filter(|d| d["data"]["temperature"] == 35.0)
+                .count()
+        })
+    };
     client
         .collect_until(&mut frames, WAIT, "the first alert", |f| {
-            !positioned(f, "al").is_empty()
+            !positioned(f, "al").is_empty() && telemetry(f) == 1
         })
         .await;
     let before = frames["al"].last().expect("an alert")["position"].clone();
+    // A dashboard on the seed's telemetry endpoint: the latest values first.
+    let mut seed = WsClient::connect(&ws_url(&sluice, "/api/v1/telemetry/datas/current/ws")).await;
+    seed.send(&json!({"device_id": "sn-1"})).await;
+    assert_eq!(seed.next_json().await["temperature"], 35.0);
 
     // Redis comes back empty: the history the client was following is gone.
     redis.restart();
@@ -450,6 +464,14 @@ async fn a_connected_client_is_told_when_redis_lost_what_it_missed() {
                 .is_some_and(|a| a.iter().any(|g| g["type"] == "gap"))
         })
         .await;
+    // Telemetry has no history: both dashboards get the latest values
+    // again once their instance has Redis back, with no new report.
+    client
+        .collect_until(&mut frames, WAIT, "the latest values again", |f| {
+            telemetry(f) == 2
+        })
+        .await;
+    assert_eq!(seed.next_json().await["temperature"], 35.0);
     let gap = frames["al"]
         .iter()
         .find(|g| g["type"] == "gap")

@@ -1,6 +1,7 @@
 //! The compatibility endpoints: a dashboard written for the seed platform
 //! works unchanged. Each takes one first frame naming a device (and
-//! credentials), answers at once with what is known now, then follows.
+//! credentials), answers at once with what is known now, then follows; and
+//! after its instance lost Redis, sends what is known now again.
 
 use std::sync::Arc;
 
@@ -49,9 +50,16 @@ struct CompatWatcher {
     outbox: Arc<Outbox>,
     endpoint: Endpoint,
     keys: Vec<String>,
+    /// Woken when the hub delivers again after losing Redis: what is
+    /// known now is sent again, as on connect.
+    resumed: tokio::sync::Notify,
 }
 
 impl Watcher for CompatWatcher {
+    fn resumed(&self) {
+        self.resumed.notify_one();
+    }
+
     fn deliver(&self, rendered: &Rendered<'_>) {
         match (self.endpoint, rendered.publication) {
             (Endpoint::Status, Publication::Status(_)) => {
@@ -177,13 +185,14 @@ async fn serve(
         outbox: session.outbox().clone(),
         endpoint,
         keys: keys.clone(),
+        resumed: tokio::sync::Notify::new(),
     });
     let id = app.ws.hub.register();
     let kinds = match endpoint {
         Endpoint::Status => Kinds::STATUS,
         Endpoint::Telemetry | Endpoint::TelemetryKeys => Kinds::TELEMETRY,
     };
-    if let Err(error) = Box::pin(app.ws.hub.watch(id, watcher, &device, kinds)).await {
+    if let Err(error) = Box::pin(app.ws.hub.watch(id, watcher.clone(), &device, kinds)).await {
         session.send(FrameError::new("unavailable", error.to_string()).frame());
         Box::pin(session.close(close::GOING_AWAY, "bus unavailable")).await;
         return;
@@ -205,6 +214,12 @@ async fn serve(
                     other => unreadable(&other),
                 };
                 session.send(error.frame());
+            }
+            () = watcher.resumed.notified() => {
+                // What the gap missed is not replayed: the present is.
+                if let Some(now) = Box::pin(first_frame(&app, endpoint, &device, &keys)).await {
+                    session.send(now);
+                }
             }
             changed = registry_changes.changed() => {
                 // The device moved to another tenant, or left the registry.

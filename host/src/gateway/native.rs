@@ -192,8 +192,8 @@ impl NativeWatcher {
 impl Watcher for NativeWatcher {
     fn interrupted(&self) {
         for subscription in self.subscriptions().values_mut() {
+            subscription.gap = true;
             if positioned(subscription.request.channel) {
-                subscription.gap = true;
                 // Live frames from now wait for what the gap missed.
                 subscription.pending.get_or_insert_with(Vec::new);
             }
@@ -921,9 +921,12 @@ impl Client {
     /// positions that had a gap is told so with a `gap` frame (`recovered`,
     /// `positions`) and gets what was recorded meanwhile, once, in order,
     /// before live frames; `recovered: false` when the gap cannot be
-    /// replayed (the client then reloads).
+    /// replayed (the client then reloads, and a status subscription gets
+    /// the current status of its devices). A telemetry subscription gets
+    /// the latest values of its devices again. Snapshots only where the
+    /// subscription wants them.
     async fn catch_up(&mut self) {
-        let gaps: Vec<(String, Vec<Position>, BTreeSet<String>)> = self
+        let gaps: Vec<(String, Vec<Position>, BTreeSet<String>, Subscribe)> = self
             .watcher
             .subscriptions()
             .iter_mut()
@@ -940,10 +943,24 @@ impl Client {
                         &subscription.request,
                     )
                 };
-                (id.clone(), subscription.seen.clone(), devices)
+                (
+                    id.clone(),
+                    subscription.seen.clone(),
+                    devices,
+                    subscription.request.clone(),
+                )
             })
             .collect();
-        for (id, seen, devices) in gaps {
+        for (id, seen, devices, request) in gaps {
+            let snapshots = request.snapshot != Some(false);
+            let list: Vec<String> = devices.iter().cloned().collect();
+            if !positioned(request.channel) {
+                if snapshots {
+                    self.snapshots(&id, request.channel, &request.keys, &list)
+                        .await;
+                }
+                continue;
+            }
             let mut recovery = self.recover(&seen, &devices).await;
             // A tenant with no position to start from cannot be replayed.
             let state = &self.app.pipeline;
@@ -960,6 +977,10 @@ impl Client {
                 || !self.replay(&id, &recovery, &devices).await
             {
                 return;
+            }
+            if snapshots && !recovery.recovered {
+                self.snapshots(&id, request.channel, &request.keys, &list)
+                    .await;
             }
         }
     }
