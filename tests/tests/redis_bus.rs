@@ -341,3 +341,69 @@ async fn a_redis_cluster_node_is_refused_at_start_naming_it() {
         "{error}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_written_again_after_a_lost_answer_is_recorded_once() {
+    use sluice::bus::{AlertRaised, Bus, Publication, RedisBus, RedisTarget};
+    let redis = RedisServer::start();
+    let config: sluice::config::RedisConfig =
+        serde_json::from_value(json!({"url": redis.url()})).expect("a Redis configuration");
+    let target = RedisTarget::connect(&config).await.expect("Redis answers");
+    let bus = RedisBus::new(
+        target,
+        &config,
+        100,
+        None,
+        sluice::bus::history::HistoryLimits::default(),
+    );
+    let alert = |n: u32| {
+        Publication::Alert(AlertRaised {
+            device_id: "th-1".into(),
+            tenant_id: "acme".into(),
+            timestamp: i64::from(n),
+            severity: sluice::script::Severity::Warning,
+            title: "Temperature high".into(),
+            description: format!("alert {n}"),
+            position: None,
+        })
+    };
+    let entries = || async {
+        let mut connection = connection(&redis).await;
+        let n: usize = redis::cmd("XLEN")
+            .arg("sluice:history:{acme}")
+            .query_async(&mut connection)
+            .await
+            .expect("XLEN");
+        n
+    };
+    let recorded = bus
+        .record(&[alert(1), alert(2)], &[false, false], &[1, 2])
+        .await
+        .expect("recorded");
+    assert!(recorded.iter().all(Option::is_some), "{recorded:?}");
+    // The same batch again (its answer was lost), with a new entry behind
+    // it: only the new one is recorded.
+    let again = bus
+        .record(&[alert(1), alert(2), alert(3)], &[false; 3], &[1, 2, 3])
+        .await
+        .expect("recorded");
+    assert_eq!(again[..2], [None, None], "{again:?}");
+    let third = again[2].as_ref().expect("the new entry is recorded");
+    assert_eq!(third.offset, 3);
+    assert_eq!(entries().await, 3);
+    // Another writer (another instance, or this one restarted) has ids of
+    // its own.
+    let other = RedisBus::new(
+        RedisTarget::connect(&config).await.expect("Redis answers"),
+        &config,
+        100,
+        None,
+        sluice::bus::history::HistoryLimits::default(),
+    );
+    let theirs = other
+        .record(&[alert(4)], &[false], &[1])
+        .await
+        .expect("recorded");
+    assert_eq!(theirs[0].as_ref().map(|p| p.offset), Some(4));
+    assert_eq!(entries().await, 4);
+}

@@ -174,6 +174,8 @@ impl Bus for MemoryBus {
         &self,
         batch: &[Publication],
         watched: &[bool],
+        // One process: nothing it records is lost in between, or retried.
+        _ids: &[u64],
     ) -> Result<Vec<Option<Position>>, BusError> {
         Ok(self.record_and_publish(batch.iter().zip(watched.iter().copied())))
     }

@@ -145,13 +145,17 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<Vec<DeadLetter>, BusError>;
 
     /// Records alerts and events in their tenants' history, and publishes
-    /// each whose device is `watched`, carrying its position. Returns, in
-    /// order, the position each was recorded at (`None` for one that
-    /// could not be written).
+    /// each whose device is `watched`, carrying its position. `ids` are
+    /// this writer's, increasing: an entry whose id its tenant's history
+    /// already took from this writer (written again after a lost answer,
+    /// or a failover after replication) is not recorded twice. Returns, in
+    /// order, the position each was recorded at now (`None` for one that
+    /// could not be written, or was recorded before).
     async fn record(
         &self,
         batch: &[Publication],
         watched: &[bool],
+        ids: &[u64],
     ) -> Result<Vec<Option<Position>>, BusError>;
 
     /// Appends `publication` (a command's state change) to its tenant's

@@ -222,11 +222,18 @@ fn group_kind(publication: &Publication) -> &'static str {
     }
 }
 
+/// The record ids of alerts and events: increasing for the life of the
+/// process (an effects task started again after a panic goes on from
+/// where the last one was), which is one writer to the history.
+static RECORD_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Default)]
 struct Pending {
     publications: Vec<Publication>,
     group_publications: Vec<(String, Publication)>,
-    discrete: Vec<(Publication, bool, Vec<String>)>,
+    /// Alerts and events with their record ids (increasing: an entry
+    /// written again after a lost answer is recorded once).
+    discrete: Vec<(u64, Publication, bool, Vec<String>)>,
     transitions: Vec<(StatusChange, bool, Vec<String>)>,
     dead_letters: Vec<DeadLetter>,
     records: Vec<String>,
@@ -247,7 +254,10 @@ impl Pending {
                     publication,
                     watched,
                     groups,
-                } => self.discrete.push((publication, watched, groups)),
+                } => {
+                    let id = RECORD_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                    self.discrete.push((id, publication, watched, groups));
+                }
                 Effect::Transition {
                     change,
                     watched,
@@ -311,13 +321,15 @@ impl Pending {
             self.publications.clear();
         }
         if !self.discrete.is_empty() {
+            let ids: Vec<u64> = self.discrete.iter().map(|(id, ..)| *id).collect();
             let (batch, watched): (Vec<Publication>, Vec<bool>) = self
                 .discrete
                 .iter()
-                .map(|(p, w, _)| (p.clone(), *w))
+                .map(|(_, p, w, _)| (p.clone(), *w))
                 .unzip();
-            let positions = bus.record(&batch, &watched).await?;
-            for ((publication, watched, groups), position) in self.discrete.drain(..).zip(positions)
+            let positions = bus.record(&batch, &watched, &ids).await?;
+            for ((_, publication, watched, groups), position) in
+                self.discrete.drain(..).zip(positions)
             {
                 metrics::counter!("sluice_history_entries_total", "kind" => publication.kind())
                     .increment(1);
@@ -501,9 +513,10 @@ mod tests {
             &self,
             batch: &[Publication],
             watched: &[bool],
+            ids: &[u64],
         ) -> Result<Vec<Option<Position>>, BusError> {
             self.check()?;
-            self.inner.record(batch, watched).await
+            self.inner.record(batch, watched, ids).await
         }
         async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
             self.inner.record_history(publication).await

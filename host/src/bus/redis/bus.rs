@@ -45,6 +45,8 @@ pub struct RedisBus {
     history: HistoryLimits,
     dead_letter_cap: usize,
     records: Option<(String, usize)>,
+    /// Who this process is to the history's record ids: new each start.
+    writer: String,
 }
 
 impl std::fmt::Debug for RedisBus {
@@ -73,6 +75,7 @@ impl RedisBus {
             history,
             dead_letter_cap,
             records,
+            writer: hex::encode(rand::random::<[u8; 8]>()),
         }
     }
 
@@ -498,15 +501,17 @@ impl Bus for RedisBus {
         &self,
         batch: &[Publication],
         watched: &[bool],
+        ids: &[u64],
     ) -> Result<Vec<Option<Position>>, BusError> {
         // Publications whose JSON cannot be written are left out (and counted).
-        let entries: Vec<(usize, &Publication, HistoryKind, String, bool)> = batch
+        let entries: Vec<(usize, &Publication, HistoryKind, String, bool, u64)> = batch
             .iter()
             .zip(watched)
+            .zip(ids)
             .enumerate()
-            .filter_map(|(i, (publication, watched))| {
+            .filter_map(|(i, ((publication, watched), id))| {
                 let kind = HistoryKind::of(publication)?;
-                Some((i, publication, kind, publication.payload()?, *watched))
+                Some((i, publication, kind, publication.payload()?, *watched, *id))
             })
             .collect();
         let mut out = vec![None; batch.len()];
@@ -520,15 +525,17 @@ impl Bus for RedisBus {
             invocation
                 .arg(self.history.max_entries)
                 .arg(self.history_age_ms())
-                .arg(chunk.len());
-            for (_, publication, kind, payload, watched) in chunk {
+                .arg(chunk.len())
+                .arg(&self.writer);
+            for (_, publication, kind, payload, watched, id) in chunk {
                 invocation
                     .arg(publication.tenant())
                     .arg(kind.tag())
                     .arg(publication.device())
                     .arg(payload)
                     .arg(u8::from(*watched))
-                    .arg(publication.channel());
+                    .arg(publication.channel())
+                    .arg(*id);
             }
             pipe.invoke_script(&invocation);
         }
@@ -539,7 +546,9 @@ impl Bus for RedisBus {
             .map_err(unavailable)?;
         self.confirm(&mut connection, &moves).await?;
         for ((i, ..), position) in entries.iter().zip(positions.iter().flatten()) {
-            out[*i] = Some(parse_position(position)?);
+            if !position.is_empty() {
+                out[*i] = Some(parse_position(position)?);
+            }
         }
         Ok(out)
     }

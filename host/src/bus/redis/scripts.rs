@@ -9,7 +9,8 @@
 /// entry ids are `<ms>-<offset>` (the time recorded, which never goes back,
 /// and the tenant's entry count), with fields `k` (`a`lert, `e`vent,
 /// `s`tatus), `d` (device) and `j` (the JSON, without its position), and a
-/// hash `sluice:history:{tenant}:meta` holding `epoch`, `offset` and `ms`.
+/// hash `sluice:history:{tenant}:meta` holding `epoch`, `offset` and `ms`
+/// (and `w:<writer>`, see [`RECORD`]).
 /// A tenant whose meta hash is gone (new, or Redis lost it) starts a new
 /// epoch with an empty stream.
 ///
@@ -147,22 +148,32 @@ return out
 "#;
 
 /// Records alerts and events in their tenants' history and publishes each
-/// (with its position) when its device is watched. Returns the positions'
-/// JSON, in order.
+/// (with its position) when its device is watched. Each has an id of its
+/// writer's, increasing; the newest a tenant took from a writer is kept in
+/// the tenant's meta hash (`w:<writer>`), and an entry whose id is not
+/// above it was recorded before (its answer was lost) and is skipped.
+/// Returns the positions' JSON, in order (empty for one skipped).
 ///
-/// ARGV: history maxlen, history age (ms), count, then per publication:
-/// tenant, kind (`a` or `e`), device, json, watched, channel.
+/// ARGV: history maxlen, history age (ms), count, writer, then per
+/// publication: tenant, kind (`a` or `e`), device, json, watched, channel,
+/// id.
 const RECORD: &str = r"
 local out = {}
-local p = 4
+local field = 'w:' .. ARGV[4]
+local p = 5
 for k = 1, tonumber(ARGV[3]) do
-  local tenant, kind, device, json, watched, channel = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5]
-  p = p + 6
-  local position = history_record(tenant, kind, device, json, ARGV[1], ARGV[2])
-  if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
-    redis.call('PUBLISH', channel, history_with(json, position))
+  local tenant, kind, device, json, watched, channel, id = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5], tonumber(ARGV[p+6])
+  p = p + 7
+  local stream, meta = history_meta(tenant)
+  out[k] = ''
+  if id > tonumber(redis.call('HGET', meta, field) or '0') then
+    local position = history_record(tenant, kind, device, json, ARGV[1], ARGV[2])
+    redis.call('HSET', meta, field, id)
+    if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
+      redis.call('PUBLISH', channel, history_with(json, position))
+    end
+    out[k] = position
   end
-  out[k] = position
 end
 return out
 ";
