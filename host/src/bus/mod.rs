@@ -22,8 +22,8 @@ pub use publication::{
 };
 pub use redis::check_url as check_redis_url;
 pub use redis::{
-    Followed, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, RedisBus, RedisTarget, TransitionFeed,
-    mirror_interest,
+    Followed, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, Reconnect, RedisBus, RedisTarget,
+    TransitionFeed, mirror_interest,
 };
 
 use crate::deadletter::DeadLetter;

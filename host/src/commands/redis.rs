@@ -23,7 +23,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::model::{Change, CommandError, CommandRecord, CommandState};
 use super::store::{CommandStore, EVENTS, applies, changed, deadline_of};
-use crate::bus::{RETRY_MAX, RedisTarget};
+use crate::bus::{Reconnect, RedisTarget};
 
 /// The channel of state changes.
 pub const CHANNEL: &str = "sluice:commands";
@@ -138,15 +138,14 @@ impl RedisCommands {
     /// Feeds the state changes on [`CHANNEL`] to this store's listeners
     /// until `shutdown`, subscribing again after a lost connection.
     pub async fn follow(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Duration::from_millis(100);
-        let mut moves = self.target.moves();
+        let mut reconnect = Reconnect::new(&self.target);
         loop {
-            // Seen before the client is taken: a move after it is noticed.
-            moves.mark_unchanged();
-            let client = self.target.client();
+            let client = reconnect.client();
+            let mut subscribed = false;
             let followed = async {
                 let mut pubsub = client.get_async_pubsub().await?;
                 pubsub.subscribe(CHANNEL).await?;
+                subscribed = true;
                 let mut messages = pubsub.on_message();
                 while let Some(message) = messages.next().await {
                     match serde_json::from_slice::<CommandRecord>(message.get_payload_bytes()) {
@@ -166,15 +165,17 @@ impl RedisCommands {
                         tracing::warn!(%error, "command channel lost; subscribing again");
                     }
                 }
-                error = RedisTarget::moved(&mut moves) => {
+                error = reconnect.moved() => {
                     tracing::info!(%error, "subscribing to the command channel on the new master");
                 }
                 _ = shutdown.changed() => return,
             }
-            if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+            if subscribed {
+                reconnect.connected();
+            }
+            if !reconnect.pause(&mut shutdown).await {
                 return;
             }
-            backoff = (backoff * 2).min(RETRY_MAX);
         }
     }
 }

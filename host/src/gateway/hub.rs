@@ -28,7 +28,7 @@ use tokio::sync::{broadcast, watch};
 use super::frames::Rendered;
 use crate::bus::{
     BusError, GROUP_PATTERN, GROUP_WATCH_PREFIX, INTEREST_CHANNEL, Interest, MemoryBus,
-    Publication, RETRY_MAX, RedisTarget,
+    Publication, Reconnect, RedisTarget,
 };
 use crate::supervisor::Supervisor;
 
@@ -970,25 +970,14 @@ async fn relay_in_process(
 /// device, puts back this instance's counts, relays messages; on loss,
 /// reconnects with backoff.
 async fn relay_redis(hub: Arc<Hub>, target: RedisTarget, mut shutdown: watch::Receiver<bool>) {
-    let mut backoff = Duration::from_millis(100);
-    let mut moves = target.moves();
+    let mut reconnect = Reconnect::new(&target);
     let mut interrupted = false;
     loop {
-        // Seen before the client is taken: a move after it is noticed.
-        moves.mark_unchanged();
-        match relay_once(
-            &hub,
-            &target.client(),
-            &mut moves,
-            &mut shutdown,
-            &mut interrupted,
-        )
-        .await
-        {
+        match relay_once(&hub, &mut reconnect, &mut shutdown, &mut interrupted).await {
             Ok(()) => return,
             Err(error) => {
                 metrics::counter!("sluice_bus_errors_total", "op" => "hub").increment(1);
-                tracing::warn!(%error, retry_in = ?backoff, "WebSocket hub lost Redis; reconnecting");
+                tracing::warn!(%error, retry_in = ?reconnect.backoff(), "WebSocket hub lost Redis; reconnecting");
             }
         }
         if !interrupted {
@@ -1003,24 +992,22 @@ async fn relay_redis(hub: Arc<Hub>, target: RedisTarget, mut shutdown: watch::Re
             lock(&redis.subscribed_groups).clear();
             *lock(&redis.group_pattern) = false;
         }
-        if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+        if !reconnect.pause(&mut shutdown).await {
             return;
         }
-        backoff = (backoff * 2).min(RETRY_MAX);
     }
 }
 
 async fn relay_once(
     hub: &Hub,
-    client: &redis::Client,
-    moves: &mut watch::Receiver<u64>,
+    reconnect: &mut Reconnect,
     shutdown: &mut watch::Receiver<bool>,
     interrupted: &mut bool,
 ) -> Result<(), redis::RedisError> {
     let Some(redis) = &hub.redis else {
         return Ok(());
     };
-    let (mut sink, mut stream) = client.get_async_pubsub().await?.split();
+    let (mut sink, mut stream) = reconnect.client().get_async_pubsub().await?.split();
     {
         let mut held = redis.sink.lock().await;
         let devices: Vec<(String, Kinds)> = {
@@ -1048,6 +1035,7 @@ async fn relay_once(
         }
         *held = Some(sink);
     }
+    reconnect.connected();
     if std::mem::take(interrupted) {
         // Everything is subscribed again: watchers catch up on the gap.
         for watcher in hub.watchers() {
@@ -1087,7 +1075,7 @@ async fn relay_once(
                     Err(error) => tracing::debug!(%error, "watcher counts not restored yet; retrying"),
                 }
             }
-            error = RedisTarget::moved(moves) => return Err(error),
+            error = reconnect.moved() => return Err(error),
             _ = shutdown.changed() => return Ok(()),
         }
     }

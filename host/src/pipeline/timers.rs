@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::effects::{Effect, group_copies};
 use super::state::PipelineState;
 use super::worker::transition_effect;
-use crate::bus::{Followed, Publication, RETRY_MAX, RedisTarget, TransitionFeed};
+use crate::bus::{Followed, Publication, Reconnect, RedisTarget, TransitionFeed};
 use crate::message::now_ms;
 
 /// Deadlines swept per round trip.
@@ -175,15 +175,12 @@ pub async fn follow_transitions(
     mut feed: Option<TransitionFeed>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut moves = target.moves();
+    let mut reconnect = Reconnect::new(&target);
     loop {
         let mut current = match feed.take() {
             Some(current) => current,
             None => {
-                // Seen before the client is taken: a move after it is noticed.
-                moves.mark_unchanged();
-                let opened = match TransitionFeed::open(&target.client(), FEED_BLOCK).await {
+                let opened = match TransitionFeed::open(&reconnect.client(), FEED_BLOCK).await {
                     Ok(opened) => follow_table(&state).await.map(|_| opened),
                     Err(error) => Err(error),
                 };
@@ -197,21 +194,20 @@ pub async fn follow_transitions(
                     Ok(opened) => opened,
                     Err(error) => {
                         metrics::counter!("sluice_bus_errors_total", "op" => "feed").increment(1);
-                        tracing::warn!(%error, retry_in = ?backoff, "cannot follow status changes; retrying");
-                        if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+                        tracing::warn!(%error, retry_in = ?reconnect.backoff(), "cannot follow status changes; retrying");
+                        if !reconnect.pause(&mut shutdown).await {
                             return;
                         }
-                        backoff = (backoff * 2).min(RETRY_MAX);
                         continue;
                     }
                 }
             }
         };
-        backoff = Duration::from_millis(100);
+        reconnect.connected();
         loop {
             let read = tokio::select! {
                 read = current.next() => read,
-                error = RedisTarget::moved(&mut moves) => Err(crate::bus::BusError::Unavailable(error.to_string())),
+                error = reconnect.moved() => Err(crate::bus::BusError::Unavailable(error.to_string())),
                 _ = shutdown.changed() => return,
             };
             match read {

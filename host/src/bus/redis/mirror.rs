@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use super::target::RedisTarget;
-use crate::bus::{Interest, RETRY_MAX};
+use super::target::{Reconnect, RedisTarget};
+use crate::bus::Interest;
 
 /// The channel on which gateways announce a device's first and last watcher.
 pub const INTEREST_CHANNEL: &str = "sluice:interest";
@@ -30,30 +30,18 @@ pub async fn mirror_interest(
     resync: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    let mut moves = target.moves();
+    let mut reconnect = Reconnect::new(&target);
     loop {
-        // Seen before the client is taken: a move after it is noticed.
-        moves.mark_unchanged();
-        match mirror_once(
-            &target.client(),
-            &mut moves,
-            &interest,
-            resync,
-            &mut shutdown,
-        )
-        .await
-        {
+        match mirror_once(&mut reconnect, &interest, resync, &mut shutdown).await {
             Ok(()) => return,
             Err(error) => {
                 metrics::counter!("sluice_bus_errors_total", "op" => "interest").increment(1);
-                tracing::warn!(%error, retry_in = ?backoff, "interest mirror lost Redis; reconnecting");
+                tracing::warn!(%error, retry_in = ?reconnect.backoff(), "interest mirror lost Redis; reconnecting");
             }
         }
-        if !RedisTarget::pause(&mut moves, backoff, &mut shutdown).await {
+        if !reconnect.pause(&mut shutdown).await {
             return;
         }
-        backoff = (backoff * 2).min(RETRY_MAX);
     }
 }
 
@@ -72,18 +60,19 @@ struct InterestChange {
 }
 
 async fn mirror_once(
-    client: &redis::Client,
-    moves: &mut tokio::sync::watch::Receiver<u64>,
+    reconnect: &mut Reconnect,
     interest: &Interest,
     resync: Duration,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), redis::RedisError> {
+    let client = reconnect.client();
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(INTEREST_CHANNEL).await?;
     let mut connection = client.get_multiplexed_async_connection().await?;
     // Subscribed before scanning: a change during the scan arrives on the
     // channel and is applied after it.
     resync_interest(interest, &mut connection).await?;
+    reconnect.connected();
     let mut messages = pubsub.on_message();
     let mut ticker = tokio::time::interval(resync);
     ticker.tick().await;
@@ -107,7 +96,7 @@ async fn mirror_once(
                 metrics::gauge!("sluice_interest_devices").set(interest.len() as f64);
                 metrics::gauge!("sluice_interest_groups").set(interest.group_count() as f64);
             }
-            error = RedisTarget::moved(moves) => return Err(error),
+            error = reconnect.moved() => return Err(error),
             _ = shutdown.changed() => return Ok(()),
         }
     }

@@ -36,4 +36,4 @@ mod target;
 pub use bus::RedisBus;
 pub use feed::{Followed, TransitionFeed};
 pub use mirror::{GROUP_WATCH_PREFIX, INTEREST_CHANNEL, mirror_interest};
-pub use target::{RedisTarget, check_url};
+pub use target::{Reconnect, RedisTarget, check_url};

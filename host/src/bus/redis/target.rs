@@ -14,6 +14,72 @@ use tokio::sync::watch;
 /// How often the Sentinels are asked which node is the master.
 const SENTINEL_POLL: Duration = Duration::from_millis(500);
 
+/// The first wait of a loop that lost its connection of its own.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// What a loop holding a connection of its own to the master (a
+/// subscriber, a blocking reader) keeps between tries: a backoff that
+/// doubles up to [`RETRY_MAX`](crate::bus::RETRY_MAX) after each loss and
+/// starts over once connected, and the moves of the master, which cut a
+/// wait short and end a connection to the old master.
+#[derive(Debug)]
+pub struct Reconnect {
+    target: RedisTarget,
+    backoff: Duration,
+    moves: watch::Receiver<u64>,
+}
+
+impl Reconnect {
+    /// For a loop on `target`'s master.
+    pub fn new(target: &RedisTarget) -> Self {
+        Reconnect {
+            target: target.clone(),
+            backoff: FIRST_RETRY,
+            moves: target.moves(),
+        }
+    }
+
+    /// A client of the current master: a move after this is noticed by
+    /// [`Reconnect::moved`].
+    pub fn client(&mut self) -> Client {
+        self.moves.mark_unchanged();
+        self.target.client()
+    }
+
+    /// The loop is connected (and subscribed): the next loss waits the
+    /// first backoff again.
+    pub fn connected(&mut self) {
+        self.backoff = FIRST_RETRY;
+    }
+
+    /// How long [`Reconnect::pause`] waits next.
+    pub fn backoff(&self) -> Duration {
+        self.backoff
+    }
+
+    /// Resolves when the master moved since [`Reconnect::client`], with
+    /// the error the loop reconnects on.
+    pub async fn moved(&mut self) -> RedisError {
+        if self.moves.changed().await.is_err() {
+            // The target is gone: nothing will move again.
+            std::future::pending::<()>().await;
+        }
+        moved()
+    }
+
+    /// Waits the backoff before the next try (not at all if the master
+    /// moved) and doubles it; false at `shutdown`.
+    pub async fn pause(&mut self, shutdown: &mut watch::Receiver<bool>) -> bool {
+        let backoff = self.backoff;
+        self.backoff = (backoff * 2).min(crate::bus::RETRY_MAX);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => true,
+            _ = self.moved() => true,
+            _ = shutdown.changed() => false,
+        }
+    }
+}
+
 /// The Redis node of the bus, shared by everything that talks to it.
 #[derive(Clone)]
 pub struct RedisTarget {
@@ -180,31 +246,6 @@ impl RedisTarget {
     /// before the change is to the old master.
     pub fn moves(&self) -> watch::Receiver<u64> {
         self.inner.moves.subscribe()
-    }
-
-    /// Resolves when the master moves after `moves` was last marked seen,
-    /// with the error a subscriber loop reconnects on.
-    pub async fn moved(moves: &mut watch::Receiver<u64>) -> RedisError {
-        if moves.changed().await.is_err() {
-            // The target is gone: nothing will move again.
-            std::future::pending::<()>().await;
-        }
-        moved()
-    }
-
-    /// Waits `backoff` before a subscriber loop reconnects, not at all if
-    /// the master moved since `moves` was last marked seen; false at
-    /// `shutdown`.
-    pub async fn pause(
-        moves: &mut watch::Receiver<u64>,
-        backoff: Duration,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> bool {
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => true,
-            _ = Self::moved(moves) => true,
-            _ = shutdown.changed() => false,
-        }
     }
 
     /// With Sentinels: asks them which node is the master every
