@@ -119,6 +119,9 @@ struct Args {
     /// Subscribe by the one group every device is in (`subscribe`).
     #[arg(long)]
     by_group: bool,
+    /// The channel subscribed to (`subscribe`): `telemetry` or `status`.
+    #[arg(long, default_value = "telemetry")]
+    channel: String,
     /// `wait_replicas` (`recovery`: with this many replicas started;
     /// `failover`: of the two replicas).
     #[arg(long, default_value_t = 0)]

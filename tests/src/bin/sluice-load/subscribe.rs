@@ -1,5 +1,6 @@
-//! `--mode subscribe`: one connection subscribes (no filter, or with
-//! `--by-group` to the one group they are all in) to every one of
+//! `--mode subscribe`: one connection subscribes to the telemetry (or with
+//! `--channel status`, the status) of (no filter, or with `--by-group` the
+//! one group they are all in) every one of
 //! `--devices` registered devices that have all reported, with Redis on
 //! loopback; how long until `subscribed`, until every snapshot, how many
 //! Redis commands it cost and how much Redis memory it took.
@@ -116,17 +117,20 @@ pub(crate) async fn run(args: &Args) {
         .await
         .expect("connected");
     let started = Instant::now();
+    let mut subscribe = json!({"type": "subscribe", "id": "all", "channel": args.channel});
+    if args.by_group {
+        subscribe["groups"] = json!(["fleet"]);
+    }
     socket
-        .send(Message::text(
-            if args.by_group {
-                json!({"type": "subscribe", "id": "all", "channel": "telemetry", "groups": ["fleet"]})
-            } else {
-                json!({"type": "subscribe", "id": "all", "channel": "telemetry"})
-            }
-            .to_string(),
-        ))
+        .send(Message::text(subscribe.to_string()))
         .await
         .expect("sent");
+    // A telemetry snapshot is a `device_data` frame, a status one a `status`.
+    let snapshot = if args.channel == "status" {
+        "{\"type\":\"status\""
+    } else {
+        "{\"type\":\"device_data\""
+    };
     let mut subscribed_after = None;
     let mut snapshots = 0;
     while snapshots < args.devices {
@@ -138,7 +142,7 @@ pub(crate) async fn run(args: &Args) {
         };
         if subscribed_after.is_none() && text.starts_with("{\"type\":\"subscribed\"") {
             subscribed_after = Some(started.elapsed());
-        } else if text.starts_with("{\"type\":\"device_data\"") {
+        } else if text.starts_with(snapshot) {
             snapshots += 1;
         } else if text.contains("\"error\"") {
             panic!("refused: {text}");
