@@ -13,6 +13,9 @@ step() { printf '\n==> %s\n' "$*"; }
 # for the dashboard, from Debian's packages when missing.
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+# redis-cli makes the test Redis Cluster; openssl the test TLS certificates.
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v cc >/dev/null 2>&1 || missing+=(gcc)

@@ -197,6 +197,111 @@ impl RedisServer {
     }
 }
 
+/// A CA, and a server and a client certificate it signed (for
+/// `127.0.0.1`), made by the `openssl` command in a directory of their own.
+#[derive(Debug)]
+pub struct TlsFiles {
+    dir: tempfile::TempDir,
+}
+
+impl TlsFiles {
+    /// Makes them.
+    pub fn generate() -> Self {
+        require("openssl");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let run = |args: &[&str]| {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("openssl runs");
+            assert!(
+                output.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice test CA",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+        ]);
+        std::fs::write(
+            dir.path().join("san.ext"),
+            "subjectAltName = IP:127.0.0.1, DNS:localhost\n",
+        )
+        .expect("write san.ext");
+        for name in ["server", "client"] {
+            run(&[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                &format!("/CN=sluice test {name}"),
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+                "-out",
+                &format!("{name}.crt"),
+            ]);
+        }
+        TlsFiles { dir }
+    }
+
+    /// The path of `name` (`ca.crt`, `server.key`, `client.crt`, …).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Starts a `redis-server` that also takes TLS, with `files`' server
+/// certificate, on a port of its own; clients must show a certificate of
+/// the CA. Returns it and that port.
+pub fn redis_with_tls(files: &TlsFiles) -> (RedisServer, u16) {
+    let tls_port = free_port();
+    let path = |name: &str| files.path(name).display().to_string();
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port.to_string(),
+        "--tls-cert-file",
+        &path("server.crt"),
+        "--tls-key-file",
+        &path("server.key"),
+        "--tls-ca-cert-file",
+        &path("ca.crt"),
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    (server, tls_port)
+}
+
 /// Waits until `replicas` replicas are in sync with `master`.
 pub async fn wait_for_replicas(master: &RedisServer, replicas: usize) {
     let mut connection = master

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use sluice_tests::mqtt::Publisher;
-use sluice_tests::servers::{Mosquitto, RedisCluster, RedisServer};
+use sluice_tests::servers::{Mosquitto, RedisCluster, RedisServer, TlsFiles, redis_with_tls};
 use sluice_tests::sluice::{Site, base_url, eventually, interest_is, sources_connected};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -406,4 +406,56 @@ async fn an_alert_written_again_after_a_lost_answer_is_recorded_once() {
         .expect("recorded");
     assert_eq!(theirs[0].as_ref().map(|p| p.offset), Some(4));
     assert_eq!(entries().await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_checks_the_server_against_the_ca_and_shows_a_client_certificate() {
+    let files = TlsFiles::generate();
+    let (redis, tls_port) = redis_with_tls(&files);
+    let site = Site::with_scripts(&["json-sensor"]);
+    site.write("devices.toml", registry());
+    let url = format!("rediss://127.0.0.1:{tls_port}/");
+    let path = |name: &str| files.path(name).display().to_string();
+    let config = |tls: &str| {
+        format!(
+            "[bus.redis]\nurl = \"{url}\"\n{tls}\n[registry]\nfile = \"devices.toml\"\n[products.json-sensor]\nparams = {{ temp_max = \"30\" }}\n"
+        )
+    };
+    // The test CA is not among the system's roots.
+    let error = site.start_error(&config("")).await;
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    // The server wants a client certificate.
+    let error = site
+        .start_error(&config(&format!("tls_ca_file = \"{}\"", path("ca.crt"))))
+        .await;
+    assert!(error.contains("CertificateRequired"), "{error}");
+    // With both, sluice records through TLS: the alert is in Redis.
+    let running = site
+        .start(&config(&format!(
+            "tls_ca_file = \"{}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+            path("ca.crt"),
+            path("client.crt"),
+            path("client.key")
+        )))
+        .await;
+    let base = base_url(&running);
+    sluice_tests::sluice::report_temperature(&base, "th-1", 35.0).await;
+    let mut connection = connection(&redis).await;
+    eventually(WAIT, "the alert recorded through TLS", || {
+        let mut connection = connection.clone();
+        async move {
+            let n: usize = redis::cmd("XLEN")
+                .arg("sluice:history:{acme}")
+                .query_async(&mut connection)
+                .await
+                .unwrap_or(0);
+            (n >= 1).then_some(())
+        }
+    })
+    .await;
+    let _: () = redis::cmd("PING")
+        .query_async(&mut connection)
+        .await
+        .expect("the plain port answers too");
+    running.stop().await;
 }

@@ -246,6 +246,22 @@ pub(super) fn check_ranges(config: &Config, file: &Path) -> Result<(), ConfigErr
             };
             return Err(c.bad(key, "only a redis+sentinel:// url asks Sentinels"));
         }
+        let tls_files = [
+            ("bus.redis.tls_ca_file", &redis.tls_ca_file),
+            ("bus.redis.tls_cert_file", &redis.tls_cert_file),
+            ("bus.redis.tls_key_file", &redis.tls_key_file),
+        ];
+        for (key, file) in tls_files {
+            if file.is_some() && !redis.url.starts_with("rediss://") {
+                return Err(c.bad(key, "only a rediss:// url uses TLS"));
+            }
+        }
+        if redis.tls_cert_file.is_some() != redis.tls_key_file.is_some() {
+            return Err(c.bad(
+                "bus.redis.tls_cert_file",
+                "expected tls_cert_file and tls_key_file together",
+            ));
+        }
         if redis.sentinel_username.is_some() && redis.sentinel_password.is_none() {
             return Err(c.bad(
                 "bus.redis.sentinel_username",
@@ -496,6 +512,14 @@ mod tests {
             (
                 "[bus.redis]\nurl = \"redis+sentinel://a:1/m\"\nsentinel_username = \"u\"",
                 "bus.redis.sentinel_username",
+            ),
+            (
+                "[bus.redis]\nurl = \"redis://x\"\ntls_ca_file = \"ca.crt\"",
+                "bus.redis.tls_ca_file",
+            ),
+            (
+                "[bus.redis]\nurl = \"rediss://x\"\ntls_cert_file = \"c.crt\"",
+                "bus.redis.tls_cert_file",
             ),
             ("[scripts]\nsettle = \"0s\"", "scripts.settle"),
             ("[scripts]\ndeadline_tick = \"0s\"", "scripts.deadline_tick"),

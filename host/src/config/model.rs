@@ -397,6 +397,18 @@ pub struct RedisConfig {
     /// `sentinel_username`'s); none: they are asked without.
     #[serde(default)]
     pub sentinel_password: Option<String>,
+    /// With `rediss://`: the PEM file of the CA the server's certificate
+    /// is checked against, instead of the system's roots; relative to the
+    /// config file.
+    #[serde(default)]
+    pub tls_ca_file: Option<PathBuf>,
+    /// With `rediss://`: this client's PEM certificate, for servers that
+    /// check clients (`tls-auth-clients`); with `tls_key_file`.
+    #[serde(default)]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `tls_cert_file`.
+    #[serde(default)]
+    pub tls_key_file: Option<PathBuf>,
 }
 
 /// The device registry file.
@@ -609,6 +621,18 @@ impl Config {
         }
         if let Some(file) = &mut self.registry.file {
             resolve(file);
+        }
+        if let Some(redis) = &mut self.bus.redis {
+            for file in [
+                &mut redis.tls_ca_file,
+                &mut redis.tls_cert_file,
+                &mut redis.tls_key_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                resolve(file);
+            }
         }
         for product in self.products.values_mut() {
             if let Some(script) = &mut product.script {

@@ -192,7 +192,7 @@ impl RedisTarget {
         };
         let node = match &sentinels {
             None => {
-                let client = Client::open(url)?;
+                let client = open_client(url, config)?;
                 open_node(without_credentials(url), client, &settings, separate_writes).await?
             }
             Some(sentinels) => {
@@ -302,6 +302,40 @@ impl RedisTarget {
             }
         }
     }
+}
+
+/// A client of the node `url` names; for `rediss://`, with the CA and
+/// client certificate of `config` when given (else the system's roots).
+fn open_client(url: &str, config: &crate::config::RedisConfig) -> Result<Client, RedisError> {
+    if !url.starts_with("rediss://") {
+        return Client::open(url);
+    }
+    // Ring is the one crypto rustls is built with; installed once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |file: &std::path::Path| {
+        std::fs::read(file).map_err(|error| {
+            RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read a TLS file",
+                format!("{}: {error}", file.display()),
+            ))
+        })
+    };
+    let client_tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        _ => None,
+    };
+    let root_cert = config.tls_ca_file.as_deref().map(read).transpose()?;
+    Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
 }
 
 async fn open_node(
