@@ -4,7 +4,8 @@
 //! instance, a member of several groups delivered once per subscription, a
 //! registry change moving a device between groups; alerts and status
 //! changes (expiries swept on another instance included) by group, with
-//! positions, resumed with `since`.
+//! positions, resumed with `since`; a group spanning tenants shows each
+//! client its own members only, live and replayed.
 //! Two instances on one Redis, and the in-process bus.
 
 use std::collections::BTreeMap;
@@ -578,6 +579,149 @@ async fn status_and_alerts_by_group_are_carried_by_the_group_and_resume() {
         offsets.windows(2).all(|w| w[0] < w[1]),
         "in order: {offsets:?}"
     );
+    b.terminate().await;
+    a.stop().await;
+}
+
+/// Two tenants' devices in one group.
+const SHARED_REGISTRY: &str = r#"
+[[devices]]
+id = "a-1"
+product = "json-sensor"
+tenant = "acme"
+groups = ["shared"]
+
+[[devices]]
+id = "a-2"
+product = "json-sensor"
+tenant = "acme"
+groups = ["shared"]
+
+[[devices]]
+id = "g-1"
+product = "json-sensor"
+tenant = "globex"
+groups = ["shared"]
+"#;
+
+const ACME: &str = "key-acme-reads-0123456789";
+const GLOBEX: &str = "key-globex-reads-0123456789";
+const INGEST: &str = "key-admin-ingests-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_of_several_tenants_shows_each_client_its_own_members_only() {
+    let redis = RedisServer::start();
+    let site = Site::with_scripts(&["json-sensor"]);
+    site.write("devices.toml", SHARED_REGISTRY);
+    let config = format!(
+        r#"
+        [bus.redis]
+        url = "{}"
+        flush = "50ms"
+
+        [registry]
+        file = "devices.toml"
+
+        [products.json-sensor]
+        params = {{ temp_max = "30" }}
+
+        [auth]
+        [auth.api_keys]
+        "{ACME}" = "acme"
+        "{GLOBEX}" = "globex"
+        "{INGEST}" = {{ scopes = ["ingest", "admin"] }}
+        "#,
+        redis.url()
+    );
+    let a = site.start(&config).await;
+    let b = site.spawn("b", &config).await;
+    let a_base = base_url(&a);
+    let mut acme = WsClient::connect_with(&b.ws_url("/ws"), &[("x-api-key", ACME)])
+        .await
+        .expect("acme connects");
+    let subscribed = acme
+        .subscribe(
+            &json!({"type": "subscribe", "id": "al", "channel": "alerts", "groups": ["shared"]}),
+        )
+        .await;
+    assert_eq!(
+        subscribed["groups"],
+        json!([{"group": "shared", "members": 2}]),
+        "only acme's members are counted: {subscribed}"
+    );
+    assert_eq!(
+        subscribed["positions"].as_array().map(Vec::len),
+        Some(1),
+        "only acme's history: {subscribed}"
+    );
+    let last = subscribed["positions"][0].clone();
+    let telemetry = acme
+        .subscribe(&json!({"type": "subscribe", "id": "t", "channel": "telemetry", "groups": ["shared"], "snapshot": false}))
+        .await;
+    assert_eq!(
+        telemetry["groups"],
+        json!([{"group": "shared", "members": 2}])
+    );
+    let interest = a.state().interest.clone();
+    eventually(WAIT, "A to learn the group is watched", || async {
+        (!interest.watched_groups(&["shared".to_owned()]).is_empty()).then_some(())
+    })
+    .await;
+    let report = |device: &'static str, temperature: f64| {
+        let base = a_base.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .post(format!("{base}/api/v1/ingest/json-sensor/{device}"))
+                .header("X-API-Key", INGEST)
+                .body(json!({"temperature": temperature}).to_string())
+                .send()
+                .await
+                .expect("ingest answers");
+            assert_eq!(response.status(), 202);
+        }
+    };
+    report("g-1", 50.0).await;
+    report("a-1", 40.0).await;
+    let mut frames = sluice_tests::ws::Frames::new();
+    acme.collect_until(&mut frames, WAIT, "acme's alert and report", |f| {
+        !seen(f, "al").is_empty() && f.get("t").is_some_and(|t| !t.is_empty())
+    })
+    .await;
+    for (id, more) in acme.drain(Duration::from_millis(700)).await {
+        frames.entry(id).or_default().extend(more);
+    }
+    let devices = |id: &str| -> Vec<String> {
+        frames
+            .get(id)
+            .map(|f| {
+                f.iter()
+                    .map(|f| f["device"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(devices("al"), ["a-1"], "{frames:?}");
+    assert_eq!(devices("t"), ["a-1"], "{frames:?}");
+
+    // Resuming from before both: acme's alert only, from acme's history.
+    drop(acme);
+    let mut acme = WsClient::connect_with(&b.ws_url("/ws"), &[("x-api-key", ACME)])
+        .await
+        .expect("acme connects");
+    let resumed = acme
+        .subscribe(&json!({"type": "subscribe", "id": "al", "channel": "alerts", "groups": ["shared"], "since": last}))
+        .await;
+    assert_eq!(resumed["recovered"], true, "{resumed}");
+    let replayed = acme.drain(Duration::from_millis(700)).await;
+    let replayed: Vec<&str> = replayed
+        .get("al")
+        .map(|f| f.iter().filter_map(|f| f["device"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(replayed, ["a-1"]);
+    // Naming another tenant's history is refused.
+    acme.send(&json!({"type": "subscribe", "id": "x", "channel": "alerts", "groups": ["shared"], "since": {"tenant": "globex", "offset": 0, "epoch": "e"}}))
+        .await;
+    assert_eq!(acme.next_of("error").await["code"], "bad_field");
     b.terminate().await;
     a.stop().await;
 }
