@@ -257,12 +257,18 @@ pub async fn interest_is(running: &Running, device: &str, watched: bool) {
 /// Reports a `temperature` of `device` through HTTP ingest of the
 /// `json-sensor` product at `base`.
 pub async fn report_temperature(base: &str, device: &str, temperature: f64) {
-    let response = reqwest::Client::new()
+    report_temperature_as(base, None, device, temperature).await;
+}
+
+/// The same, with the API key `key` (`X-API-Key`) when given.
+pub async fn report_temperature_as(base: &str, key: Option<&str>, device: &str, temperature: f64) {
+    let mut request = reqwest::Client::new()
         .post(format!("{base}/api/v1/ingest/json-sensor/{device}"))
-        .body(serde_json::json!({"temperature": temperature}).to_string())
-        .send()
-        .await
-        .expect("ingest answers");
+        .body(serde_json::json!({"temperature": temperature}).to_string());
+    if let Some(key) = key {
+        request = request.header("X-API-Key", key);
+    }
+    let response = request.send().await.expect("ingest answers");
     assert_eq!(response.status(), 202);
 }
 

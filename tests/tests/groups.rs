@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde_json::json;
 use sluice::server::Running;
 use sluice_tests::servers::RedisServer;
-use sluice_tests::sluice::{Site, SluiceProcess, base_url, eventually, report_temperature, ws_url};
+use sluice_tests::sluice::{
+    Site, SluiceProcess, base_url, eventually, report_temperature, report_temperature_as, ws_url,
+};
 use sluice_tests::ws::{Received, WsClient, offset};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -667,21 +669,8 @@ async fn a_group_of_several_tenants_shows_each_client_its_own_members_only() {
         (!interest.watched_groups(&["shared".to_owned()]).is_empty()).then_some(())
     })
     .await;
-    let report = |device: &'static str, temperature: f64| {
-        let base = a_base.clone();
-        async move {
-            let response = reqwest::Client::new()
-                .post(format!("{base}/api/v1/ingest/json-sensor/{device}"))
-                .header("X-API-Key", INGEST)
-                .body(json!({"temperature": temperature}).to_string())
-                .send()
-                .await
-                .expect("ingest answers");
-            assert_eq!(response.status(), 202);
-        }
-    };
-    report("g-1", 50.0).await;
-    report("a-1", 40.0).await;
+    report_temperature_as(&a_base, Some(INGEST), "g-1", 50.0).await;
+    report_temperature_as(&a_base, Some(INGEST), "a-1", 40.0).await;
     let mut frames = sluice_tests::ws::Frames::new();
     acme.collect_until(&mut frames, WAIT, "acme's alert and report", |f| {
         !seen(f, "al").is_empty() && f.get("t").is_some_and(|t| !t.is_empty())

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use sluice_tests::servers::RedisServer;
-use sluice_tests::sluice::{Site, base_url, eventually, ws_url};
+use sluice_tests::sluice::{Site, base_url, eventually, report_temperature_as, ws_url};
 use sluice_tests::ws::{Frames, WsClient, offset};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -68,14 +68,7 @@ fn config(bus: &str, max_entries: usize) -> String {
 
 /// Reports a temperature of `device` (above 30: an alert).
 async fn report(base: &str, key: &str, device: &str, temperature: f64) {
-    let response = reqwest::Client::new()
-        .post(format!("{base}/api/v1/ingest/json-sensor/{device}"))
-        .header("X-API-Key", key)
-        .body(json!({"temperature": temperature}).to_string())
-        .send()
-        .await
-        .expect("ingest answers");
-    assert_eq!(response.status(), 202);
+    report_temperature_as(base, Some(key), device, temperature).await;
 }
 
 async fn get(base: &str, key: &str, path: &str) -> (u16, Value) {
