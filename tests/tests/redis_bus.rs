@@ -377,14 +377,24 @@ async fn an_alert_written_again_after_a_lost_answer_is_recorded_once() {
         n
     };
     let recorded = bus
-        .record(&[alert(1), alert(2)], &[false, false], &[1, 2])
+        .record(
+            &[alert(1), alert(2)],
+            &[false, false],
+            &[vec![], vec![]],
+            &[1, 2],
+        )
         .await
         .expect("recorded");
     assert!(recorded.iter().all(Option::is_some), "{recorded:?}");
     // The same batch again (its answer was lost), with a new entry behind
     // it: only the new one is recorded.
     let again = bus
-        .record(&[alert(1), alert(2), alert(3)], &[false; 3], &[1, 2, 3])
+        .record(
+            &[alert(1), alert(2), alert(3)],
+            &[false; 3],
+            &[vec![], vec![], vec![]],
+            &[1, 2, 3],
+        )
         .await
         .expect("recorded");
     assert_eq!(again[..2], [None, None], "{again:?}");
@@ -401,7 +411,7 @@ async fn an_alert_written_again_after_a_lost_answer_is_recorded_once() {
         sluice::bus::history::HistoryLimits::default(),
     );
     let theirs = other
-        .record(&[alert(4)], &[false], &[1])
+        .record(&[alert(4)], &[false], &[vec![]], &[1])
         .await
         .expect("recorded");
     assert_eq!(theirs[0].as_ref().map(|p| p.offset), Some(4));

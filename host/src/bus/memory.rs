@@ -40,20 +40,27 @@ impl MemoryBus {
     }
 
     /// Appends each publication to its tenant's history; publishes those
-    /// `watched`, carrying their positions; returns the positions.
+    /// `watched`, and each to its device's groups (the hub takes the
+    /// watched ones), carrying their positions; returns the positions.
     fn record_and_publish<'a>(
         &self,
         batch: impl Iterator<Item = (&'a Publication, bool)>,
+        groups: &[Vec<String>],
     ) -> Vec<Option<Position>> {
         let now = now_ms();
         batch
-            .map(|(publication, watched)| {
+            .enumerate()
+            .map(|(i, (publication, watched))| {
                 let position = self.history.append(publication.tenant(), publication, now);
-                if watched {
-                    // No subscriber is not an error: nobody is watching here.
+                let recorded = publication.clone().at(position.clone());
+                // No subscriber is not an error: nobody is watching here.
+                for group in groups.get(i).into_iter().flatten() {
                     let _ = self
-                        .publications
-                        .send(Arc::new(publication.clone().at(position.clone())));
+                        .groups
+                        .send(Arc::new((group.clone(), recorded.clone())));
+                }
+                if watched {
+                    let _ = self.publications.send(Arc::new(recorded));
                 }
                 Some(position)
             })
@@ -97,13 +104,14 @@ impl Bus for MemoryBus {
         &self,
         batch: &[StatusChange],
         watched: &[bool],
+        groups: &[Vec<String>],
     ) -> Result<Vec<Option<Position>>, BusError> {
         // One process: the local trackers already emit each transition once.
         let changes: Vec<Publication> = batch
             .iter()
             .map(|change| Publication::Status(change.clone()))
             .collect();
-        Ok(self.record_and_publish(changes.iter().zip(watched.iter().copied())))
+        Ok(self.record_and_publish(changes.iter().zip(watched.iter().copied()), groups))
     }
 
     async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError> {
@@ -174,10 +182,11 @@ impl Bus for MemoryBus {
         &self,
         batch: &[Publication],
         watched: &[bool],
+        groups: &[Vec<String>],
         // One process: nothing it records is lost in between, or retried.
         _ids: &[u64],
     ) -> Result<Vec<Option<Position>>, BusError> {
-        Ok(self.record_and_publish(batch.iter().zip(watched.iter().copied())))
+        Ok(self.record_and_publish(batch.iter().zip(watched.iter().copied()), groups))
     }
 
     async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {

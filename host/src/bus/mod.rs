@@ -87,12 +87,15 @@ pub trait Bus: Send + Sync + 'static {
     /// effect only if the table does not already hold that status, so
     /// across instances each transition happens once. Changes that take
     /// effect go to their tenant's history, and those `watched` are
-    /// published, carrying their position. Returns, in order, the position
-    /// of each that took effect (`None` for the others).
+    /// published, carrying their position, as is each to the channel of
+    /// every group of its device's `groups` that is watched, in the same
+    /// step. Returns, in order, the position of each that took effect
+    /// (`None` for the others).
     async fn record_transitions(
         &self,
         batch: &[StatusChange],
         watched: &[bool],
+        groups: &[Vec<String>],
     ) -> Result<Vec<Option<Position>>, BusError>;
 
     /// The shared status table, to start from after a restart.
@@ -145,7 +148,9 @@ pub trait Bus: Send + Sync + 'static {
     ) -> Result<Vec<DeadLetter>, BusError>;
 
     /// Records alerts and events in their tenants' history, and publishes
-    /// each whose device is `watched`, carrying its position. `ids` are
+    /// each whose device is `watched`, carrying its position, and each to
+    /// the channel of every watched group of its device's `groups`, in the
+    /// same step. `ids` are
     /// this writer's, increasing: an entry whose id its tenant's history
     /// already took from this writer (written again after a lost answer,
     /// or a failover after replication) is not recorded twice. Returns, in
@@ -155,6 +160,7 @@ pub trait Bus: Send + Sync + 'static {
         &self,
         batch: &[Publication],
         watched: &[bool],
+        groups: &[Vec<String>],
         ids: &[u64],
     ) -> Result<Vec<Option<Position>>, BusError>;
 

@@ -206,17 +206,27 @@ impl Watcher for NativeWatcher {
 
     fn deliver_group(&self, group: &str, rendered: &Rendered<'_>) {
         let publication = rendered.publication;
+        // A group's channel carries every tenant's members: the tenant the
+        // publication names, and the one the registry gives the device
+        // now (a status change may name the tenant it was recorded under).
         if self
             .identity
             .as_ref()
             .is_some_and(|i| !i.sees(publication.tenant()))
+            || !super::access::sees_device(
+                &self.pipeline,
+                self.identity.as_ref(),
+                publication.device(),
+            )
         {
             return;
         }
         // A member of several of a subscription's groups comes on each of
         // their channels: taken from the first only. A report names its
         // device's groups as the publisher saw them; the rest are read
-        // from the registry.
+        // from the registry, and a copy on a channel the registry here
+        // does not list for the device (it was just moved, and the
+        // publisher's registry is not this one yet) is taken too.
         let registered;
         let member_of: &[String] = match publication {
             Publication::Telemetry(report) => &report.groups,
@@ -236,7 +246,8 @@ impl Watcher for NativeWatcher {
                 continue;
             }
             let first = member_of.iter().find(|g| subscription.groups.contains(*g));
-            if first.is_some_and(|first| first != group) {
+            let listed = member_of.iter().any(|g| g == group);
+            if listed && first.is_some_and(|first| first != group) {
                 continue;
             }
             match publication {
@@ -921,10 +932,9 @@ impl Client {
     /// positions that had a gap is told so with a `gap` frame (`recovered`,
     /// `positions`) and gets what was recorded meanwhile, once, in order,
     /// before live frames; `recovered: false` when the gap cannot be
-    /// replayed (the client then reloads, and a status subscription gets
-    /// the current status of its devices). A telemetry subscription gets
-    /// the latest values of its devices again. Snapshots only where the
-    /// subscription wants them.
+    /// replayed (the client then reloads). A telemetry subscription gets
+    /// the latest values of its devices again, unless it wants no
+    /// snapshots.
     async fn catch_up(&mut self) {
         let gaps: Vec<(String, Vec<Position>, BTreeSet<String>, Subscribe)> = self
             .watcher
@@ -952,10 +962,9 @@ impl Client {
             })
             .collect();
         for (id, seen, devices, request) in gaps {
-            let snapshots = request.snapshot != Some(false);
-            let list: Vec<String> = devices.iter().cloned().collect();
             if !positioned(request.channel) {
-                if snapshots {
+                if request.snapshot != Some(false) {
+                    let list: Vec<String> = devices.iter().cloned().collect();
                     self.snapshots(&id, request.channel, &request.keys, &list)
                         .await;
                 }
@@ -977,10 +986,6 @@ impl Client {
                 || !self.replay(&id, &recovery, &devices).await
             {
                 return;
-            }
-            if snapshots && !recovery.recovered {
-                self.snapshots(&id, request.channel, &request.keys, &list)
-                    .await;
             }
         }
     }

@@ -40,23 +40,23 @@ pub enum Effect {
         publication: Publication,
     },
     /// Record an alert or event in its tenant's history; publish it if
-    /// watched, and to the channels of its device's watched groups.
+    /// watched, and to the channel of each watched group of its device.
     Discrete {
         /// The alert or event.
         publication: Publication,
         /// Whether anyone watches the device.
         watched: bool,
-        /// The watched groups the device is a member of.
+        /// The device's groups.
         groups: Vec<String>,
     },
-    /// Record a status change; publish it if watched, and to the channels
-    /// of its device's watched groups.
+    /// Record a status change; publish it if watched, and to the channel
+    /// of each watched group of its device.
     Transition {
         /// The change.
         change: StatusChange,
         /// Whether anyone watches the device.
         watched: bool,
-        /// The watched groups the device is a member of.
+        /// The device's groups.
         groups: Vec<String>,
     },
     /// Keep a dead letter.
@@ -320,6 +320,14 @@ impl Pending {
             }
             self.publications.clear();
         }
+        if !self.group_publications.is_empty() {
+            bus.publish_groups(&self.group_publications).await?;
+            for (_, publication) in &self.group_publications {
+                metrics::counter!("sluice_publishes_total", "kind" => group_kind(publication))
+                    .increment(1);
+            }
+            self.group_publications.clear();
+        }
         if !self.discrete.is_empty() {
             let ids: Vec<u64> = self.discrete.iter().map(|(id, ..)| *id).collect();
             let (batch, watched): (Vec<Publication>, Vec<bool>) = self
@@ -327,19 +335,14 @@ impl Pending {
                 .iter()
                 .map(|(_, p, w, _)| (p.clone(), *w))
                 .unzip();
-            let positions = bus.record(&batch, &watched, &ids).await?;
-            for ((_, publication, watched, groups), position) in
-                self.discrete.drain(..).zip(positions)
-            {
+            let groups: Vec<Vec<String>> = self.discrete.iter().map(|d| d.3.clone()).collect();
+            bus.record(&batch, &watched, &groups, &ids).await?;
+            for (_, publication, watched, _) in self.discrete.drain(..) {
                 metrics::counter!("sluice_history_entries_total", "kind" => publication.kind())
                     .increment(1);
                 if watched {
                     metrics::counter!("sluice_publishes_total", "kind" => publication.kind())
                         .increment(1);
-                }
-                if let Some(position) = position {
-                    self.group_publications
-                        .extend(group_copies(publication.at(position), groups));
                 }
             }
         }
@@ -349,29 +352,17 @@ impl Pending {
                 .iter()
                 .map(|(c, w, _)| (c.clone(), *w))
                 .unzip();
-            let applied = bus.record_transitions(&changes, &watched).await?;
-            for ((change, watched, groups), applied) in self.transitions.drain(..).zip(applied) {
-                let Some(position) = applied else {
+            let groups: Vec<Vec<String>> = self.transitions.iter().map(|t| t.2.clone()).collect();
+            let applied = bus.record_transitions(&changes, &watched, &groups).await?;
+            for ((change, watched, _), applied) in self.transitions.drain(..).zip(applied) {
+                if applied.is_none() {
                     continue;
-                };
+                }
                 metrics::counter!("sluice_status_transitions_total", "source" => change.source.as_str()).increment(1);
                 if watched {
                     metrics::counter!("sluice_publishes_total", "kind" => "status").increment(1);
                 }
-                self.group_publications.extend(group_copies(
-                    Publication::Status(change).at(position),
-                    groups,
-                ));
             }
-        }
-        // After what they copy is recorded: its position goes with them.
-        if !self.group_publications.is_empty() {
-            bus.publish_groups(&self.group_publications).await?;
-            for (_, publication) in &self.group_publications {
-                metrics::counter!("sluice_publishes_total", "kind" => group_kind(publication))
-                    .increment(1);
-            }
-            self.group_publications.clear();
         }
         if !self.dead_letters.is_empty() {
             bus.add_dead_letters(&self.dead_letters).await?;
@@ -454,9 +445,10 @@ mod tests {
             &self,
             batch: &[StatusChange],
             watched: &[bool],
+            groups: &[Vec<String>],
         ) -> Result<Vec<Option<Position>>, BusError> {
             self.check()?;
-            self.inner.record_transitions(batch, watched).await
+            self.inner.record_transitions(batch, watched, groups).await
         }
         async fn load_status(&self) -> Result<Vec<(String, DeviceStatus)>, BusError> {
             Ok(Vec::new())
@@ -513,10 +505,11 @@ mod tests {
             &self,
             batch: &[Publication],
             watched: &[bool],
+            groups: &[Vec<String>],
             ids: &[u64],
         ) -> Result<Vec<Option<Position>>, BusError> {
             self.check()?;
-            self.inner.record(batch, watched, ids).await
+            self.inner.record(batch, watched, groups, ids).await
         }
         async fn record_history(&self, publication: &Publication) -> Result<Position, BusError> {
             self.inner.record_history(publication).await

@@ -195,13 +195,17 @@ impl PipelineState {
         if !self.interest.any_groups() {
             return (Vec::new(), Vec::new());
         }
-        let member_of = self
-            .registry
+        let member_of = self.groups_of(device);
+        (self.interest.watched_groups(&member_of), member_of)
+    }
+
+    /// The groups of `device` in the registry as it is now.
+    pub fn groups_of(&self, device: &str) -> Vec<String> {
+        self.registry
             .load()
             .get(device)
             .map(|d| d.groups.clone())
-            .unwrap_or_default();
-        (self.interest.watched_groups(&member_of), member_of)
+            .unwrap_or_default()
     }
 
     /// The name of `device` (its id when unregistered).

@@ -400,7 +400,7 @@ impl Worker {
                             position: None,
                         }),
                         watched,
-                        groups: self.state.watched_groups(device).0,
+                        groups: self.state.groups_of(device),
                     });
                 }
                 OutputKind::Alert {
@@ -420,7 +420,7 @@ impl Worker {
                             position: None,
                         }),
                         watched,
-                        groups: self.state.watched_groups(device).0,
+                        groups: self.state.groups_of(device),
                     });
                 }
                 OutputKind::Reply {
@@ -518,7 +518,7 @@ impl Worker {
 pub fn transition_effect(state: &PipelineState, transition: Transition) -> Effect {
     let watched = state.interest.is_watched(&transition.device);
     let tenant_id = state.tenant_of(&transition.device);
-    let groups = state.watched_groups(&transition.device).0;
+    let groups = state.groups_of(&transition.device);
     Effect::Transition {
         change: StatusChange {
             device_name: state.name_of(&transition.device),

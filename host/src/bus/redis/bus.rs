@@ -208,6 +208,7 @@ impl Bus for RedisBus {
         &self,
         batch: &[StatusChange],
         watched: &[bool],
+        groups: &[Vec<String>],
     ) -> Result<Vec<Option<Position>>, BusError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -238,6 +239,7 @@ impl Bus for RedisBus {
                 .arg(u8::from(watched.get(*i).copied().unwrap_or(false)))
                 .arg(publication.channel())
                 .arg(publication.tenant());
+            with_groups(&mut invocation, publication, groups.get(*i));
         }
         let (mut connection, moves) = self.target.writes();
         let applied: Vec<String> = invocation
@@ -501,6 +503,7 @@ impl Bus for RedisBus {
         &self,
         batch: &[Publication],
         watched: &[bool],
+        groups: &[Vec<String>],
         ids: &[u64],
     ) -> Result<Vec<Option<Position>>, BusError> {
         // Publications whose JSON cannot be written are left out (and counted).
@@ -518,8 +521,10 @@ impl Bus for RedisBus {
         if entries.is_empty() {
             return Ok(out);
         }
-        let mut pipe = redis::pipe();
-        pipe.load_script(&self.scripts.record).ignore();
+        let (mut connection, moves) = self.target.writes();
+        // One chunk after the other, stopping at the first that fails: a
+        // later chunk's ids taken before an earlier one's would make the
+        // retry skip the earlier one.
         for chunk in entries.chunks(RECORD_CHUNK) {
             let mut invocation = self.scripts.record.prepare_invoke();
             invocation
@@ -527,7 +532,7 @@ impl Bus for RedisBus {
                 .arg(self.history_age_ms())
                 .arg(chunk.len())
                 .arg(&self.writer);
-            for (_, publication, kind, payload, watched, id) in chunk {
+            for (i, publication, kind, payload, watched, id) in chunk {
                 invocation
                     .arg(publication.tenant())
                     .arg(kind.tag())
@@ -536,20 +541,19 @@ impl Bus for RedisBus {
                     .arg(u8::from(*watched))
                     .arg(publication.channel())
                     .arg(*id);
+                with_groups(&mut invocation, publication, groups.get(*i));
             }
-            pipe.invoke_script(&invocation);
+            let positions: Vec<String> = invocation
+                .invoke_async(&mut connection)
+                .await
+                .map_err(unavailable)?;
+            for ((i, ..), position) in chunk.iter().zip(&positions) {
+                if !position.is_empty() {
+                    out[*i] = Some(parse_position(position)?);
+                }
+            }
         }
-        let (mut connection, moves) = self.target.writes();
-        let positions: Vec<Vec<String>> = pipe
-            .query_async(&mut connection)
-            .await
-            .map_err(unavailable)?;
         self.confirm(&mut connection, &moves).await?;
-        for ((i, ..), position) in entries.iter().zip(positions.iter().flatten()) {
-            if !position.is_empty() {
-                out[*i] = Some(parse_position(position)?);
-            }
-        }
         Ok(out)
     }
 
@@ -737,6 +741,22 @@ impl Bus for RedisBus {
 /// The history stream of `tenant`.
 fn history_key(tenant: &str) -> String {
     format!("sluice:history:{{{tenant}}}")
+}
+
+/// The arguments of the record scripts that name where `publication`
+/// goes as a member of `groups`: its group channel prefix, how many
+/// groups, and the groups.
+fn with_groups(
+    invocation: &mut redis::ScriptInvocation<'_>,
+    publication: &Publication,
+    groups: Option<&Vec<String>>,
+) {
+    let prefix = publication.group_channel("").unwrap_or_default();
+    let groups = groups.map_or(&[][..], Vec::as_slice);
+    invocation.arg(prefix).arg(groups.len());
+    for group in groups {
+        invocation.arg(group);
+    }
 }
 
 /// A position's JSON, as the history scripts return it.

@@ -18,7 +18,7 @@
 //! | `sluice:deadlines` | sorted set: `h:{device}` / `t:{device}` scored by deadline (ms) |
 //! | `sluice:deadletter` | capped stream of dead letters |
 //! | `sluice:history:{tenant}` | stream of the tenant's alerts, events and transitions; ids `<ms>-<offset>`, fields `k` (`a`/`e`/`s`), `d` (device), `j` (JSON) |
-//! | `sluice:history:{tenant}:meta` | hash: `epoch`, `offset` (the newest), `ms` (its time), `w:<writer>` (the newest alert or event id each instance start recorded) |
+//! | `sluice:history:{tenant}:meta` | hash: `epoch`, `offset` (the newest), `ms` (its time), `w:<writer>` and `t:<writer>` (the newest alert or event id each instance start recorded, and when) |
 //!
 //! - [`bus`]: the [`RedisBus`] itself;
 //! - [`scripts`]: the Lua that makes transitions and expiries atomic;

@@ -57,6 +57,18 @@ end
 local function history_with(json, position)
   return string.sub(json, 1, -2) .. ',"position":' .. position .. '}'
 end
+-- `payload` (a JSON object) to the channel `prefix .. group`, with
+-- `group`, for each of the `count` groups in ARGV from `first` that is
+-- watched (`ws:sub:group:{group}`).
+local function publish_groups(prefix, payload, first, count)
+  for i = first, first + count - 1 do
+    local group = ARGV[i]
+    if redis.call('EXISTS', 'ws:sub:group:' .. group) == 1 then
+      redis.call('PUBLISH', prefix .. group,
+        string.sub(payload, 1, -2) .. ',"group":' .. cjson.encode(group) .. '}')
+    end
+  end
+end
 "#;
 
 /// Applies a batch of status changes: each takes effect only if the table
@@ -69,13 +81,16 @@ end
 ///
 /// KEYS: status hash, transitions stream. ARGV: maxlen, count, history
 /// maxlen, history age (ms), then per change: device, is_online, json,
-/// watched, channel, tenant.
+/// watched, channel, tenant, the group channel prefix, the number of the
+/// device's groups, and the groups.
 const TRANSITIONS: &str = r"
 local out = {}
 local p = 5
 for k = 1, tonumber(ARGV[2]) do
-  local device, online, json, watched, channel, tenant = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5]
-  p = p + 6
+  local device, online, json, watched, channel, tenant, prefix = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5], ARGV[p+6]
+  local groups = tonumber(ARGV[p+7])
+  local first = p + 8
+  p = first + groups
   local changed = true
   local current = redis.call('HGET', KEYS[1], device)
   if current then
@@ -87,9 +102,11 @@ for k = 1, tonumber(ARGV[2]) do
     redis.call('HSET', KEYS[1], device, json)
     redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'device', device, 'change', json)
     local position = history_record(tenant, 's', device, json, ARGV[3], ARGV[4])
+    local published = history_with(json, position)
     if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
-      redis.call('PUBLISH', channel, history_with(json, position))
+      redis.call('PUBLISH', channel, published)
     end
+    publish_groups(prefix, published, first, groups)
     out[k] = position
   end
 end
@@ -150,28 +167,50 @@ return out
 /// Records alerts and events in their tenants' history and publishes each
 /// (with its position) when its device is watched. Each has an id of its
 /// writer's, increasing; the newest a tenant took from a writer is kept in
-/// the tenant's meta hash (`w:<writer>`), and an entry whose id is not
-/// above it was recorded before (its answer was lost) and is skipped.
+/// the tenant's meta hash (`w:<writer>`, with `t:<writer>` the time of its
+/// last write, ms), and an entry whose id is not above it was recorded
+/// before (its answer was lost) and is skipped. A writer not heard from
+/// for the history's age is forgotten when a new one first writes.
 /// Returns the positions' JSON, in order (empty for one skipped).
 ///
 /// ARGV: history maxlen, history age (ms), count, writer, then per
 /// publication: tenant, kind (`a` or `e`), device, json, watched, channel,
-/// id.
+/// id, the group channel prefix, the number of the device's groups, and
+/// the groups.
 const RECORD: &str = r"
 local out = {}
 local field = 'w:' .. ARGV[4]
 local p = 5
 for k = 1, tonumber(ARGV[3]) do
-  local tenant, kind, device, json, watched, channel, id = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5], tonumber(ARGV[p+6])
-  p = p + 7
+  local tenant, kind, device, json, watched, channel, id, prefix = ARGV[p], ARGV[p+1], ARGV[p+2], ARGV[p+3], ARGV[p+4], ARGV[p+5], tonumber(ARGV[p+6]), ARGV[p+7]
+  local groups = tonumber(ARGV[p+8])
+  local first = p + 9
+  p = first + groups
   local stream, meta = history_meta(tenant)
   out[k] = ''
-  if id > tonumber(redis.call('HGET', meta, field) or '0') then
-    local position = history_record(tenant, kind, device, json, ARGV[1], ARGV[2])
-    redis.call('HSET', meta, field, id)
-    if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
-      redis.call('PUBLISH', channel, history_with(json, position))
+  local last = redis.call('HGET', meta, field)
+  if not last then
+    -- A writer new to this tenant: writers it has not heard from for the
+    -- history's age are forgotten (what they wrote is trimmed by now).
+    local now = redis.call('TIME')
+    local cutoff = tonumber(now[1]) * 1000 - tonumber(ARGV[2])
+    local all = redis.call('HGETALL', meta)
+    for i = 1, #all, 2 do
+      local name = all[i]
+      if string.sub(name, 1, 2) == 't:' and tonumber(all[i + 1]) < cutoff then
+        redis.call('HDEL', meta, name, 'w:' .. string.sub(name, 3))
+      end
     end
+  end
+  if id > tonumber(last or '0') then
+    local position = history_record(tenant, kind, device, json, ARGV[1], ARGV[2])
+    local now = redis.call('TIME')
+    redis.call('HSET', meta, field, id, 't:' .. ARGV[4], tonumber(now[1]) * 1000)
+    local published = history_with(json, position)
+    if watched == '1' or redis.call('EXISTS', 'ws:sub:' .. device) == 1 then
+      redis.call('PUBLISH', channel, published)
+    end
+    publish_groups(prefix, published, first, groups)
     out[k] = position
   end
 end

@@ -361,15 +361,23 @@ async fn open_node(
 }
 
 /// A node of a Redis Cluster is refused: the keys of one script call lie
-/// in many slots, which a cluster serves from different nodes.
+/// in many slots, which a cluster serves from different nodes. A user
+/// that may not run `INFO` (ACL `-@dangerous`) is not asked.
 async fn refuse_cluster(
     connection: &mut ConnectionManager,
     address: &str,
 ) -> Result<(), RedisError> {
-    let info: String = redis::cmd("INFO")
+    let info: Result<String, RedisError> = redis::cmd("INFO")
         .arg("cluster")
         .query_async(connection)
-        .await?;
+        .await;
+    let info = match info {
+        Ok(info) => info,
+        Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm) => {
+            return Ok(());
+        }
+        Err(error) => return Err(error),
+    };
     if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
         return Err(RedisError::from((
             redis::ErrorKind::InvalidClientConfig,
